@@ -1,0 +1,242 @@
+"""Calls: the status machine, the end reasons, and the call record in Vapi's ``Call`` shape.
+
+Rules of the status machine (the only place they are written):
+
+- A call starts ``ringing`` when the PBX offers it, while sipbridge decides who takes it.
+- ``answer`` moves it to ``in-progress``: the PBX answered and the audio goes to the pipeline.
+- ``forward`` moves a ringing or in-progress call to ``forwarding`` (a transfer was started);
+  ``resume`` brings a failed transfer back to ``in-progress``.
+- ``end`` moves any live call to ``ended`` with exactly one ``endedReason``; a second ``end`` is
+  ignored, so the first reason wins when the PBX and the pipeline race to hang up.
+- Nothing leaves ``ended``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from bridge.errors import LocalProtocolError
+from bridge.events import InviteFacts
+from bridge.models import format_timestamp
+
+
+class CallStatus(StrEnum):
+    """Vapi's ``call.status`` values that an inbound SIP call goes through."""
+
+    RINGING = "ringing"
+    IN_PROGRESS = "in-progress"
+    FORWARDING = "forwarding"
+    ENDED = "ended"
+
+
+class CallEvent(StrEnum):
+    """What moves a call from one status to the next."""
+
+    ANSWER = "answer"
+    FORWARD = "forward"
+    RESUME = "resume"
+    END = "end"
+
+
+_TRANSITIONS: dict[tuple[CallStatus, CallEvent], CallStatus] = {
+    (CallStatus.RINGING, CallEvent.ANSWER): CallStatus.IN_PROGRESS,
+    (CallStatus.RINGING, CallEvent.FORWARD): CallStatus.FORWARDING,
+    (CallStatus.IN_PROGRESS, CallEvent.FORWARD): CallStatus.FORWARDING,
+    (CallStatus.FORWARDING, CallEvent.RESUME): CallStatus.IN_PROGRESS,
+    (CallStatus.RINGING, CallEvent.END): CallStatus.ENDED,
+    (CallStatus.IN_PROGRESS, CallEvent.END): CallStatus.ENDED,
+    (CallStatus.FORWARDING, CallEvent.END): CallStatus.ENDED,
+}
+
+
+def next_status(status: CallStatus, event: CallEvent) -> CallStatus:
+    """The status after ``event``.
+
+    Raises:
+        LocalProtocolError: the event is not allowed in that status (a bug in the caller).
+    """
+    try:
+        return _TRANSITIONS[(status, event)]
+    except KeyError:
+        raise LocalProtocolError(f"call event {event} is not allowed when {status}") from None
+
+
+class EndedReason(StrEnum):
+    """Every ``endedReason`` sipbridge reports, all from Vapi's enum (spec ``Call.endedReason``)."""
+
+    # Call start and assistant resolution (vapi-behaviour.md section 1.5 and 7).
+    NEITHER_ASSISTANT_NOR_SERVER = "call-start-error-neither-assistant-nor-server-set"
+    PHONE_NUMBER_NOT_FOUND = "call.start.error-get-phone-number"
+    ASSISTANT_NOT_FOUND = "assistant-not-found"
+    ASSISTANT_NOT_VALID = "assistant-not-valid"
+    ASSISTANT_REQUEST_FAILED = "assistant-request-failed"
+    ASSISTANT_REQUEST_RETURNED_ERROR = "assistant-request-returned-error"
+    ASSISTANT_REQUEST_RETURNED_INVALID_ASSISTANT = "assistant-request-returned-invalid-assistant"
+    ASSISTANT_REQUEST_RETURNED_NO_ASSISTANT = "assistant-request-returned-no-assistant"
+    ASSISTANT_REQUEST_RETURNED_FORWARDING = "assistant-request-returned-forwarding-phone-number"
+    START_ERROR_DATABASE = "call.start.error-vapifault-database-error"
+    # Normal endings.
+    CUSTOMER_ENDED_CALL = "customer-ended-call"
+    CALLER_HUNG_UP_BEFORE_CONNECT = "call.ringing.sip-inbound-caller-hungup-before-call-connect"
+    ASSISTANT_ENDED_CALL = "assistant-ended-call"
+    ASSISTANT_ENDED_CALL_AFTER_MESSAGE = "assistant-ended-call-after-message-spoken"
+    ASSISTANT_SAID_END_CALL_PHRASE = "assistant-said-end-call-phrase"
+    ASSISTANT_FORWARDED_CALL = "assistant-forwarded-call"
+    EXCEEDED_MAX_DURATION = "exceeded-max-duration"
+    SILENCE_TIMED_OUT = "silence-timed-out"
+    MANUALLY_CANCELED = "manually-canceled"
+    # Transport, media and pipeline failures.
+    SIP_COMPLETED_CALL = "call.in-progress.sip-completed-call"
+    SIP_INBOUND_FAILED_TO_CONNECT = "call.ringing.error-sip-inbound-call-failed-to-connect"
+    MEDIA_NEVER_CONNECTED = "call.in-progress.error-vapifault-transport-never-connected"
+    PIPELINE_CONNECTION_FAILED = "call.in-progress.error-pipeline-ws-model-connection-failed"
+    PIPELINE_FAILED = "pipeline-error-custom-llm-llm-failed"
+    TRANSFER_FAILED = "call.in-progress.error-transfer-failed"
+    PBX_LINK_LOST = "phone-call-provider-closed-websocket"
+    WORKER_DIED = "call.in-progress.error-vapifault-worker-died"
+    WORKER_SHUTDOWN = "worker-shutdown"
+
+
+# What a caller hears when a call is refused before answer: the SIP status of the final response.
+SIP_NOT_FOUND = 404
+SIP_TEMPORARILY_UNAVAILABLE = 480
+SIP_DECLINE = 603
+SIP_SERVER_ERROR = 500
+SIP_SERVICE_UNAVAILABLE = 503
+
+
+@dataclass
+class Call:
+    """One inbound call as sipbridge knows it; :meth:`to_json` is Vapi's ``Call`` object.
+
+    Attributes:
+        variable_values: the call's ``assistantOverrides.variableValues``: X- header variables
+            plus what an assistant-request answer set (Vapi shows header variables here).
+        variables: every variable templates saw (defaults included): ``artifact.variableValues``.
+    """
+
+    id: str
+    org_id: str
+    facts: InviteFacts
+    created_at: datetime
+    status: CallStatus = CallStatus.RINGING
+    updated_at: datetime | None = None
+    phone_number: dict[str, Any] | None = None
+    assistant_id: str | None = None
+    assistant: dict[str, Any] | None = None
+    variable_values: dict[str, Any] = field(default_factory=dict)
+    variables: dict[str, Any] = field(default_factory=dict)
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    ended_reason: EndedReason | None = None
+    ended_message: str | None = None
+    destination: dict[str, Any] | None = None
+    sip_status: int | None = None
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    transcript: str = ""
+
+    @property
+    def is_ended(self) -> bool:
+        """True once the call has its ``endedReason``."""
+        return self.status is CallStatus.ENDED
+
+    def apply(self, event: CallEvent, at: datetime) -> CallStatus:
+        """Moves to the next status (see the module rules) and stamps the time.
+
+        Raises:
+            LocalProtocolError: the event is not allowed now.
+        """
+        self.status = next_status(self.status, event)
+        self.updated_at = at
+        if event is CallEvent.ANSWER and self.started_at is None:
+            self.started_at = at
+        return self.status
+
+    def end(
+        self,
+        reason: EndedReason,
+        at: datetime,
+        *,
+        message: str | None = None,
+        sip_status: int | None = None,
+    ) -> bool:
+        """Ends the call once; returns False (and changes nothing) if it had already ended."""
+        if self.is_ended:
+            return False
+        self.apply(CallEvent.END, at)
+        self.ended_at = at
+        self.ended_reason = reason
+        self.ended_message = message
+        if sip_status is not None:
+            self.sip_status = sip_status
+        return True
+
+    @property
+    def duration_seconds(self) -> float:
+        """Seconds from answer to end (0 for a call never answered); up to now if still live."""
+        if self.started_at is None:
+            return 0.0
+        end = self.ended_at or self.updated_at or self.started_at
+        return round(max(0.0, (end - self.started_at).total_seconds()), 3)
+
+    def sip_headers_json(self) -> dict[str, str]:
+        """``phoneCallProviderDetails.sip.headers``: the X- headers plus to/from when known."""
+        headers = self.facts.header_map()
+        if self.facts.to_uri:
+            headers.setdefault("to", f"<{self.facts.to_uri}>")
+        if self.facts.from_uri:
+            sender = f"<{self.facts.from_uri}>"
+            if self.facts.from_name:
+                sender = f'"{self.facts.from_name}" {sender}'
+            headers.setdefault("from", sender)
+        return headers
+
+    def to_json(self) -> dict[str, Any]:
+        """Vapi's ``Call`` object, with a ``sipbridge`` object for what Vapi has no field for."""
+        facts = self.facts
+        body: dict[str, Any] = {
+            "id": self.id,
+            "orgId": self.org_id,
+            "type": "inboundPhoneCall",
+            "phoneCallProvider": "vapi",
+            "phoneCallTransport": "sip",
+            "status": self.status.value,
+            "phoneNumberId": (self.phone_number or {}).get("id"),
+            "assistantId": self.assistant_id,
+            "customer": facts.customer(),
+            "transport": {"provider": "vapi.sip", "callSid": facts.pbx_call_id},
+            "phoneCallProviderId": facts.pbx_call_id,
+            "phoneCallProviderDetails": {
+                "sip": {"uri": facts.request_uri, "headers": self.sip_headers_json()}
+            },
+            "assistantOverrides": {"variableValues": dict(self.variable_values)},
+            "createdAt": format_timestamp(self.created_at),
+            "updatedAt": format_timestamp(self.updated_at or self.created_at),
+            "cost": 0,
+            "artifact": {
+                "variableValues": dict(self.variables),
+                "messages": list(self.messages),
+                "transcript": self.transcript,
+            },
+            "sipbridge": {
+                "pbx": facts.pbx,
+                "channel": facts.channel,
+                "sipCallId": facts.sip_call_id,
+                "sipStatus": self.sip_status,
+                "durationSeconds": self.duration_seconds,
+            },
+        }
+        if self.started_at is not None:
+            body["startedAt"] = format_timestamp(self.started_at)
+        if self.ended_at is not None:
+            body["endedAt"] = format_timestamp(self.ended_at)
+        if self.ended_reason is not None:
+            body["endedReason"] = self.ended_reason.value
+        if self.ended_message:
+            body["endedMessage"] = self.ended_message
+        if self.destination is not None:
+            body["destination"] = self.destination
+        return body

@@ -1,0 +1,183 @@
+"""PBX-neutral facts and events: what Asterisk and FreeSWITCH adapters both report.
+
+An adapter turns its PBX's wire events (AMI ``Newchannel``/``UserEvent``, ESL ``CHANNEL_PARK``)
+into these, so the call flow above them is written once. Everything here is untrusted input that
+came from a caller's INVITE; :func:`invite_facts` is the one place it is cleaned.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+PbxKind = Literal["asterisk", "freeswitch", "test"]
+
+MAX_X_HEADERS = 64
+MAX_HEADER_NAME_CHARS = 64
+MAX_VALUE_CHARS = 1024
+_HEADER_NAME = re.compile(r"^[Xx]-[A-Za-z0-9!#$%&'*+.^_`|~-]{1,62}$")
+# C0 controls and DEL never reach templates, logs or the PBX: no CR/LF injection, no NULs.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class InviteFacts:
+    """What an inbound INVITE tells us, after :func:`invite_facts` cleaned it.
+
+    Attributes:
+        pbx: which PBX saw the call.
+        pbx_call_id: the PBX's id of the call (Asterisk Uniqueid, FreeSWITCH Unique-ID).
+        channel: the handle the adapter controls the call by (Asterisk channel name, FS uuid).
+        request_user: user part of the request-URI (the dialed "number").
+        request_host: host of the request-URI, lowercase, without port.
+        to_uri: the To header's URI, when known.
+        from_number: user part of the From URI (the caller id number).
+        from_name: display name of the From header.
+        from_uri: the From URI.
+        headers: the X- headers, names as received, in order; a repeated name appears twice.
+        sip_call_id: the SIP Call-ID, when known.
+    """
+
+    pbx: PbxKind
+    pbx_call_id: str
+    channel: str
+    request_user: str
+    request_host: str
+    to_uri: str | None = None
+    from_number: str | None = None
+    from_name: str | None = None
+    from_uri: str | None = None
+    headers: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    sip_call_id: str | None = None
+
+    @property
+    def request_uri(self) -> str:
+        """``sip:user@host`` as dialed."""
+        return f"sip:{self.request_user}@{self.request_host}"
+
+    def customer(self) -> dict[str, str]:
+        """Vapi's ``customer`` for an inbound call: From number, display name and URI."""
+        customer: dict[str, str] = {}
+        if self.from_number:
+            customer["number"] = self.from_number
+        if self.from_name:
+            customer["name"] = self.from_name
+        if self.from_uri:
+            customer["sipUri"] = self.from_uri
+        return customer
+
+    def header_map(self) -> dict[str, str]:
+        """X- headers as an object (first value of a repeated name), names as received."""
+        result: dict[str, str] = {}
+        seen: set[str] = set()
+        for name, value in self.headers:
+            if name.lower() not in seen:
+                seen.add(name.lower())
+                result[name] = value
+        return result
+
+
+def clean_text(value: str | None, limit: int = MAX_VALUE_CHARS) -> str | None:
+    """Drops control characters and caps the length of one untrusted string."""
+    if value is None:
+        return None
+    cleaned = _CONTROL.sub("", value)
+    return cleaned[:limit]
+
+
+def invite_facts(
+    *,
+    pbx: PbxKind,
+    pbx_call_id: str,
+    channel: str,
+    request_user: str,
+    request_host: str,
+    headers: Iterable[tuple[str, str]] = (),
+    to_uri: str | None = None,
+    from_number: str | None = None,
+    from_name: str | None = None,
+    from_uri: str | None = None,
+    sip_call_id: str | None = None,
+) -> InviteFacts:
+    """Builds :class:`InviteFacts` from raw PBX values, cleaning every caller-controlled field.
+
+    Header names that are not ``X-`` tokens are dropped; values lose control characters (CR, LF,
+    NUL, ...) and are capped at 1024 characters; at most 64 headers are kept. Each drop is logged.
+    """
+    kept: list[tuple[str, str]] = []
+    for name, value in headers:
+        if not _HEADER_NAME.match(name):
+            log.warning("dropped SIP header with an invalid name %r", clean_text(name, 80))
+            continue
+        if len(kept) >= MAX_X_HEADERS:
+            log.warning("dropped X- headers beyond the first %d", MAX_X_HEADERS)
+            break
+        cleaned = clean_text(value) or ""
+        if cleaned != value:
+            log.warning("cleaned control characters or excess length from header %s", name)
+        kept.append((name, cleaned))
+    host = (clean_text(request_host, 255) or "").strip().lower()
+    if host.startswith("[") and "]" in host:
+        host = host[: host.index("]") + 1]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return InviteFacts(
+        pbx=pbx,
+        pbx_call_id=clean_text(pbx_call_id, 128) or "",
+        channel=clean_text(channel, 256) or "",
+        request_user=clean_text(request_user, 128) or "",
+        request_host=host,
+        to_uri=clean_text(to_uri, 512),
+        from_number=clean_text(from_number, 128),
+        from_name=clean_text(from_name, 128),
+        from_uri=clean_text(from_uri, 512),
+        headers=tuple(kept),
+        sip_call_id=clean_text(sip_call_id, 256),
+    )
+
+
+@dataclass(frozen=True)
+class CallOffered:
+    """A new inbound call is waiting for a decision (ringing or in early media)."""
+
+    facts: InviteFacts
+
+
+@dataclass(frozen=True)
+class CallHungUp:
+    """The PBX reports the call is gone.
+
+    Attributes:
+        pbx_call_id: the PBX's id of the call.
+        cause: Q.850 cause code as reported (16 normal clearing), 0 when unknown.
+        by_caller: True when the caller's side ended it (BYE/CANCEL from the caller).
+    """
+
+    pbx_call_id: str
+    cause: int = 0
+    by_caller: bool = True
+
+
+@dataclass(frozen=True)
+class DtmfReceived:
+    """The caller pressed a key."""
+
+    pbx_call_id: str
+    digit: str
+
+
+@dataclass(frozen=True)
+class PbxLinkChanged:
+    """The control link to the PBX went up or down."""
+
+    pbx: PbxKind
+    up: bool
+    detail: str = ""
+
+
+PbxEvent = CallOffered | CallHungUp | DtmfReceived | PbxLinkChanged

@@ -1,0 +1,224 @@
+"""The composition root: builds every component from the settings and wires them together.
+
+Only this module knows the whole graph. Startup order: store, webhook delivery, call flow, PBX
+adapters, API. Shutdown is the reverse. ``drain`` stops taking calls and waits for the live ones
+to finish (SIGTERM); ``aclose`` hangs up whatever is left (SIGINT, or after the drain timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from bridge import __version__
+from bridge.api import create_app
+from bridge.callflow import CallFlow
+from bridge.errors import StoreError
+from bridge.metrics import Metrics
+from bridge.records import CallRecorder
+from bridge.resources import Resources
+from bridge.routing import RoutingDefaults
+from bridge.settings import Settings, is_loopback
+from bridge.store import ListQuery, Store
+from bridge.webhooks import WebhookClient, WebhookDispatcher
+
+log = logging.getLogger(__name__)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Service:
+    """The running sipbridge: API, store, webhooks, call flow and (when enabled) PBX links."""
+
+    def __init__(self, settings: Settings, *, clock: Callable[[], datetime] = _utc_now) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.metrics = Metrics()
+        self.store = Store(settings.store.path, settings.store.busy_timeout_s)
+        self.resources = Resources(self.store, clock)
+        self.recorder = CallRecorder(self.store, self.metrics)
+        self._http: aiohttp.ClientSession | None = None
+        self._dispatcher: WebhookDispatcher | None = None
+        self._callflow: CallFlow | None = None
+        self._runner: web.AppRunner | None = None
+        self.api_port: int | None = None
+        self.pbx_links: dict[str, bool] = {}
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def callflow(self) -> CallFlow:
+        """The call flow (available after :meth:`start`)."""
+        if self._callflow is None:
+            raise RuntimeError("service not started")
+        return self._callflow
+
+    @property
+    def dispatcher(self) -> WebhookDispatcher:
+        """The webhook dispatcher (available after :meth:`start`)."""
+        if self._dispatcher is None:
+            raise RuntimeError("service not started")
+        return self._dispatcher
+
+    async def start(self) -> None:
+        """Starts every component; on failure, stops what had started and re-raises."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _start(self) -> None:
+        settings = self.settings
+        await self.store.open()
+        if settings.api.org_id:
+            self.resources.use_org_id(settings.api.org_id)
+        org_id = await self.resources.org_id()
+        self.recorder.start()
+        self._http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=settings.webhooks.concurrency * 4)
+        )
+        client = WebhookClient(self._http, settings.webhooks, self.metrics)
+        self._dispatcher = WebhookDispatcher(client, settings.webhooks, self.metrics)
+        self._dispatcher.start()
+        self._callflow = CallFlow(
+            resources=self.resources,
+            recorder=self.recorder,
+            webhook_client=client,
+            dispatcher=self._dispatcher,
+            defaults=RoutingDefaults.from_settings(settings),
+            metrics=self.metrics,
+            clock=self.clock,
+            org_id=org_id,
+            media_timeout_s=None,
+            new_call_id=lambda: str(uuid.uuid4()),
+        )
+        app = create_app(self, settings.api)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=5.0
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, settings.api.host, settings.api.port)
+        await site.start()
+        addresses = self._runner.addresses
+        self.api_port = int(addresses[0][1]) if addresses else settings.api.port
+        log.info(
+            "sipbridge %s: API on http://%s:%s, store %s",
+            __version__,
+            settings.api.host,
+            self.api_port,
+            settings.store.path,
+        )
+        if settings.api.key is None:
+            log.warning(
+                "LAB MODE: the API on %s:%s accepts requests without a key (loopback only)",
+                settings.api.host,
+                self.api_port,
+            )
+        if not is_loopback(settings.api.host):
+            log.info("the API listens beyond loopback; every request needs the API key")
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stops taking new calls and waits up to ``timeout_s`` for live ones to end."""
+        if self._callflow is None:
+            return True
+        self._callflow.draining = True
+        log.info("draining: %d live calls", len(self._callflow.active()))
+        try:
+            await asyncio.wait_for(self._callflow.wait_idle(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        """Stops everything, ending live calls with ``worker-shutdown``."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._callflow is not None:
+            await self._callflow.aclose()
+            self._callflow = None
+        if self._dispatcher is not None:
+            await self._dispatcher.aclose()
+            self._dispatcher = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+        await self.recorder.aclose()
+        await self.store.aclose()
+
+    # ---- the API's backend --------------------------------------------------------------------
+
+    async def list_calls(
+        self,
+        query: ListQuery,
+        *,
+        statuses: tuple[str, ...],
+        phone_number_id: str | None,
+        assistant_id: str | None,
+    ) -> list[dict[str, Any]]:
+        """Stored records with newer snapshots (live calls, unsaved records) laid over them."""
+        stored = await self.store.list_calls(
+            query, statuses=statuses, phone_number_id=phone_number_id, assistant_id=assistant_id
+        )
+        newer = {record["id"]: record for record in self.recorder.unsaved_records()}
+        newer.update({call.id: call.to_json() for call in self.callflow.active()})
+        by_id = {record["id"]: record for record in stored}
+        by_id.update(newer)
+
+        def wanted(record: dict[str, Any]) -> bool:
+            return (
+                (not statuses or record["status"] in statuses)
+                and (not phone_number_id or record.get("phoneNumberId") == phone_number_id)
+                and (not assistant_id or record.get("assistantId") == assistant_id)
+                and query.admits(record)
+            )
+
+        result = [record for record in by_id.values() if wanted(record)]
+        result.sort(key=lambda c: (c["createdAt"], c["id"]), reverse=True)
+        return result[: query.limit]
+
+    async def get_call(self, call_id: str) -> dict[str, Any] | None:
+        """A live call's current state, its unsaved snapshot, or its stored record."""
+        live = self.callflow.get(call_id)
+        if live is not None:
+            return live.to_json()
+        unsaved = self.recorder.unsaved(call_id)
+        if unsaved is not None:
+            return unsaved
+        return await self.store.get_call(call_id)
+
+    async def hangup_call(self, call_id: str) -> bool:
+        """Hangs up a live call (``manually-canceled``)."""
+        return await self.callflow.hangup(call_id)
+
+    async def health(self) -> dict[str, Any]:
+        """Store reachability, PBX links, live calls, queued webhooks."""
+        store_ok = True
+        try:
+            await self.store.ping()
+        except StoreError:
+            store_ok = False
+        links_ok = all(self.pbx_links.values())
+        return {
+            "status": "ok" if store_ok and links_ok else "degraded",
+            "version": __version__,
+            "store": "ok" if store_ok else "unavailable",
+            "pbx": {name: ("up" if up else "down") for name, up in self.pbx_links.items()},
+            "activeCalls": len(self.callflow.active()),
+            "pendingWebhooks": self.dispatcher.pending,
+            "pendingCallRecords": self.recorder.backlog,
+        }
+
+    def metrics_text(self) -> bytes:
+        """Prometheus text exposition."""
+        return self.metrics.render()

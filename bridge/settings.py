@@ -1,0 +1,409 @@
+"""Settings: environment (``SIPBRIDGE_`` prefix, ``__`` for nesting) over an optional TOML file.
+
+Each component gets only its own sub-model (``settings.api`` for the API, ``settings.store`` for
+the store, ...). Precedence, highest first: values passed in code (the CLI's flags), environment
+variables, the TOML file named by ``--config`` or ``SIPBRIDGE_CONFIG``, then the defaults below.
+Every field is documented in ``docs/configuration.md``; ``tests/test_settings.py`` keeps the two
+in step.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from bridge.errors import ConfigError
+
+ENV_PREFIX = "SIPBRIDGE_"
+CONFIG_FILE_ENV = "SIPBRIDGE_CONFIG"
+
+
+class _Section(BaseModel):
+    # A misspelt key in a TOML file or a SIPBRIDGE_X__Y variable is an error, not a silent default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ApiSettings(_Section):
+    """The HTTP API (Vapi-compatible resources, /health, /metrics)."""
+
+    host: str = Field("127.0.0.1", description="Address the API listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port of the API (0 picks a free one).")
+    key: SecretStr | None = Field(
+        None, description="Bearer token every API request must carry. Required unless lab_mode."
+    )
+    lab_mode: bool = Field(
+        False,
+        description="Allow running without a key. Only accepted when host is a loopback address.",
+    )
+    url: str | None = Field(
+        None,
+        description="Base URL the CLI talks to. Default: http://<host>:<port> (0.0.0.0: loopback).",
+    )
+    org_id: str | None = Field(
+        None, description="orgId shown on resources. Default: a UUID created with the database."
+    )
+    metrics_require_key: bool = Field(False, description="Require the API key on /metrics too.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted.")
+
+
+class StoreSettings(_Section):
+    """The embedded SQLite database holding assistants, phone numbers and call records."""
+
+    path: Path = Field(Path("sipbridge.sqlite3"), description="SQLite database file.")
+    busy_timeout_s: float = Field(5.0, gt=0, description="How long a write waits for a lock.")
+
+
+class AsteriskSettings(_Section):
+    """The Asterisk Manager Interface (AMI) link."""
+
+    enabled: bool = Field(False, description="Control an Asterisk PBX over AMI.")
+    host: str = Field("127.0.0.1", description="AMI host.")
+    port: int = Field(5038, ge=1, le=65535, description="AMI port.")
+    username: str = Field("sipbridge", description="AMI user (see dialplan/manager.conf.sample).")
+    secret: SecretStr | None = Field(None, description="AMI secret.")
+    ping_interval_s: float = Field(
+        5.0, gt=0, description="AMI Ping period; a dead link is noticed within two periods."
+    )
+    action_timeout_s: float = Field(5.0, gt=0, description="How long any AMI action may take.")
+    reconnect_max_delay_s: float = Field(30.0, gt=0, description="Cap of the reconnect backoff.")
+    media_context: str = Field(
+        "sipbridge-media", description="Dialplan context that runs AudioSocket for accepted calls."
+    )
+    transfer_context: str = Field(
+        "sipbridge-transfer", description="Dialplan context that performs blind transfers."
+    )
+
+
+class FreeswitchSettings(_Section):
+    """The FreeSWITCH Event Socket (ESL) link."""
+
+    enabled: bool = Field(False, description="Control a FreeSWITCH PBX over the Event Socket.")
+    host: str = Field("127.0.0.1", description="Event Socket host (mod_event_socket).")
+    port: int = Field(8021, ge=1, le=65535, description="Event Socket port.")
+    password: SecretStr | None = Field(None, description="Event Socket password.")
+    action_timeout_s: float = Field(5.0, gt=0, description="How long any api command may take.")
+
+
+class MediaSettings(_Section):
+    """The PBX audio legs (AudioSocket for Asterisk, unicast L16 for FreeSWITCH)."""
+
+    audiosocket_host: str = Field(
+        "127.0.0.1", description="Address the AudioSocket server listens on."
+    )
+    audiosocket_port: int = Field(9092, ge=0, le=65535, description="AudioSocket TCP port.")
+    audiosocket_advertise: str | None = Field(
+        None,
+        description="host:port Asterisk dials for AudioSocket. Default: audiosocket_host:port.",
+    )
+    max_frame_bytes: int = Field(
+        4096, ge=320, le=65535, description="Largest AudioSocket payload accepted from the PBX."
+    )
+    playout_max_ms: int = Field(
+        60_000, ge=200, description="Most audio queued toward the caller before the oldest drops."
+    )
+    connect_timeout_s: float = Field(
+        5.0, gt=0, description="How long an accepted call may take to open its media leg."
+    )
+
+
+class PipelineSettings(_Section):
+    """The conversational pipeline's websocket (defaults for assistants that name none)."""
+
+    default_url: str | None = Field(None, description="ws:// or wss:// URL of the pipeline.")
+    default_format: Literal["raw", "twilio"] = Field("raw", description="Wire dialect.")
+    default_encoding: Literal["pcm_s16le", "mulaw"] = Field(
+        "pcm_s16le", description="Audio encoding of the raw dialect."
+    )
+    default_sample_rate: Literal[8000, 16000, 24000] = Field(
+        16000, description="Sample rate of the raw dialect's PCM."
+    )
+    default_headers: dict[str, str] = Field(
+        default_factory=dict, description="Extra HTTP headers on the websocket handshake."
+    )
+    connect_timeout_s: float = Field(5.0, gt=0, description="Websocket open timeout.")
+    ping_interval_s: float = Field(10.0, gt=0, description="Websocket keepalive ping period.")
+    max_message_bytes: int = Field(1 << 16, ge=1024, description="Largest message accepted.")
+
+
+class WebhookSettings(_Section):
+    """Server messages (assistant-request, status-update, end-of-call-report)."""
+
+    default_server_url: str | None = Field(
+        None, description="Server URL used when neither the assistant nor the number has one."
+    )
+    default_server_secret: SecretStr | None = Field(
+        None, description="Secret for the default server (sent as x-vapi-secret, signs HMAC)."
+    )
+    default_timeout_s: float = Field(
+        20.0, gt=0, le=300, description="Per-attempt timeout when a server sets no timeoutSeconds."
+    )
+    max_retries: int = Field(3, ge=0, le=10, description="Retries after a 5xx or network error.")
+    retry_base_delay_s: float = Field(
+        0.5, ge=0, description="First retry delay; doubles each time."
+    )
+    signing_secret: SecretStr | None = Field(
+        None, description="HMAC-SHA256 key used when the target server has no secret of its own."
+    )
+    signature_header: str = Field("x-signature", description="Header carrying the HMAC (hex).")
+    timestamp_header: str = Field("x-timestamp", description="Header carrying the signed time (s).")
+    message_id_header: str = Field(
+        "x-message-id", description="Header carrying the idempotency id of each message."
+    )
+    max_pending: int = Field(10_000, ge=1, description="Messages queued before new ones drop.")
+    concurrency: int = Field(8, ge=1, le=256, description="Deliveries in flight at once.")
+
+
+class SipSettings(_Section):
+    """Which SIP URIs reach which phone number."""
+
+    domains: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Hosts this service answers for (request-URI host). Empty: any host, matching "
+            "numbers by user part."
+        ),
+    )
+    default_assistant_id: str | None = Field(
+        None, description="Assistant for calls to a URI that matches no phone number (else 404)."
+    )
+
+    @field_validator("domains")
+    @classmethod
+    def _lowercase(cls, value: list[str]) -> list[str]:
+        return [d.strip().lower() for d in value if d.strip()]
+
+
+class ServiceSettings(_Section):
+    """The process as a whole."""
+
+    drain_timeout_s: float = Field(
+        300.0, ge=0, description="On SIGTERM, how long live calls may continue before hang-up."
+    )
+
+
+class LogSettings(_Section):
+    """Logging."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    format: Literal["text", "json"] = Field("text", description="Plain lines or one JSON per line.")
+
+
+_toml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("toml_file", default=None)
+
+
+class Settings(BaseSettings):
+    """The whole configuration, one sub-model per component."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        nested_model_default_partial_update=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+    api: ApiSettings = ApiSettings()
+    store: StoreSettings = StoreSettings()
+    asterisk: AsteriskSettings = AsteriskSettings()
+    freeswitch: FreeswitchSettings = FreeswitchSettings()
+    media: MediaSettings = MediaSettings()
+    pipeline: PipelineSettings = PipelineSettings()
+    webhooks: WebhookSettings = WebhookSettings()
+    sip: SipSettings = SipSettings()
+    service: ServiceSettings = ServiceSettings()
+    log: LogSettings = LogSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_path = _toml_file.get()
+        if toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and addresses in 127.0.0.0/8 or ::1."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_settings(
+    config_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    for_service: bool = True,
+) -> Settings:
+    """Builds the effective settings from the environment, the TOML file and ``overrides``.
+
+    Args:
+        config_file: TOML file; when None, ``SIPBRIDGE_CONFIG`` names it (or there is none).
+        overrides: nested values that beat everything else (the CLI's flags).
+        for_service: also apply the rules a running service needs (:func:`check_consistency`);
+            the CLI's client commands only need the API URL and key.
+
+    Raises:
+        ConfigError: naming every bad field at once.
+    """
+    if config_file is None and os.environ.get(CONFIG_FILE_ENV):
+        config_file = Path(os.environ[CONFIG_FILE_ENV])
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError([f"config file {str(config_file)!r} does not exist"])
+        try:
+            tomllib.loads(config_file.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                [f"config file {str(config_file)!r} is not valid TOML: {exc}"]
+            ) from exc
+    token = _toml_file.set(config_file)
+    try:
+        settings = Settings(**dict(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from exc
+    finally:
+        _toml_file.reset(token)
+    if for_service:
+        check_consistency(settings)
+    return settings
+
+
+def check_consistency(settings: Settings) -> None:
+    """Rules that span fields.
+
+    Raises:
+        ConfigError: naming every violated rule.
+    """
+    problems: list[str] = []
+    if settings.api.key is None and not settings.api.lab_mode:
+        problems.append(
+            "api.key: required (set SIPBRIDGE_API__KEY), or run in lab mode on a loopback address"
+        )
+    if settings.api.lab_mode and not is_loopback(settings.api.host):
+        problems.append(
+            "api.lab_mode: only allowed when api.host is a loopback address, "
+            f"not {settings.api.host!r}"
+        )
+    if settings.api.key is not None and len(settings.api.key.get_secret_value()) < 16:
+        problems.append("api.key: must be at least 16 characters")
+    if settings.asterisk.enabled and settings.asterisk.secret is None:
+        problems.append("asterisk.secret: required when asterisk.enabled is true")
+    if settings.freeswitch.enabled and settings.freeswitch.password is None:
+        problems.append("freeswitch.password: required when freeswitch.enabled is true")
+    for name, url in (
+        ("pipeline.default_url", settings.pipeline.default_url),
+        ("webhooks.default_server_url", settings.webhooks.default_server_url),
+        ("api.url", settings.api.url),
+    ):
+        if url is None:
+            continue
+        schemes = ("ws://", "wss://") if name.startswith("pipeline") else ("http://", "https://")
+        if not url.startswith(schemes):
+            problems.append(f"{name}: must start with {' or '.join(schemes)}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def describe_validation_error(exc: ValidationError) -> list[str]:
+    """One line per problem, ``dotted.field: message``, without pydantic's URLs."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "(settings)"
+        lines.append(f"{where}: {error['msg']}")
+    return lines
+
+
+def api_base_url(settings: Settings) -> str:
+    """The URL the CLI uses to reach the API."""
+    if settings.api.url:
+        return settings.api.url.rstrip("/")
+    host = settings.api.host
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard bind is reached over loopback
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.api.port}"
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The settings as plain data with every secret shown as ``**********``."""
+    data: dict[str, Any] = settings.model_dump(mode="python")
+
+    def mask(value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            return "**********"
+        if isinstance(value, dict):
+            return {k: mask(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [mask(v) for v in value]
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return {k: mask(v) for k, v in data.items()}
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    text = text or str(annotation).replace("typing.", "").replace("pydantic.types.", "")
+    text = text.replace("pathlib.", "").replace("NoneType", "None")
+    return text.replace("|", "\\|")
+
+
+def reference_markdown() -> str:
+    """The configuration reference table, generated from the settings models.
+
+    ``docs/configuration.md`` embeds it between ``<!-- settings:begin -->`` and
+    ``<!-- settings:end -->``; ``tests/test_settings.py`` checks the copy is current.
+    """
+    lines = []
+    for section_name, section_field in Settings.model_fields.items():
+        section = section_field.annotation
+        assert isinstance(section, type) and issubclass(section, BaseModel)
+        lines.append(f"### `[{section_name}]` {(section.__doc__ or '').strip()}")
+        lines.append("")
+        lines.append("| setting | environment variable | type | default | meaning |")
+        lines.append("|---|---|---|---|---|")
+        for name, info in section.model_fields.items():
+            default = info.get_default(call_default_factory=True)
+            shown = "(unset)" if default is None else json_default(default)
+            env = f"{ENV_PREFIX}{section_name.upper()}__{name.upper()}"
+            lines.append(
+                f"| `{section_name}.{name}` | `{env}` | {_type_name(info.annotation)} | "
+                f"`{shown}` | {info.description or ''} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def json_default(value: Any) -> str:
+    """A default value as it would be written in TOML or JSON."""
+    import json  # noqa: PLC0415 - only the reference needs it
+
+    if isinstance(value, Path):
+        return str(value)
+    return json.dumps(value)

@@ -1,0 +1,426 @@
+"""The embedded store: one SQLite file holding assistants, phone numbers and call records.
+
+Resources are kept as their JSON documents, with the columns needed to find and order them.
+All SQLite work happens on one dedicated thread that owns the connection, so the event loop never
+waits on disk; every method is a coroutine that hands its work to that thread. The schema is
+versioned with ``PRAGMA user_version`` and upgraded by :data:`MIGRATIONS` on open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import operator
+import sqlite3
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from bridge.errors import Conflict, StoreError
+from bridge.models import parse_sip_uri, sip_uri_key
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Kind = Literal["assistant", "phone_number"]
+_TABLES: dict[Kind, str] = {"assistant": "assistants", "phone_number": "phone_numbers"}
+
+# Each entry upgrades the schema by one version; never edit a released entry, append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE assistants (
+        id TEXT PRIMARY KEY,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        doc TEXT NOT NULL
+    );
+    CREATE INDEX assistants_created ON assistants (created_at);
+    CREATE TABLE phone_numbers (
+        id TEXT PRIMARY KEY,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        sip_uri_key TEXT NOT NULL UNIQUE,
+        sip_user TEXT NOT NULL,
+        doc TEXT NOT NULL
+    );
+    CREATE INDEX phone_numbers_user ON phone_numbers (sip_user);
+    CREATE INDEX phone_numbers_created ON phone_numbers (created_at);
+    CREATE TABLE calls (
+        id TEXT PRIMARY KEY,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        status TEXT NOT NULL,
+        phone_number_id TEXT,
+        assistant_id TEXT,
+        ended_reason TEXT,
+        doc TEXT NOT NULL
+    );
+    CREATE INDEX calls_created ON calls (created_at);
+    CREATE INDEX calls_status ON calls (status);
+    """,
+)
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    """Vapi's list filters: ``limit`` and the createdAt/updatedAt bounds (ISO strings, UTC)."""
+
+    limit: int = 100
+    created_gt: str | None = None
+    created_lt: str | None = None
+    created_ge: str | None = None
+    created_le: str | None = None
+    updated_gt: str | None = None
+    updated_lt: str | None = None
+    updated_ge: str | None = None
+    updated_le: str | None = None
+
+    def admits(self, document: dict[str, Any]) -> bool:
+        """Whether a document's createdAt/updatedAt fall inside the bounds (as :meth:`where`)."""
+        checks: tuple[tuple[str, str | None, Callable[[str, str], bool]], ...] = (
+            ("createdAt", self.created_gt, operator.gt),
+            ("createdAt", self.created_lt, operator.lt),
+            ("createdAt", self.created_ge, operator.ge),
+            ("createdAt", self.created_le, operator.le),
+            ("updatedAt", self.updated_gt, operator.gt),
+            ("updatedAt", self.updated_lt, operator.lt),
+            ("updatedAt", self.updated_ge, operator.ge),
+            ("updatedAt", self.updated_le, operator.le),
+        )
+        return all(bound is None or test(str(document[key]), bound) for key, bound, test in checks)
+
+    def where(self) -> tuple[str, list[Any]]:
+        """SQL conditions and their parameters."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, op, value in (
+            ("created_at", ">", self.created_gt),
+            ("created_at", "<", self.created_lt),
+            ("created_at", ">=", self.created_ge),
+            ("created_at", "<=", self.created_le),
+            ("updated_at", ">", self.updated_gt),
+            ("updated_at", "<", self.updated_lt),
+            ("updated_at", ">=", self.updated_ge),
+            ("updated_at", "<=", self.updated_le),
+        ):
+            if value is not None:
+                clauses.append(f"{column} {op} ?")
+                params.append(value)
+        return " AND ".join(clauses), params
+
+
+def _dumps(document: dict[str, Any]) -> str:
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
+
+
+class Store:
+    """SQLite-backed persistence. Use ``await store.open()`` first and ``await store.aclose()``."""
+
+    def __init__(self, path: Path, busy_timeout_s: float = 5.0) -> None:
+        self.path = path
+        self._busy_timeout_s = busy_timeout_s
+        self._executor: ThreadPoolExecutor | None = None
+        self._db: sqlite3.Connection | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Opens (creating if needed) the database and applies pending migrations.
+
+        Raises:
+            StoreError: the file cannot be opened or migrated.
+        """
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sipbridge-store")
+        await self._run(self._open_sync, "open")
+
+    async def aclose(self) -> None:
+        """Closes the connection and stops the store thread."""
+        if self._executor is None:
+            return
+        try:
+            await self._run(self._close_sync, "close")
+        finally:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def _open_sync(self) -> None:
+        if self.path.parent and not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None)
+        try:
+            self._prepare(db)
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"{self.path} has schema version {version}, newer than this sipbridge "
+                f"({len(MIGRATIONS)}); upgrade sipbridge"
+            )
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            log.info("migrating %s to schema version %d", self.path, number)
+            db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+        if db.execute("SELECT value FROM meta WHERE key = 'org_id'").fetchone() is None:
+            db.execute("INSERT INTO meta (key, value) VALUES ('org_id', ?)", (str(uuid.uuid4()),))
+
+    def _close_sync(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    async def _run(self, func: Callable[[], T], operation: str) -> T:
+        if self._executor is None:
+            raise StoreError(f"store is not open ({operation})")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, func)
+        except (Conflict, StoreError):
+            raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"{operation} failed: {exc}") from exc
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError("store is not open")
+        return self._db
+
+    # ---- meta ---------------------------------------------------------------------------------
+
+    async def org_id(self) -> str:
+        """The organisation id created with the database."""
+
+        def read() -> str:
+            row = self._conn().execute("SELECT value FROM meta WHERE key = 'org_id'").fetchone()
+            return str(row[0])
+
+        return await self._run(read, "org_id")
+
+    async def ping(self) -> None:
+        """A trivial query, for /health.
+
+        Raises:
+            StoreError: the database does not answer.
+        """
+        await self._run(lambda: self._conn().execute("SELECT 1").fetchone(), "ping")
+
+    # ---- assistants and phone numbers ---------------------------------------------------------
+
+    async def insert(self, kind: Kind, document: dict[str, Any]) -> None:
+        """Adds a new resource (``id``, ``createdAt``, ``updatedAt`` already set).
+
+        Raises:
+            Conflict: a phone number with the same SIP URI exists.
+        """
+        await self._run(lambda: self._write(kind, document, insert=True), f"insert {kind}")
+
+    async def replace(self, kind: Kind, document: dict[str, Any]) -> bool:
+        """Stores a new version of a resource; False if it no longer exists.
+
+        Raises:
+            Conflict: a phone number with the same SIP URI exists.
+        """
+        return await self._run(lambda: self._write(kind, document, insert=False), f"update {kind}")
+
+    def _write(self, kind: Kind, document: dict[str, Any], *, insert: bool) -> bool:
+        db = self._conn()
+        table = _TABLES[kind]
+        values: dict[str, Any] = {
+            "id": document["id"],
+            "created_at": document["createdAt"],
+            "updated_at": document["updatedAt"],
+            "doc": _dumps(document),
+        }
+        if kind == "phone_number":
+            uri = str(document["sipUri"])
+            parsed = parse_sip_uri(uri)
+            values["sip_uri_key"] = sip_uri_key(uri)
+            values["sip_user"] = parsed[0].lower() if parsed else uri.lower()
+        try:
+            if insert:
+                columns = ", ".join(values)
+                marks = ", ".join("?" for _ in values)
+                db.execute(
+                    f"INSERT INTO {table} ({columns}) VALUES ({marks})", list(values.values())
+                )
+                return True
+            assignments = ", ".join(f"{c} = ?" for c in values if c != "id")
+            params = [v for c, v in values.items() if c != "id"] + [values["id"]]
+            cursor = db.execute(f"UPDATE {table} SET {assignments} WHERE id = ?", params)
+            return cursor.rowcount == 1
+        except sqlite3.IntegrityError as exc:
+            if kind == "phone_number" and "sip_uri_key" in str(exc):
+                row = db.execute(
+                    "SELECT id FROM phone_numbers WHERE sip_uri_key = ?", (values["sip_uri_key"],)
+                ).fetchone()
+                owner = row[0] if row else "?"
+                raise Conflict(
+                    [f"sipUri: {document['sipUri']} is already used by phone number {owner}"]
+                ) from exc
+            raise
+
+    async def get(self, kind: Kind, resource_id: str) -> dict[str, Any] | None:
+        """One resource's document, or None."""
+
+        def read() -> dict[str, Any] | None:
+            row = (
+                self._conn()
+                .execute(
+                    f"SELECT doc FROM {_TABLES[kind]} WHERE id = ?",
+                    (resource_id,),
+                )
+                .fetchone()
+            )
+            return json.loads(row[0]) if row else None
+
+        return await self._run(read, f"get {kind}")
+
+    async def delete(self, kind: Kind, resource_id: str) -> dict[str, Any] | None:
+        """Removes a resource; returns its last document, or None if there was none."""
+
+        def remove() -> dict[str, Any] | None:
+            db = self._conn()
+            row = db.execute(
+                f"DELETE FROM {_TABLES[kind]} WHERE id = ? RETURNING doc",
+                (resource_id,),
+            ).fetchone()
+            return json.loads(row[0]) if row else None
+
+        return await self._run(remove, f"delete {kind}")
+
+    async def listing(self, kind: Kind, query: ListQuery) -> list[dict[str, Any]]:
+        """Resources newest first, filtered as Vapi's list endpoints filter them."""
+
+        def read() -> list[dict[str, Any]]:
+            where, params = query.where()
+            sql = f"SELECT doc FROM {_TABLES[kind]}"
+            if where:
+                sql += f" WHERE {where}"
+            sql += " ORDER BY created_at DESC, id LIMIT ?"
+            rows = self._conn().execute(sql, [*params, query.limit]).fetchall()
+            return [json.loads(r[0]) for r in rows]
+
+        return await self._run(read, f"list {kind}")
+
+    async def phone_numbers_for_user(self, user: str) -> list[dict[str, Any]]:
+        """Phone numbers whose SIP URI user part equals ``user`` (case-insensitively)."""
+
+        def read() -> list[dict[str, Any]]:
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT doc FROM phone_numbers WHERE sip_user = ? ORDER BY created_at",
+                    (user.lower(),),
+                )
+                .fetchall()
+            )
+            return [json.loads(r[0]) for r in rows]
+
+        return await self._run(read, "find phone number")
+
+    async def phone_numbers_with_assistant(self, assistant_id: str) -> list[str]:
+        """Ids of the phone numbers whose assistantId is ``assistant_id``."""
+
+        def read() -> list[str]:
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT id FROM phone_numbers WHERE json_extract(doc, '$.assistantId') = ?",
+                    (assistant_id,),
+                )
+                .fetchall()
+            )
+            return [str(r[0]) for r in rows]
+
+        return await self._run(read, "find phone numbers by assistant")
+
+    # ---- call records -------------------------------------------------------------------------
+
+    async def save_calls(self, documents: Sequence[dict[str, Any]]) -> None:
+        """Inserts or updates call records (Vapi ``Call`` objects) in one transaction."""
+
+        def write() -> None:
+            db = self._conn()
+            rows = [
+                (
+                    d["id"],
+                    d["createdAt"],
+                    d["updatedAt"],
+                    d["status"],
+                    d.get("phoneNumberId"),
+                    d.get("assistantId"),
+                    d.get("endedReason"),
+                    _dumps(d),
+                )
+                for d in documents
+            ]
+            db.execute("BEGIN")
+            try:
+                db.executemany(
+                    """INSERT INTO calls (id, created_at, updated_at, status, phone_number_id,
+                                          assistant_id, ended_reason, doc)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                       ON CONFLICT (id) DO UPDATE SET
+                         updated_at = excluded.updated_at, status = excluded.status,
+                         phone_number_id = excluded.phone_number_id,
+                         assistant_id = excluded.assistant_id,
+                         ended_reason = excluded.ended_reason, doc = excluded.doc""",
+                    rows,
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        await self._run(write, "save calls")
+
+    async def get_call(self, call_id: str) -> dict[str, Any] | None:
+        """One call record, or None."""
+
+        def read() -> dict[str, Any] | None:
+            row = self._conn().execute("SELECT doc FROM calls WHERE id = ?", (call_id,)).fetchone()
+            return json.loads(row[0]) if row else None
+
+        return await self._run(read, "get call")
+
+    async def list_calls(
+        self,
+        query: ListQuery,
+        *,
+        statuses: Sequence[str] = (),
+        phone_number_id: str | None = None,
+        assistant_id: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Call records newest first."""
+
+        def read() -> list[dict[str, Any]]:
+            where, params = query.where()
+            clauses = [where] if where else []
+            if statuses:
+                clauses.append(f"status IN ({', '.join('?' for _ in statuses)})")
+                params.extend(statuses)
+            if phone_number_id:
+                clauses.append("phone_number_id = ?")
+                params.append(phone_number_id)
+            if assistant_id:
+                clauses.append("assistant_id = ?")
+                params.append(assistant_id)
+            sql = "SELECT doc FROM calls"
+            if clauses:
+                sql += " WHERE " + " AND ".join(clauses)
+            sql += " ORDER BY created_at DESC, id LIMIT ?"
+            rows = self._conn().execute(sql, [*params, query.limit]).fetchall()
+            return [json.loads(r[0]) for r in rows]
+
+        return await self._run(read, "list calls")

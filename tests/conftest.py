@@ -1,0 +1,57 @@
+"""Shared fixtures: settings in a temporary directory, a started service, a webhook sink."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.service import Service
+from bridge.settings import Settings, load_settings
+from tests.webhook_sink import WebhookSink
+
+API_KEY = "test-key-0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No SIPBRIDGE_* variable from the developer's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith("SIPBRIDGE_"):
+            monkeypatch.delenv(name)
+    yield
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    """Settings for an isolated service: its own database, a free port, an API key."""
+
+    def build(**sections: dict[str, Any]) -> Settings:
+        overrides: dict[str, dict[str, Any]] = {
+            "api": {"host": "127.0.0.1", "port": 0, "key": API_KEY},
+            "store": {"path": str(tmp_path / "sipbridge.sqlite3")},
+        }
+        for name, values in sections.items():
+            overrides[name] = {**overrides.get(name, {}), **values}
+        return load_settings(None, overrides)
+
+    return build
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[WebhookSink]:
+    server = WebhookSink()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def service(make_settings: Callable[..., Settings]) -> AsyncIterator[Service]:
+    running = Service(make_settings())
+    await running.start()
+    yield running
+    await running.aclose()

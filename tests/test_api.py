@@ -1,0 +1,253 @@
+"""The HTTP API through real loopback requests, and the official Vapi SDK against it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import httpx
+import pytest
+from vapi import AsyncVapi
+from vapi.core.api_error import ApiError
+from vapi.phone_numbers import CreatePhoneNumbersRequest_Vapi, UpdatePhoneNumbersRequestBody_Vapi
+from vapi.types import Server
+
+from bridge.api import list_query
+from bridge.errors import ValidationFailed
+from bridge.events import invite_facts
+from bridge.service import Service
+from tests.conftest import API_KEY
+from tests.fake_pbx import FakePbx
+
+
+@pytest.fixture
+async def http(service: Service) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(
+        base_url=f"http://127.0.0.1:{service.api_port}",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ) as session:
+        yield session
+
+
+async def call_api(
+    http: aiohttp.ClientSession, method: str, path: str, body: Any = None, **kwargs: Any
+) -> tuple[int, Any]:
+    async with http.request(method, path, json=body, **kwargs) as response:
+        return response.status, await response.json(content_type=None)
+
+
+async def test_requests_need_the_key(service: Service) -> None:
+    base = f"http://127.0.0.1:{service.api_port}"
+    async with aiohttp.ClientSession(base_url=base) as anonymous:
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong-key"},
+            {"Authorization": f"Basic {API_KEY}"},
+        ):
+            async with anonymous.get("/assistant", headers=headers) as response:
+                assert response.status == 401
+                assert response.headers["WWW-Authenticate"].startswith("Bearer")
+                assert (await response.json())["statusCode"] == 401
+        async with anonymous.get("/health") as response:
+            assert response.status == 200
+            assert (await response.json())["status"] == "ok"
+        async with anonymous.get("/metrics") as response:
+            assert response.status == 200
+            assert "sipbridge_calls_active" in await response.text()
+
+
+async def test_assistant_lifecycle(http: aiohttp.ClientSession) -> None:
+    status, created = await call_api(
+        http,
+        "POST",
+        "/assistant",
+        {"name": "Support", "firstMessage": "Hello {{first_name}}", "custom": {"a": 1}},
+    )
+    assert status == 201
+    assert {"id", "orgId", "createdAt", "updatedAt"} <= set(created)
+    assert created["custom"] == {"a": 1}
+    status, shown = await call_api(http, "GET", f"/assistant/{created['id']}")
+    assert (status, shown) == (200, created)
+    status, listed = await call_api(http, "GET", "/assistant")
+    assert status == 200 and [a["id"] for a in listed] == [created["id"]]
+    status, patched = await call_api(
+        http, "PATCH", f"/assistant/{created['id']}", {"name": "Sales", "custom": None}
+    )
+    assert status == 200 and patched["name"] == "Sales" and "custom" not in patched
+    status, deleted = await call_api(http, "DELETE", f"/assistant/{created['id']}")
+    assert status == 200 and deleted["id"] == created["id"]
+    status, missing = await call_api(http, "GET", f"/assistant/{created['id']}")
+    assert status == 404 and missing["error"] == "Not Found"
+
+
+async def test_validation_errors_list_every_problem(http: aiohttp.ClientSession) -> None:
+    status, body = await call_api(
+        http, "POST", "/assistant", {"name": "x" * 41, "maxDurationSeconds": 1}
+    )
+    assert status == 400
+    assert body["error"] == "Bad Request" and body["statusCode"] == 400
+    assert sorted(m.split(":")[0] for m in body["message"]) == ["maxDurationSeconds", "name"]
+    async with http.post(
+        "/assistant", data=b"{not json", headers={"Content-Type": "application/json"}
+    ) as response:
+        assert response.status == 400
+        assert (await response.json())["message"] == ["body: must be valid JSON"]
+    status, body = await call_api(http, "POST", "/phone-number", [1, 2])
+    assert status == 400 and body["message"] == ["body: must be a JSON object"]
+    status, body = await call_api(
+        http, "GET", "/assistant", params={"limit": "5000", "createdAtGt": "yesterday"}
+    )
+    assert status == 400 and len(body["message"]) == 2
+
+
+async def test_phone_numbers(http: aiohttp.ClientSession) -> None:
+    _, assistant = await call_api(http, "POST", "/assistant", {"name": "A"})
+    status, number = await call_api(
+        http,
+        "POST",
+        "/phone-number",
+        {
+            "provider": "vapi",
+            "sipUri": "sip:Alice@sip.example.com",
+            "assistantId": assistant["id"],
+            "name": "Front desk",
+        },
+    )
+    assert status == 201 and number["status"] if "status" in number else status == 201
+    status, clash = await call_api(
+        http, "POST", "/phone-number", {"provider": "vapi", "sipUri": "sip:alice@SIP.example.com"}
+    )
+    assert status == 400 and "already used" in clash["message"][0]
+    status, patched = await call_api(
+        http,
+        "PATCH",
+        f"/phone-number/{number['id']}",
+        {"assistantId": None, "serverUrl": "https://hooks.example.com/vapi"},
+    )
+    assert status == 200
+    assert "assistantId" not in patched
+    assert patched["server"] == {"url": "https://hooks.example.com/vapi"}
+    assert patched["serverUrl"] == "https://hooks.example.com/vapi"
+    status, dangling = await call_api(
+        http, "PATCH", f"/phone-number/{number['id']}", {"assistantId": "nope"}
+    )
+    assert status == 400 and dangling["message"] == ["assistantId: no assistant has id nope"]
+    status, _ = await call_api(http, "DELETE", "/phone-number/nope")
+    assert status == 404
+
+
+async def test_calls_live_and_stored(service: Service, http: aiohttp.ClientSession) -> None:
+    _, assistant = await call_api(
+        http,
+        "POST",
+        "/assistant",
+        {"name": "A", "sipbridge": {"pipeline": {"url": "ws://127.0.0.1:9/p"}}},
+    )
+    await call_api(
+        http,
+        "POST",
+        "/phone-number",
+        {"provider": "vapi", "sipUri": "sip:alice@x", "assistantId": assistant["id"]},
+    )
+    pbx = FakePbx()
+    facts = invite_facts(
+        pbx="test",
+        pbx_call_id="p1",
+        channel="c",
+        request_user="alice",
+        request_host="x",
+        headers=[("X-First_Name", "John")],
+    )
+    call = service.callflow.offer(facts, pbx)
+    assert call is not None
+    await pbx.wait_for("connect_media")
+    status, active = await call_api(
+        http, "GET", "/call", params={"status": "ringing,in-progress,forwarding"}
+    )
+    assert status == 200 and [c["id"] for c in active] == [call.id]
+    assert active[0]["status"] == "in-progress"
+    status, hung_up = await call_api(http, "POST", f"/call/{call.id}/hangup")
+    assert status == 200 and hung_up["endedReason"] == "manually-canceled"
+    status, again = await call_api(http, "POST", f"/call/{call.id}/hangup")
+    assert status == 409 and again["error"] == "Conflict"
+    assert await service.recorder.flush()
+    status, shown = await call_api(http, "GET", f"/call/{call.id}")
+    assert status == 200 and shown["status"] == "ended"
+    assert shown["assistantOverrides"]["variableValues"] == {"first_name": "John"}
+    status, ended = await call_api(
+        http, "GET", "/call", params={"status": "ended", "assistantId": assistant["id"]}
+    )
+    assert [c["id"] for c in ended] == [call.id]
+    status, _ = await call_api(http, "GET", "/call", params={"status": "bogus"})
+    assert status == 400
+    for path in ("/call/nope", "/call/nope/hangup"):
+        status, _ = await call_api(http, "GET" if "hangup" not in path else "POST", path)
+        assert status == 404
+
+
+def test_list_query_parsing() -> None:
+    query = list_query(
+        {
+            "limit": "10",
+            "createdAtGt": "2024-01-01T00:00:00Z",
+            "updatedAtLe": "2024-02-01T10:00:00+02:00",
+        }
+    )
+    assert query.limit == 10
+    assert query.created_gt == "2024-01-01T00:00:00.000Z"
+    assert query.updated_le == "2024-02-01T08:00:00.000Z"
+    with pytest.raises(ValidationFailed):
+        list_query({"limit": "-1"})
+
+
+async def test_the_official_vapi_sdk_round_trip(service: Service) -> None:
+    """vapi-server-sdk pointed at sipbridge, as an existing Vapi user would use it."""
+    base_url = f"http://127.0.0.1:{service.api_port}"
+    async with httpx.AsyncClient(timeout=10) as transport:
+        await _sdk_round_trip(
+            service, AsyncVapi(token=API_KEY, base_url=base_url, httpx_client=transport)
+        )
+        wrong = AsyncVapi(token="wrong", base_url=base_url, httpx_client=transport)
+        with pytest.raises(ApiError) as unauthorised:
+            await wrong.assistants.list()
+        assert unauthorised.value.status_code == 401
+
+
+async def _sdk_round_trip(service: Service, vapi: AsyncVapi) -> None:
+    assistant = await vapi.assistants.create(
+        name="SIP Demo", first_message="Hello {{first_name}}, you've reached me over SIP."
+    )
+    assert (
+        assistant.id
+        and assistant.first_message == "Hello {{first_name}}, you've reached me over SIP."
+    )
+    number = await vapi.phone_numbers.create(
+        request=CreatePhoneNumbersRequest_Vapi(
+            sip_uri="sip:demo@sip.example.com", assistant_id=assistant.id, name="Demo"
+        )
+    )
+    assert number.sip_uri == "sip:demo@sip.example.com" and number.assistant_id == assistant.id
+
+    assert [a.id for a in await vapi.assistants.list()] == [assistant.id]
+    assert (await vapi.assistants.get(assistant.id)).name == "SIP Demo"
+    assert [n.id for n in await vapi.phone_numbers.list()] == [number.id]
+    fetched = await vapi.phone_numbers.get(number.id)
+    assert fetched.sip_uri == "sip:demo@sip.example.com"
+
+    updated = await vapi.phone_numbers.update(
+        number.id,
+        request=UpdatePhoneNumbersRequestBody_Vapi(
+            assistant_id=None, server=Server(url="https://hooks.example.com/vapi")
+        ),
+    )
+    assert updated.assistant_id is None
+    assert updated.server is not None and updated.server.url == "https://hooks.example.com/vapi"
+    stored = await service.resources.get("phone_number", number.id)
+    assert "assistantId" not in stored and stored["serverUrl"] == "https://hooks.example.com/vapi"
+
+    await vapi.phone_numbers.delete(number.id)
+    await vapi.assistants.delete(assistant.id)
+    with pytest.raises(ApiError) as caught:
+        await vapi.assistants.get(assistant.id)
+    assert caught.value.status_code == 404

@@ -1,0 +1,416 @@
+"""The PBX-neutral call flow with a real store, a real webhook server and a recording PBX."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from bridge.callflow import CallFlow
+from bridge.calls import CallStatus, EndedReason
+from bridge.events import InviteFacts, invite_facts
+from bridge.metrics import Metrics
+from bridge.records import CallRecorder
+from bridge.resources import Resources
+from bridge.routing import RoutingDefaults
+from bridge.settings import WebhookSettings
+from bridge.store import Store
+from bridge.webhooks import WebhookClient, WebhookDispatcher
+from tests.fake_pbx import FakePbx
+from tests.webhook_sink import WebhookSink
+
+
+@dataclass
+class Harness:
+    flow: CallFlow
+    resources: Resources
+    store: Store
+    recorder: CallRecorder
+    dispatcher: WebhookDispatcher
+    metrics: Metrics
+    sink: WebhookSink
+    pbx: FakePbx
+
+    async def ended(self, call_id: str, timeout: float = 5.0) -> dict[str, Any]:
+        """Waits for the call's end-of-call-report and returns its message."""
+        report = await self.sink.wait_for_message("end-of-call-report", timeout)
+        assert report.message["call"]["id"] == call_id
+        return report.message
+
+    async def assistant(self, **fields: Any) -> dict[str, Any]:
+        body = {
+            "name": "Support",
+            "firstMessage": "Hello {{first_name}}, you've reached me over SIP.",
+        }
+        return await self.resources.create("assistant", {**body, **fields})
+
+    async def number(self, **fields: Any) -> dict[str, Any]:
+        return await self.resources.create(
+            "phone_number", {"provider": "vapi", "sipUri": "sip:alice@sip.example.com", **fields}
+        )
+
+
+_ids = itertools.count(1)
+
+
+def facts(user: str = "alice", **extra: Any) -> InviteFacts:
+    values: dict[str, Any] = {
+        "pbx": "test",
+        "pbx_call_id": f"p{next(_ids)}",
+        "channel": "chan",
+        "request_user": user,
+        "request_host": "sip.example.com",
+        "from_number": "+15551230000",
+        "from_name": "John Doe",
+        "headers": [("X-First_Name", "John"), ("X-Account-Id", "42")],
+    }
+    values.update(extra)
+    return invite_facts(**values)
+
+
+@pytest.fixture
+async def make_harness(tmp_path: Path, sink: WebhookSink) -> AsyncIterator[Callable[..., Any]]:
+    opened: list[Harness] = []
+    session = aiohttp.ClientSession()
+
+    async def build(
+        *, default_server: bool = True, media_timeout_s: float | None = None, budget_s: float = 2.0
+    ) -> Harness:
+        store = Store(tmp_path / f"s{len(opened)}.sqlite3")
+        await store.open()
+        metrics = Metrics()
+        config = WebhookSettings(retry_base_delay_s=0.01, max_retries=1, default_timeout_s=2)
+        client = WebhookClient(session, config, metrics)
+        dispatcher = WebhookDispatcher(client, config, metrics)
+        dispatcher.start()
+        recorder = CallRecorder(store, metrics)
+        recorder.start()
+        resources = Resources(store, lambda: datetime.now(UTC))
+        flow = CallFlow(
+            resources=resources,
+            recorder=recorder,
+            webhook_client=client,
+            dispatcher=dispatcher,
+            defaults=RoutingDefaults(
+                pipeline_url="ws://127.0.0.1:9/pipe",
+                default_server={"url": sink.url} if default_server else None,
+            ),
+            metrics=metrics,
+            clock=lambda: datetime.now(UTC),
+            org_id=await resources.org_id(),
+            media_timeout_s=media_timeout_s,
+            new_call_id=lambda: f"call-{next(_ids)}",
+            assistant_request_budget_s=budget_s,
+        )
+        harness = Harness(flow, resources, store, recorder, dispatcher, metrics, sink, FakePbx())
+        opened.append(harness)
+        return harness
+
+    yield build
+    for harness in opened:
+        await harness.flow.aclose()
+        # Some tests leave webhooks hanging or the store closed on purpose: do not wait for them.
+        await harness.dispatcher.aclose(drain_timeout_s=0.5)
+        await harness.recorder.aclose(timeout_s=0.5)
+        await harness.store.aclose()
+    await session.close()
+
+
+async def test_fixed_assistant_call_from_offer_to_report(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness()
+    assistant = await h.assistant()
+    number = await h.number(assistantId=assistant["id"])
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    assert await h.pbx.wait_for("connect_media") == call.id
+    in_progress = await h.sink.wait_for_message("status-update", status="in-progress")
+    assert in_progress.message["call"]["id"] == call.id
+    assert call.status is CallStatus.IN_PROGRESS
+    assert call.assistant is not None
+    assert call.assistant["firstMessage"] == "Hello John, you've reached me over SIP."
+    assert call.variable_values["first_name"] == "John"
+    attached = h.flow.attach_media(call.id)
+    assert attached is not None and attached.decision is not None
+    assert h.flow.attach_media(call.id) is None  # only once
+
+    h.flow.hung_up("test", call.facts.pbx_call_id, by_caller=True)
+    report = await h.ended(call.id)
+    assert report["endedReason"] == "customer-ended-call"
+    assert report["durationSeconds"] >= 0
+    assert report["phoneNumber"]["id"] == number["id"]
+    assert report["artifact"]["variableValues"]["first_name"] == "John"
+    statuses = [m["status"] for m in h.sink.messages("status-update")]
+    assert statuses == ["ringing", "in-progress", "ended"]
+    assert await h.recorder.flush()
+    stored = await h.store.get_call(call.id)
+    assert stored is not None and stored["endedReason"] == "customer-ended-call"
+    assert stored["assistantId"] == assistant["id"] and stored["phoneNumberId"] == number["id"]
+    assert h.flow.active() == []
+
+
+async def test_unknown_number_is_rejected_with_404(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness()
+    call = h.flow.offer(facts("nobody"), h.pbx)
+    assert call is not None
+    assert await h.pbx.wait_for("reject") == 404
+    report = await h.ended(call.id)
+    assert report["endedReason"] == "call.start.error-get-phone-number"
+    assert "connect_media" not in h.pbx.names()
+    assert h.metrics.calls_total.labels("rejected")._value.get() == 1
+
+
+async def test_assistant_that_was_deleted(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness()
+    assistant = await h.assistant()
+    await h.number(assistantId=assistant["id"])
+    await h.resources.delete("assistant", assistant["id"])
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    assert await h.pbx.wait_for("reject") == 480
+    assert (await h.ended(call.id))["endedReason"] == "assistant-not-found"
+
+
+async def test_neither_assistant_nor_server(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness(default_server=False)
+    await h.number()
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    assert await h.pbx.wait_for("reject") == 480
+    assert call.ended_reason is EndedReason.NEITHER_ASSISTANT_NOR_SERVER
+
+
+async def test_assistant_request_carries_the_invite_and_picks_the_assistant(
+    make_harness: Callable[..., Any],
+) -> None:
+    h: Harness = await make_harness()
+    assistant = await h.assistant(firstMessage="Hi {{first_name}} ({{plan}})")
+    await h.number(server={"url": h.sink.url, "secret": "number-secret"})
+    h.sink.answer(
+        {"assistantId": assistant["id"], "assistantOverrides": {"variableValues": {"plan": "gold"}}}
+    )
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    assert await h.pbx.wait_for("connect_media") == call.id
+    request = await h.sink.wait_for_message("assistant-request")
+    message = request.message
+    assert request.headers["x-vapi-secret"] == "number-secret"
+    assert message["customer"] == {"number": "+15551230000", "name": "John Doe"}
+    assert message["call"]["phoneCallProviderDetails"]["sip"]["headers"]["X-First_Name"] == "John"
+    assert message["call"]["assistantOverrides"]["variableValues"]["account-id"] == "42"
+    assert message["phoneNumber"]["sipUri"] == "sip:alice@sip.example.com"
+    assert "secret" not in message["phoneNumber"]["server"]
+    assert call.assistant is not None and call.assistant["firstMessage"] == "Hi John (gold)"
+    assert call.assistant_id == assistant["id"]
+
+
+async def test_inline_assistant_answer(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness()
+    await h.number()
+    h.sink.answer(
+        {
+            "assistant": {
+                "firstMessage": "Hey {{customerName}}",
+                "sipbridge": {"pipeline": {"url": "ws://127.0.0.1:9/inline"}},
+            },
+            "assistantOverrides": {"variableValues": {"customerName": "Ryan"}},
+        }
+    )
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    await h.pbx.wait_for("connect_media")
+    assert call.assistant is not None and call.assistant["firstMessage"] == "Hey Ryan"
+    live = h.flow.attach_media(call.id)
+    assert live is not None and live.decision is not None
+    assert live.decision.pipeline.url == "ws://127.0.0.1:9/inline"
+
+
+async def test_destination_answer_transfers(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness()
+    await h.number()
+    h.sink.answer(
+        {
+            "destination": {
+                "type": "sip",
+                "sipUri": "sip:support@pbx.example.com",
+                "sipHeaders": {"X-Account": "gold"},
+            }
+        }
+    )
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    destination = await h.pbx.wait_for("transfer")
+    assert destination["sipUri"] == "sip:support@pbx.example.com"
+    assert destination["sipHeaders"] == {"X-Account": "gold"}
+    report = await h.ended(call.id)
+    assert report["endedReason"] == "assistant-request-returned-forwarding-phone-number"
+    assert report["destination"]["sipUri"] == "sip:support@pbx.example.com"
+    assert [m["status"] for m in h.sink.messages("status-update")] == [
+        "ringing",
+        "forwarding",
+        "ended",
+    ]
+
+
+async def test_error_answer_rejects_with_603(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness()
+    await h.number(fallbackDestination={"type": "number", "number": "+14155550000"})
+    h.sink.answer({"error": "Sorry, not enough credits."})
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    assert await h.pbx.wait_for("reject") == 603
+    assert call.ended_message == "Sorry, not enough credits."
+    assert "transfer" not in h.pbx.names()
+
+
+async def test_silent_server_goes_to_the_fallback_within_the_budget(
+    make_harness: Callable[..., Any],
+) -> None:
+    h: Harness = await make_harness(budget_s=0.5)
+    await h.number(fallbackDestination={"type": "sip", "sipUri": "sip:operator@pbx.example.com"})
+    h.sink.answer(hang=True)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    destination = await h.pbx.wait_for("transfer")
+    assert destination["sipUri"] == "sip:operator@pbx.example.com"
+    assert call.ended_reason is EndedReason.ASSISTANT_REQUEST_FAILED
+    assert loop.time() - started >= 0.5
+
+
+async def test_broken_answer_without_fallback_rejects(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness()
+    await h.number()
+    h.sink.answer(raw=b"<html>oops</html>")
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    assert await h.pbx.wait_for("reject") == 480
+    assert call.ended_reason is EndedReason.ASSISTANT_REQUEST_FAILED
+
+
+async def test_caller_hangs_up_while_the_server_thinks(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness(budget_s=5)
+    await h.number()
+    h.sink.answer(hang=True)
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    await h.sink.wait_for_message("assistant-request")
+    h.flow.hung_up("test", call.facts.pbx_call_id)
+    report = await h.ended(call.id)
+    assert report["endedReason"] == "call.ringing.sip-inbound-caller-hungup-before-call-connect"
+    assert h.pbx.actions == []  # nothing is done to a call that is gone
+    assert h.metrics.calls_total.labels("abandoned")._value.get() == 1
+
+
+async def test_pbx_failures_end_the_call_with_a_reason(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness()
+    assistant = await h.assistant()
+    await h.number(assistantId=assistant["id"])
+    h.pbx.fail = {"connect_media"}
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    await h.pbx.wait_for("hangup")
+    assert call.ended_reason is EndedReason.SIP_INBOUND_FAILED_TO_CONNECT
+
+    h2: Harness = await make_harness()
+    await h2.number()
+    h2.pbx.fail = {"transfer"}
+    h2.sink.answer({"destination": {"type": "number", "number": "+14155550000"}})
+    call2 = h2.flow.offer(facts(), h2.pbx)
+    assert call2 is not None
+    await h2.pbx.wait_for("hangup")
+    assert call2.ended_reason is EndedReason.TRANSFER_FAILED
+
+
+async def test_media_that_never_connects(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness(media_timeout_s=0.2)
+    assistant = await h.assistant()
+    await h.number(assistantId=assistant["id"])
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    await h.pbx.wait_for("hangup")
+    assert call.ended_reason is EndedReason.MEDIA_NEVER_CONNECTED
+
+
+async def test_max_duration_timer_follows_the_assistant(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness()
+    assistant = await h.assistant(maxDurationSeconds=45)
+    await h.number(assistantId=assistant["id"])
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    await h.sink.wait_for_message("status-update", status="in-progress")
+    live = h.flow._by_id[call.id]
+    remaining = [timer.when() - asyncio.get_running_loop().time() for timer in live.timers]
+    assert len(remaining) == 1 and 44 < remaining[0] <= 45
+    h.flow._expire(live, EndedReason.EXCEEDED_MAX_DURATION)
+    await h.pbx.wait_for("hangup")
+    assert (await h.ended(call.id))["endedReason"] == "exceeded-max-duration"
+
+
+async def test_operator_hangup(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness()
+    assistant = await h.assistant()
+    await h.number(assistantId=assistant["id"])
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    await h.pbx.wait_for("connect_media")
+    assert await h.flow.hangup(call.id)
+    assert await h.pbx.wait_for("hangup") == call.facts.pbx_call_id
+    assert call.ended_reason is EndedReason.MANUALLY_CANCELED
+    assert not await h.flow.hangup(call.id)
+    h.flow.hung_up("test", call.facts.pbx_call_id)  # the PBX's own report changes nothing
+    assert call.ended_reason is EndedReason.MANUALLY_CANCELED
+
+
+async def test_store_failure_rejects_new_calls_with_503(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness()
+    await h.store.aclose()
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    assert await h.pbx.wait_for("reject") == 503
+    assert call.ended_reason is EndedReason.START_ERROR_DATABASE
+
+
+async def test_slow_webhooks_never_hold_up_a_call(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness()
+    assistant = await h.assistant()
+    await h.number(assistantId=assistant["id"])
+    h.sink.default.hang = True  # every status update hangs until its timeout
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    assert await h.pbx.wait_for("connect_media", timeout=1.0) == call.id
+
+
+async def test_duplicate_offers_and_draining(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness()
+    assistant = await h.assistant()
+    await h.number(assistantId=assistant["id"])
+    offered = facts()
+    assert h.flow.offer(offered, h.pbx) is not None
+    assert h.flow.offer(offered, h.pbx) is None
+    await h.pbx.wait_for("connect_media")
+    h.flow.draining = True
+    late = h.flow.offer(facts(), h.pbx)
+    assert late is not None
+    assert await h.pbx.wait_for("reject") == 503
+    assert late.ended_reason is EndedReason.WORKER_SHUTDOWN
+
+
+async def test_shutdown_hangs_up_live_calls(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness()
+    assistant = await h.assistant()
+    await h.number(assistantId=assistant["id"])
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    await h.pbx.wait_for("connect_media")
+    await h.flow.aclose()
+    assert h.pbx.names()[-1] == "hangup"
+    assert call.ended_reason is EndedReason.WORKER_SHUTDOWN
+    assert h.flow.active() == []

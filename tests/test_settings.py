@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bridge.errors import ConfigError
+from bridge.settings import (
+    Settings,
+    api_base_url,
+    is_loopback,
+    load_settings,
+    masked,
+    reference_markdown,
+)
+
+KEY = "k" * 20
+
+
+def test_defaults_need_a_key_or_lab_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert any(p.startswith("api.key:") for p in caught.value.problems)
+    settings = load_settings(overrides={"api": {"lab_mode": True}})
+    assert settings.api.lab_mode and settings.api.key is None
+
+
+def test_environment_prefix_and_nesting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIPBRIDGE_API__KEY", KEY)
+    monkeypatch.setenv("SIPBRIDGE_API__PORT", "9123")
+    monkeypatch.setenv("SIPBRIDGE_SIP__DOMAINS", '["SIP.Example.com", "pbx.example.org"]')
+    monkeypatch.setenv("SIPBRIDGE_WEBHOOKS__MAX_RETRIES", "5")
+    settings = load_settings()
+    assert settings.api.port == 9123
+    assert settings.api.key is not None and settings.api.key.get_secret_value() == KEY
+    assert settings.sip.domains == ["sip.example.com", "pbx.example.org"]
+    assert settings.webhooks.max_retries == 5
+
+
+def test_toml_file_below_environment_below_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "sipbridge.toml"
+    config.write_text(
+        f'[api]\nkey = "{KEY}"\nport = 7000\nhost = "127.0.0.2"\n[store]\npath = "/tmp/x.db"\n'
+    )
+    monkeypatch.setenv("SIPBRIDGE_API__PORT", "7001")
+    settings = load_settings(config, {"api": {"host": "127.0.0.3"}})
+    assert settings.api.port == 7001  # env beats TOML
+    assert settings.api.host == "127.0.0.3"  # flags beat env
+    assert str(settings.store.path) == "/tmp/x.db"  # TOML beats defaults
+    assert settings.api.key is not None
+
+
+def test_config_file_from_environment_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[api]\nkey = "{KEY}"\nport = 7100\n')
+    monkeypatch.setenv("SIPBRIDGE_CONFIG", str(config))
+    assert load_settings().api.port == 7100
+
+
+def test_every_bad_field_is_named_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[api]\nport = 99999\nbogus = 1\n[webhooks]\nmax_retries = "many"\n')
+    monkeypatch.setenv("SIPBRIDGE_LOG__LEVEL", "LOUD")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    problems = caught.value.problems
+    assert any(p.startswith("api.port:") for p in problems)
+    assert any(p.startswith("api.bogus:") for p in problems)
+    assert any(p.startswith("webhooks.max_retries:") for p in problems)
+    assert any(p.startswith("log.level:") for p in problems)
+    assert "https://errors.pydantic.dev" not in str(caught.value)
+
+
+def test_missing_and_malformed_config_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[api\nport = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(broken)
+
+
+def test_cross_field_rules() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(
+            overrides={
+                "api": {"lab_mode": True, "host": "0.0.0.0"},
+                "asterisk": {"enabled": True},
+                "freeswitch": {"enabled": True},
+                "pipeline": {"default_url": "http://not-a-websocket"},
+                "webhooks": {"default_server_url": "ftp://x"},
+            }
+        )
+    text = " | ".join(caught.value.problems)
+    for field in (
+        "api.lab_mode",
+        "asterisk.secret",
+        "freeswitch.password",
+        "pipeline.default_url",
+        "webhooks.default_server_url",
+    ):
+        assert field in text
+    with pytest.raises(ConfigError, match="at least 16"):
+        load_settings(overrides={"api": {"key": "short"}})
+
+
+def test_client_commands_skip_service_rules() -> None:
+    settings = load_settings(for_service=False)
+    assert settings.api.key is None
+
+
+def test_masked_hides_every_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIPBRIDGE_API__KEY", KEY)
+    monkeypatch.setenv("SIPBRIDGE_ASTERISK__SECRET", "ami-secret")
+    monkeypatch.setenv("SIPBRIDGE_WEBHOOKS__SIGNING_SECRET", "hmac-secret")
+    shown = repr(masked(load_settings()))
+    assert KEY not in shown and "ami-secret" not in shown and "hmac-secret" not in shown
+    assert shown.count("**********") == 3
+
+
+def test_loopback_and_base_url() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("127.8.9.1") and is_loopback("::1")
+    assert is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1") and not is_loopback("pbx")
+    wildcard = load_settings(
+        overrides={"api": {"host": "0.0.0.0", "port": 8123}}, for_service=False
+    )
+    assert api_base_url(wildcard) == "http://127.0.0.1:8123"
+    v6 = load_settings(overrides={"api": {"host": "::1", "port": 8123}}, for_service=False)
+    assert api_base_url(v6) == "http://[::1]:8123"
+
+
+def test_configuration_reference_is_current() -> None:
+    """docs/configuration.md embeds the generated table for every setting, unchanged."""
+    page = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    embedded = page.split("<!-- settings:begin -->\n", 1)[1].split("<!-- settings:end -->", 1)[0]
+    assert embedded == reference_markdown()
+    for section, info in Settings.model_fields.items():
+        assert isinstance(info.annotation, type)
+        for name in info.annotation.model_fields:
+            assert f"| `{section}.{name}` |" in embedded
