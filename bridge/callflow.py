@@ -34,7 +34,7 @@ from bridge.calls import (
     CallStatus,
     EndedReason,
 )
-from bridge.errors import PbxError, StoreError
+from bridge.errors import PbxError, PipelineError, StoreError, ValidationFailed
 from bridge.events import InviteFacts, PbxKind
 from bridge.logs import CallLogger, call_logger
 from bridge.messages import (
@@ -47,7 +47,7 @@ from bridge.messages import (
     target_for,
 )
 from bridge.metrics import Metrics
-from bridge.models import DEFAULT_MAX_DURATION_S
+from bridge.models import DEFAULT_MAX_DURATION_S, validate_destination
 from bridge.records import CallRecorder
 from bridge.resources import Resources
 from bridge.routing import (
@@ -68,11 +68,13 @@ from bridge.routing import (
     plan_call,
 )
 from bridge.tasks import TaskSet
+from bridge.templating import render_destination
 from bridge.webhooks import WebhookClient, WebhookDispatcher
 
 log = logging.getLogger(__name__)
 
 PBX_ACTION_TIMEOUT_S = 10.0
+MEDIA_WRAP_UP_S = 3.0
 
 
 class PbxControl(Protocol):
@@ -92,6 +94,33 @@ class PbxControl(Protocol):
     async def hangup(self, facts: InviteFacts) -> None:
         """Ends the call."""
 
+    async def send_dtmf(self, facts: InviteFacts, digits: str) -> None:
+        """Plays DTMF digits to the caller."""
+
+
+class MediaHooks(Protocol):
+    """How the flow gets a call's conversation ready (implemented by the conversations)."""
+
+    async def prepare(self, live: LiveCall) -> None:
+        """Opens the call's pipeline before the PBX answers.
+
+        Raises:
+            PipelineError: the pipeline cannot be reached; the call is refused.
+        """
+
+    def discard(self, call_id: str) -> None:
+        """The call ended before its media leg attached: releases what prepare() opened."""
+
+
+class NoMedia:
+    """Media hooks for a flow without a media path (the API-only service, tests)."""
+
+    async def prepare(self, live: LiveCall) -> None:
+        """Nothing to open."""
+
+    def discard(self, call_id: str) -> None:
+        """Nothing to release."""
+
 
 @dataclass
 class LiveCall:
@@ -102,7 +131,9 @@ class LiveCall:
     log: CallLogger
     decision: Accept | None = None
     routing: asyncio.Task[None] | None = None
+    media_prepared: bool = False
     media_attached: bool = False
+    media_done: asyncio.Event = field(default_factory=asyncio.Event)
     transfer_reason: EndedReason | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
@@ -124,6 +155,7 @@ class CallFlow:
         org_id: str,
         media_timeout_s: float | None,
         new_call_id: Callable[[], str],
+        media: MediaHooks | None = None,
         assistant_request_budget_s: float = ASSISTANT_REQUEST_BUDGET_S,
     ) -> None:
         self._resources = resources
@@ -136,6 +168,7 @@ class CallFlow:
         self._org_id = org_id
         self._media_timeout_s = media_timeout_s
         self._new_call_id = new_call_id
+        self._media: MediaHooks = media or NoMedia()
         # Fixed by Vapi's contract; only tests shorten it.
         self._budget_s = assistant_request_budget_s
         self._by_id: dict[str, LiveCall] = {}
@@ -241,6 +274,90 @@ class CallFlow:
         """Hangs up a live call on an operator's request (``manually-canceled``)."""
         return await self.end_call(call_id, EndedReason.MANUALLY_CANCELED)
 
+    # ---- requests from the pipeline -----------------------------------------------------------
+
+    async def transfer(self, call_id: str, destination: Mapping[str, Any]) -> bool:
+        """Blind-transfers a live call (the pipeline asked); True once the PBX took it.
+
+        The destination is validated like a phone number's fallbackDestination and its
+        ``message``/``callerId`` rendered with the call's variables. On failure the call goes
+        on with its assistant.
+        """
+        live = self._by_id.get(call_id)
+        if live is None or live.call.is_ended:
+            return False
+        try:
+            checked = validate_destination(destination)
+        except ValidationFailed as exc:
+            live.log.warning("refused a transfer request: %s", "; ".join(exc.problems))
+            return False
+        call = live.call
+        rendered = render_destination(checked, call.variables, self._clock())
+        previous = call.status
+        call.destination = rendered
+        call.apply(CallEvent.FORWARD, self._clock())
+        live.transfer_reason = EndedReason.ASSISTANT_FORWARDED_CALL
+        self._recorder.save(call.to_json())
+        self._notify(call, STATUS_UPDATE)
+        live.log.info("pipeline transfers the call to %s", _describe(rendered))
+        if await self._pbx_action(live, "transferring", live.pbx.transfer(call.facts, rendered)):
+            self._end(live, EndedReason.ASSISTANT_FORWARDED_CALL)
+            return True
+        if not call.is_ended and previous is CallStatus.IN_PROGRESS:
+            call.apply(CallEvent.RESUME, self._clock())
+            call.destination = None
+            self._recorder.save(call.to_json())
+            self._notify(call, STATUS_UPDATE)
+        return False
+
+    async def send_dtmf(self, call_id: str, digits: str) -> None:
+        """Plays DTMF to the caller (the pipeline asked)."""
+        live = self._by_id.get(call_id)
+        if live is not None and not live.call.is_ended:
+            await self._pbx_action(
+                live, "sending DTMF", live.pbx.send_dtmf(live.call.facts, digits)
+            )
+
+    def report(self, call_id: str, kind: str, payload: Mapping[str, Any]) -> None:
+        """A transcript or message from the pipeline, kept for the end-of-call report.
+
+        ``transcript`` messages with ``transcriptType: final`` add a line to the transcript
+        and a message (``role`` user or bot); ``message``/``conversation-update`` messages with
+        a ``message`` object or ``messages`` list are added as they are.
+        """
+        live = self._by_id.get(call_id)
+        if live is None:
+            return
+        call = live.call
+        now_ms = int(self._clock().timestamp() * 1000)
+        started = call.started_at or call.created_at
+        if kind == "transcript":
+            if payload.get("transcriptType", "final") != "final":
+                return
+            text = str(payload.get("transcript", "")).strip()
+            if not text:
+                return
+            role = "bot" if payload.get("role") in ("assistant", "bot") else "user"
+            call.messages.append(
+                {
+                    "role": role,
+                    "message": text,
+                    "time": now_ms,
+                    "secondsFromStart": round(now_ms / 1000 - started.timestamp(), 3),
+                }
+            )
+            speaker = "AI" if role == "bot" else "User"
+            call.transcript = f"{call.transcript}\n{speaker}: {text}".lstrip("\n")
+            return
+        messages = payload.get("messages")
+        single = payload.get("message")
+        items = (
+            messages if isinstance(messages, list) else [single] if isinstance(single, dict) else []
+        )
+        for item in items[:100]:
+            if isinstance(item, dict) and isinstance(item.get("role"), str):
+                call.messages.append(dict(item))
+
     def _end(
         self,
         live: LiveCall,
@@ -256,6 +373,8 @@ class CallFlow:
         for timer in live.timers:
             timer.cancel()
         live.timers.clear()
+        if live.media_prepared and not live.media_attached:
+            self._media.discard(call.id)
         self._by_id.pop(call.id, None)
         self._by_pbx.pop((call.facts.pbx, call.facts.pbx_call_id), None)
         self._metrics.calls_active.set(len(self._by_id))
@@ -268,8 +387,27 @@ class CallFlow:
         )
         self._recorder.save(call.to_json())
         self._notify(call, STATUS_UPDATE)
-        self._notify(call, END_OF_CALL_REPORT)
+        if live.media_attached and not live.media_done.is_set():
+            # The report comes "when post-processing is complete": after the media session
+            # has handed over its counters and last transcript lines.
+            self._tasks.spawn(self._report_after_media(live), f"report-{call.id}")
+        else:
+            self._report(call)
         return True
+
+    def _report(self, call: Call) -> None:
+        self._recorder.save(call.to_json())
+        self._notify(call, END_OF_CALL_REPORT)
+
+    async def _report_after_media(self, live: LiveCall) -> None:
+        try:
+            await asyncio.wait_for(live.media_done.wait(), MEDIA_WRAP_UP_S)
+        except TimeoutError:
+            live.log.warning(
+                "media did not wrap up within %.0f s; reporting without it", MEDIA_WRAP_UP_S
+            )
+        finally:
+            self._report(live.call)
 
     async def _pbx_hangup(self, live: LiveCall) -> None:
         await self._pbx_action(live, "hanging up at the PBX", live.pbx.hangup(live.call.facts))
@@ -460,6 +598,23 @@ class CallFlow:
             decision.pipeline.format,
         )
         self._recorder.save(call.to_json())
+        try:
+            await self._media.prepare(live)
+        except PipelineError as exc:
+            live.log.error("%s", exc)
+            self._end(
+                live,
+                EndedReason.PIPELINE_CONNECTION_FAILED,
+                message=str(exc),
+                sip_status=SIP_TEMPORARILY_UNAVAILABLE,
+            )
+            await self._pbx_action(
+                live, "rejecting", live.pbx.reject(call.facts, SIP_TEMPORARILY_UNAVAILABLE)
+            )
+            return
+        live.media_prepared = True
+        if call.is_ended:
+            return
         if self._media_timeout_s is not None:
             live.timers.append(
                 asyncio.get_running_loop().call_later(

@@ -20,7 +20,7 @@ from typing import Any
 
 from bridge.errors import LocalProtocolError
 from bridge.events import InviteFacts
-from bridge.models import format_timestamp
+from bridge.models import format_timestamp, without_secrets
 
 
 class CallStatus(StrEnum):
@@ -95,7 +95,7 @@ class EndedReason(StrEnum):
     PIPELINE_CONNECTION_FAILED = "call.in-progress.error-pipeline-ws-model-connection-failed"
     PIPELINE_FAILED = "pipeline-error-custom-llm-llm-failed"
     TRANSFER_FAILED = "call.in-progress.error-transfer-failed"
-    PBX_LINK_LOST = "phone-call-provider-closed-websocket"
+    MEDIA_LEG_CLOSED = "phone-call-provider-closed-websocket"
     WORKER_DIED = "call.in-progress.error-vapifault-worker-died"
     WORKER_SHUTDOWN = "worker-shutdown"
 
@@ -137,6 +137,7 @@ class Call:
     sip_status: int | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)
     transcript: str = ""
+    media: dict[str, int] = field(default_factory=dict)
 
     @property
     def is_ended(self) -> bool:
@@ -227,8 +228,11 @@ class Call:
                 "sipCallId": facts.sip_call_id,
                 "sipStatus": self.sip_status,
                 "durationSeconds": self.duration_seconds,
+                "media": dict(self.media),
             },
         }
+        if self.assistant is not None:
+            body["assistant"] = without_secrets(self.assistant)
         if self.started_at is not None:
             body["startedAt"] = format_timestamp(self.started_at)
         if self.ended_at is not None:

@@ -135,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub(config_actions, "show", "print the effective settings, secrets masked")
     sub(config_actions, "reference", "print the configuration reference (Markdown)")
 
+    lab = sub(commands, "lab", "run a real call through Asterisk 22, SIPp and the demo pipeline")
+    lab.add_argument("--stay", action="store_true", help="keep running for a softphone (Ctrl-C)")
+    lab.add_argument("--state-dir", type=Path, default=Path(".lab"), help="logs and database")
+    demo = sub(commands, "demo-pipeline", "run the demo conversational pipeline (websocket)")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8765)
+
     sub(commands, "version", "print the version")
     return parser
 
@@ -437,6 +444,30 @@ def _serve(settings: Settings) -> int:
     return asyncio.run(run())
 
 
+def _demo_pipeline(host: str, port: int) -> int:
+    from bridge.demo import DemoPipeline  # noqa: PLC0415 - only this command needs it
+    from bridge.logs import configure  # noqa: PLC0415
+
+    configure("INFO", "text")
+
+    async def run() -> int:
+        demo = DemoPipeline(host, port)
+        try:
+            await demo.start()
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", host, port, exc)
+            return EXIT_FAILED
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        await demo.aclose()
+        return EXIT_OK
+
+    return asyncio.run(run())
+
+
 def main(
     argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
@@ -453,6 +484,13 @@ def main(
     if args.command == "version":
         out.write(f"sipbridge {__version__}\n")
         return EXIT_OK
+    if args.command == "lab":
+        from bridge.lab.run import run  # noqa: PLC0415 - the lab is not needed elsewhere
+
+        code: int = asyncio.run(run(args.state_dir, stay=args.stay, out=out))
+        return code
+    if args.command == "demo-pipeline":
+        return _demo_pipeline(args.host, args.port)
     overrides: dict[str, Any] = {}
     if args.command == "serve":
         api = {

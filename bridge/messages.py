@@ -9,14 +9,13 @@ server or the default. ``assistant.serverMessages`` (or Vapi's default list) fil
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from bridge.calls import Call, CallStatus
-from bridge.models import DEFAULT_SERVER_MESSAGES, format_timestamp, server_of
+from bridge.models import DEFAULT_SERVER_MESSAGES, format_timestamp, server_of, without_secrets
 
 ASSISTANT_REQUEST = "assistant-request"
 STATUS_UPDATE = "status-update"
@@ -42,17 +41,6 @@ class WebhookTarget:
             headers=dict(server.get("headers") or {}),
             timeout_s=float(timeout) if timeout is not None else None,
         )
-
-
-def without_secrets(document: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """A resource as it may appear in a payload: no ``serverUrlSecret``/``server.secret``."""
-    if document is None:
-        return None
-    clean = copy.deepcopy(dict(document))
-    clean.pop("serverUrlSecret", None)
-    if isinstance(clean.get("server"), dict):
-        clean["server"].pop("secret", None)
-    return clean
 
 
 def target_for(

@@ -9,6 +9,7 @@ adds (the ``sipbridge`` extension object) and what it refuses.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -416,6 +417,17 @@ def apply_patch(existing: Mapping[str, Any], patch: Mapping[str, Any]) -> JsonOb
         else:
             merged[key] = value
     return merged
+
+
+def without_secrets(document: Mapping[str, Any] | None) -> JsonObject | None:
+    """A resource as it may be shown in a call record or a payload: no server secrets."""
+    if document is None:
+        return None
+    clean = copy.deepcopy(dict(document))
+    clean.pop("serverUrlSecret", None)
+    if isinstance(clean.get("server"), dict):
+        clean["server"].pop("secret", None)
+    return clean
 
 
 def server_of(document: Mapping[str, Any] | None) -> JsonObject | None:

@@ -20,8 +20,12 @@ from aiohttp import web
 from bridge import __version__
 from bridge.api import create_app
 from bridge.callflow import CallFlow
+from bridge.conversations import Conversations
 from bridge.errors import StoreError
+from bridge.events import InviteFacts
+from bridge.media.audiosocket import AudioSocketServer
 from bridge.metrics import Metrics
+from bridge.pbx.asterisk import AsteriskAdapter
 from bridge.records import CallRecorder
 from bridge.resources import Resources
 from bridge.routing import RoutingDefaults
@@ -34,6 +38,31 @@ log = logging.getLogger(__name__)
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+class _AsteriskEvents:
+    """Where the Asterisk adapter's events go: the call flow, the link state, the metrics."""
+
+    def __init__(self, service: Service, adapter: Callable[[], AsteriskAdapter]) -> None:
+        self._service = service
+        self._adapter = adapter
+
+    def offered(self, facts: InviteFacts, truncated: bool) -> None:
+        self._service.callflow.offer(facts, self._adapter())
+
+    def hung_up(self, pbx_call_id: str, cause: int) -> None:
+        self._service.callflow.hung_up("asterisk", pbx_call_id)
+
+    def link_changed(self, up: bool, detail: str) -> None:
+        self._service.pbx_links["asterisk"] = up
+        self._service.metrics.pbx_link_up.labels("asterisk").set(1 if up else 0)
+
+    def known_calls(self) -> set[str]:
+        return {
+            call.facts.pbx_call_id
+            for call in self._service.callflow.active()
+            if call.facts.pbx == "asterisk"
+        }
 
 
 class Service:
@@ -50,6 +79,9 @@ class Service:
         self._dispatcher: WebhookDispatcher | None = None
         self._callflow: CallFlow | None = None
         self._runner: web.AppRunner | None = None
+        self.conversations = Conversations(settings.pipeline, settings.media)
+        self.audiosocket: AudioSocketServer | None = None
+        self.asterisk: AsteriskAdapter | None = None
         self.api_port: int | None = None
         self.pbx_links: dict[str, bool] = {}
 
@@ -99,9 +131,13 @@ class Service:
             metrics=self.metrics,
             clock=self.clock,
             org_id=org_id,
-            media_timeout_s=None,
+            media_timeout_s=settings.media.connect_timeout_s,
             new_call_id=lambda: str(uuid.uuid4()),
+            media=self.conversations,
         )
+        self.conversations.bind(self._callflow)
+        if settings.asterisk.enabled:
+            await self._start_asterisk()
         app = create_app(self, settings.api)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=5.0
@@ -127,6 +163,36 @@ class Service:
         if not is_loopback(settings.api.host):
             log.info("the API listens beyond loopback; every request needs the API key")
 
+    async def _start_asterisk(self) -> None:
+        media = self.settings.media
+        self.audiosocket = AudioSocketServer(
+            media.audiosocket_host,
+            media.audiosocket_port,
+            media.max_frame_bytes,
+            self.conversations.attach,
+        )
+        await self.audiosocket.start()
+        adapter = AsteriskAdapter(
+            self.settings.asterisk,
+            _AsteriskEvents(self, lambda: adapter),
+            audiosocket_address=self.audiosocket_address,
+        )
+        self.asterisk = adapter
+        self.pbx_links["asterisk"] = False
+        self.metrics.pbx_link_up.labels("asterisk").set(0)
+        await adapter.start()
+
+    def audiosocket_address(self) -> str:
+        """The host:port Asterisk connects AudioSocket to."""
+        media = self.settings.media
+        if media.audiosocket_advertise:
+            return media.audiosocket_advertise
+        assert self.audiosocket is not None
+        host = media.audiosocket_host
+        if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard bind is not an address to dial
+            host = "127.0.0.1"
+        return f"{host}:{self.audiosocket.port}"
+
     async def drain(self, timeout_s: float) -> bool:
         """Stops taking new calls and waits up to ``timeout_s`` for live ones to end."""
         if self._callflow is None:
@@ -147,6 +213,13 @@ class Service:
         if self._callflow is not None:
             await self._callflow.aclose()
             self._callflow = None
+        await self.conversations.aclose()
+        if self.audiosocket is not None:
+            await self.audiosocket.aclose()
+            self.audiosocket = None
+        if self.asterisk is not None:
+            await self.asterisk.aclose()
+            self.asterisk = None
         if self._dispatcher is not None:
             await self._dispatcher.aclose()
             self._dispatcher = None
@@ -216,6 +289,7 @@ class Service:
             "pbx": {name: ("up" if up else "down") for name, up in self.pbx_links.items()},
             "activeCalls": len(self.callflow.active()),
             "pendingWebhooks": self.dispatcher.pending,
+            "media": self.conversations.describe(),
             "pendingCallRecords": self.recorder.backlog,
         }
 

@@ -85,6 +85,11 @@ class AsteriskSettings(_Section):
     transfer_context: str = Field(
         "sipbridge-transfer", description="Dialplan context that performs blind transfers."
     )
+    transfer_endpoint: str = Field(
+        "sipbridge-transfer",
+        description="PJSIP endpoint transfers are dialled through (PJSIP/<endpoint>/<sip uri>, "
+        "PJSIP/<number>@<endpoint>); see dialplan/pjsip.conf.sample.",
+    )
 
 
 class FreeswitchSettings(_Section):

@@ -11,6 +11,7 @@ import pytest
 
 from bridge.service import Service
 from bridge.settings import Settings, load_settings
+from tests.pipeline_server import PipelineServer
 from tests.webhook_sink import WebhookSink
 
 API_KEY = "test-key-0123456789abcdef"
@@ -44,6 +45,15 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
 @pytest.fixture
 async def sink() -> AsyncIterator[WebhookSink]:
     server = WebhookSink()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def pipeline() -> AsyncIterator[PipelineServer]:
+    """A real websocket server standing in for the conversational pipeline."""
+    server = PipelineServer()
     await server.start()
     yield server
     await server.stop()

@@ -40,6 +40,9 @@ class FakePbx:
     async def hangup(self, facts: InviteFacts) -> None:
         self._record("hangup", facts.pbx_call_id)
 
+    async def send_dtmf(self, facts: InviteFacts, digits: str) -> None:
+        self._record("send_dtmf", digits)
+
     async def wait_for(self, action: str, timeout: float = 5.0) -> Any:
         async def wait() -> Any:
             while True:

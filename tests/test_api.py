@@ -19,6 +19,7 @@ from bridge.events import invite_facts
 from bridge.service import Service
 from tests.conftest import API_KEY
 from tests.fake_pbx import FakePbx
+from tests.pipeline_server import PipelineServer
 
 
 @pytest.fixture
@@ -137,12 +138,14 @@ async def test_phone_numbers(http: aiohttp.ClientSession) -> None:
     assert status == 404
 
 
-async def test_calls_live_and_stored(service: Service, http: aiohttp.ClientSession) -> None:
+async def test_calls_live_and_stored(
+    service: Service, http: aiohttp.ClientSession, pipeline: PipelineServer
+) -> None:
     _, assistant = await call_api(
         http,
         "POST",
         "/assistant",
-        {"name": "A", "sipbridge": {"pipeline": {"url": "ws://127.0.0.1:9/p"}}},
+        {"name": "A", "sipbridge": {"pipeline": {"url": pipeline.url}}},
     )
     await call_api(
         http,

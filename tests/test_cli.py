@@ -21,6 +21,7 @@ from bridge.events import invite_facts
 from bridge.service import Service
 from tests.conftest import API_KEY
 from tests.fake_pbx import FakePbx
+from tests.pipeline_server import PipelineServer
 
 
 async def run(
@@ -169,9 +170,9 @@ async def test_number_commands_and_files(service: Service, tmp_path: Path) -> No
     assert code == 2 and "not valid JSON" in err
 
 
-async def test_call_commands(service: Service) -> None:
+async def test_call_commands(service: Service, pipeline: PipelineServer) -> None:
     assistant = await service.resources.create(
-        "assistant", {"name": "A", "sipbridge": {"pipeline": {"url": "ws://127.0.0.1:9/p"}}}
+        "assistant", {"name": "A", "sipbridge": {"pipeline": {"url": pipeline.url}}}
     )
     await service.resources.create(
         "phone_number", {"sipUri": "sip:alice@x", "assistantId": assistant["id"]}

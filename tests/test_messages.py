@@ -11,8 +11,8 @@ from bridge.messages import (
     end_of_call_report,
     status_update,
     target_for,
-    without_secrets,
 )
+from bridge.models import without_secrets
 
 T0 = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
 DEFAULT = {"url": "https://default/hook"}

@@ -10,6 +10,7 @@ from bridge.events import invite_facts
 from bridge.service import Service
 from bridge.settings import Settings
 from tests.fake_pbx import FakePbx
+from tests.pipeline_server import PipelineServer
 
 
 async def test_health_reports_the_store_and_pbx_links(service: Service) -> None:
@@ -49,9 +50,9 @@ async def test_a_busy_port_fails_start_and_leaves_nothing_running(
         await service.store.ping()
 
 
-async def test_drain_waits_for_live_calls(service: Service) -> None:
+async def test_drain_waits_for_live_calls(service: Service, pipeline: PipelineServer) -> None:
     assistant = await service.resources.create(
-        "assistant", {"name": "A", "sipbridge": {"pipeline": {"url": "ws://127.0.0.1:9/p"}}}
+        "assistant", {"name": "A", "sipbridge": {"pipeline": {"url": pipeline.url}}}
     )
     await service.resources.create(
         "phone_number", {"sipUri": "sip:alice@x", "assistantId": assistant["id"]}

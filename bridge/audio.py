@@ -1,0 +1,298 @@
+"""Audio, sans I/O: G.711 and resampling with carried state, 20 ms framing, the playout buffer.
+
+Conventions: PCM is signed 16-bit little-endian mono ("slin"). The PBX side is 8 kHz slin in
+20 ms frames of 320 bytes; the pipeline side is whatever the assistant's format says.
+
+``audioop`` does the conversions: the stdlib module below Python 3.13 (imported without its
+deprecation warning leaking) and the audioop-lts package from 3.13; their outputs are identical
+(libraries.md section 4). ``ratecv`` must carry its state per direction per call, or it loses a
+sample per frame when upsampling.
+"""
+
+from __future__ import annotations
+
+import array
+import math
+import sys
+import warnings
+from collections import deque
+from dataclasses import dataclass
+
+if sys.version_info >= (3, 13):
+    import audioop  # provided by audioop-lts
+else:  # pragma: no cover - depends on the interpreter
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import audioop
+
+FRAME_MS = 20
+SAMPLE_WIDTH = 2
+PBX_RATE = 8000
+
+
+def frame_bytes(rate: int, frame_ms: int = FRAME_MS) -> int:
+    """Bytes of one frame of 16-bit mono PCM."""
+    return rate * frame_ms // 1000 * SAMPLE_WIDTH
+
+
+def silence(rate: int = PBX_RATE, frame_ms: int = FRAME_MS) -> bytes:
+    """One frame of digital silence."""
+    return bytes(frame_bytes(rate, frame_ms))
+
+
+def ulaw_to_pcm(data: bytes) -> bytes:
+    """G.711 μ-law to 16-bit PCM (same rate)."""
+    return audioop.ulaw2lin(data, SAMPLE_WIDTH)
+
+
+def pcm_to_ulaw(pcm: bytes) -> bytes:
+    """16-bit PCM to G.711 μ-law (same rate)."""
+    return audioop.lin2ulaw(pcm, SAMPLE_WIDTH)
+
+
+class Resampler:
+    """Streaming rate conversion that carries ``ratecv``'s state between chunks."""
+
+    def __init__(self, in_rate: int, out_rate: int) -> None:
+        self.in_rate = in_rate
+        self.out_rate = out_rate
+        self._state: tuple[int, tuple[tuple[int, int], ...]] | None = None
+
+    def convert(self, pcm: bytes) -> bytes:
+        """Converts the next chunk of the stream."""
+        if self.in_rate == self.out_rate or not pcm:
+            return pcm
+        converted, self._state = audioop.ratecv(
+            pcm, SAMPLE_WIDTH, 1, self.in_rate, self.out_rate, self._state
+        )
+        return converted
+
+
+class Transcoder:
+    """Both directions of one call between PBX slin and the pipeline's encoding and rate.
+
+    Args:
+        encoding: ``pcm_s16le`` or ``mulaw`` on the pipeline side.
+        pipeline_rate: the pipeline side's sample rate (8000 for μ-law).
+        pbx_rate: the PBX side's sample rate.
+    """
+
+    def __init__(self, encoding: str, pipeline_rate: int, pbx_rate: int = PBX_RATE) -> None:
+        if encoding not in ("pcm_s16le", "mulaw"):
+            raise ValueError(f"unknown encoding {encoding!r}")
+        self.encoding = encoding
+        self.pipeline_rate = 8000 if encoding == "mulaw" else pipeline_rate
+        self.pbx_rate = pbx_rate
+        self._up = Resampler(pbx_rate, self.pipeline_rate)
+        self._down = Resampler(self.pipeline_rate, pbx_rate)
+
+    def to_pipeline(self, pcm: bytes) -> bytes:
+        """PBX slin to the pipeline's format."""
+        converted = self._up.convert(pcm)
+        return pcm_to_ulaw(converted) if self.encoding == "mulaw" else converted
+
+    def from_pipeline(self, data: bytes) -> bytes:
+        """The pipeline's format to PBX slin (odd trailing bytes of PCM are dropped)."""
+        if self.encoding == "mulaw":
+            pcm = ulaw_to_pcm(data)
+        else:
+            pcm = data[: len(data) - len(data) % SAMPLE_WIDTH]
+        return self._down.convert(pcm)
+
+
+class Reframer:
+    """Cuts a stream of arbitrary chunks into whole frames of ``size`` bytes."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._pending = bytearray()
+
+    def push(self, data: bytes) -> list[bytes]:
+        """Adds a chunk; returns the whole frames now available (the remainder is kept)."""
+        self._pending += data
+        count = len(self._pending) // self.size
+        if not count:
+            return []
+        cut = count * self.size
+        block = bytes(self._pending[:cut])
+        del self._pending[:cut]
+        return [block[i : i + self.size] for i in range(0, cut, self.size)]
+
+    def flush(self) -> bytes | None:
+        """The remainder padded with silence to a whole frame, or None if there is none."""
+        if not self._pending:
+            return None
+        frame = bytes(self._pending) + bytes(self.size - len(self._pending))
+        self._pending.clear()
+        return frame
+
+    def discard(self) -> None:
+        """Drops the remainder."""
+        self._pending.clear()
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes held back until a frame is complete."""
+        return len(self._pending)
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A named point in the outgoing audio (Twilio Media Streams ``mark``)."""
+
+    name: str
+
+
+class PlayoutBuffer:
+    """Audio queued toward the caller, handed out one frame at a time by a paced writer.
+
+    - :meth:`next_frame` always returns a frame: queued audio, or silence when there is none,
+      so the PBX gets a steady stream (Asterisk neither paces nor fills silence itself).
+    - :meth:`clear` (barge-in) drops everything queued; the very next frame is silence.
+    - A mark is reported as played only when every frame queued before it has been handed
+      out, or when it is cleared.
+    - At most ``max_frames`` are queued; audio beyond that is dropped and counted.
+    """
+
+    def __init__(self, frame_size: int, max_frames: int) -> None:
+        self.frame_size = frame_size
+        self.max_frames = max_frames
+        self._items: deque[bytes | Mark] = deque()
+        self._frames = 0
+        self._reframer = Reframer(frame_size)
+        self._silence = bytes(frame_size)
+        self.dropped_frames = 0
+        self.silence_frames = 0
+
+    @property
+    def queued_frames(self) -> int:
+        """Whole frames waiting to be played."""
+        return self._frames
+
+    def push(self, pcm: bytes) -> int:
+        """Queues audio of any length; returns the frames dropped because the queue was full."""
+        dropped = 0
+        for frame in self._reframer.push(pcm):
+            if self._frames >= self.max_frames:
+                dropped += 1
+                continue
+            self._items.append(frame)
+            self._frames += 1
+        self.dropped_frames += dropped
+        return dropped
+
+    def mark(self, name: str) -> list[str]:
+        """Queues a mark after the audio pushed so far.
+
+        Returns:
+            The mark's name if it is already played (nothing was queued before it), else [].
+        """
+        tail = self._reframer.flush()
+        if tail is not None and self._frames < self.max_frames:
+            self._items.append(tail)
+            self._frames += 1
+        if not self._items:
+            return [name]
+        self._items.append(Mark(name))
+        return []
+
+    def clear(self) -> list[str]:
+        """Drops all queued audio; returns the names of the marks that were waiting."""
+        marks = [item.name for item in self._items if isinstance(item, Mark)]
+        self._items.clear()
+        self._frames = 0
+        self._reframer.discard()
+        return marks
+
+    def next_frame(self) -> tuple[bytes, list[str]]:
+        """The frame to send now and the marks that are played once it is sent."""
+        marks: list[str] = []
+        while self._items and isinstance(self._items[0], Mark):
+            marks.append(self._items.popleft().name)  # type: ignore[union-attr]
+        if not self._items:
+            self.silence_frames += 1
+            return self._silence, marks
+        frame = self._items.popleft()
+        assert isinstance(frame, bytes)
+        self._frames -= 1
+        while self._items and isinstance(self._items[0], Mark):
+            marks.append(self._items.popleft().name)  # type: ignore[union-attr]
+        return frame, marks
+
+
+class Pacer:
+    """The absolute send schedule of a 20 ms stream: frame n is due at ``start + n * period``.
+
+    Sleeping ``period`` after each send drifts by the time each send takes; an absolute
+    schedule does not. After a stall longer than ``max_late_s`` the schedule restarts from
+    ``now`` instead of bursting to catch up (a burst is what the caller hears as garble).
+    """
+
+    def __init__(
+        self, start: float, period_s: float = FRAME_MS / 1000, max_late_s: float = 0.1
+    ) -> None:
+        self.period_s = period_s
+        self.max_late_s = max_late_s
+        self._start = start
+        self._sent = 0
+        self.resets = 0
+
+    @property
+    def next_due(self) -> float:
+        """When the next frame should go out."""
+        return self._start + self._sent * self.period_s
+
+    def sent(self, now: float) -> None:
+        """Records that the due frame was sent at ``now``."""
+        self._sent += 1
+        if now - self.next_due > self.max_late_s:
+            self._start = now
+            self._sent = 1
+            self.resets += 1
+
+
+def sine(
+    frequency_hz: float, duration_s: float, rate: int = PBX_RATE, amplitude: float = 0.3
+) -> bytes:
+    """A sine tone as 16-bit PCM (for the demo pipeline, the lab caller and tests)."""
+    count = int(duration_s * rate)
+    peak = amplitude * 32767
+    step = 2 * math.pi * frequency_hz / rate
+    return array.array("h", (int(peak * math.sin(step * n)) for n in range(count))).tobytes()
+
+
+def tone_share(pcm: bytes, rate: int, frequency_hz: float) -> float:
+    """How much of the signal's energy is at ``frequency_hz`` (0..1), by the Goertzel algorithm.
+
+    A clean tone at that frequency gives close to 1; another tone, speech or silence gives
+    close to 0. One frequency costs one pass over the samples, no FFT library needed.
+    """
+    samples = array.array("h")
+    samples.frombytes(pcm[: len(pcm) - len(pcm) % 2])
+    count = len(samples)
+    if count == 0:
+        return 0.0
+    coefficient = 2 * math.cos(2 * math.pi * frequency_hz / rate)
+    previous = before = 0.0
+    total = 0.0
+    for sample in samples:
+        current = sample + coefficient * previous - before
+        before, previous = previous, current
+        total += sample * sample
+    if total == 0:
+        return 0.0
+    power = previous * previous + before * before - coefficient * previous * before
+    # A full-scale bin holds N/2 of the energy of a pure tone (sum of x^2 = N * A^2 / 2).
+    return min(1.0, 2 * power / (count * total))
+
+
+def rms(pcm: bytes) -> int:
+    """Root-mean-square level of 16-bit PCM (0 for silence, about 9800 for a 0.3 sine)."""
+    return int(audioop.rms(pcm[: len(pcm) - len(pcm) % 2], SAMPLE_WIDTH))
+
+
+def mix(first: bytes, second: bytes) -> bytes:
+    """The sum of two 16-bit PCM signals (clipped), as long as the shorter one."""
+    length = min(len(first), len(second))
+    length -= length % SAMPLE_WIDTH
+    return audioop.add(first[:length], second[:length], SAMPLE_WIDTH)

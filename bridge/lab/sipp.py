@@ -1,0 +1,267 @@
+"""SIPp as the caller: one generated scenario per call, real RTP from a μ-law file.
+
+The scenario (asterisk-lab.md section 5) sends an INVITE with the given X- headers, accepts any
+final answer, and when answered: stays silent for ``silent_ms`` (listening to the greeting),
+streams the tone file for ``talk_ms``, listens for ``listen_ms``, optionally sends DTMF by SIP
+INFO, then hangs up. A BYE from the far end at any point is answered, so a call the bridge ends
+still counts as a completed scenario. The final status and who hung up are read back from
+SIPp's message trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Final responses a caller may get; SIPp needs each one it should accept listed.
+_FINAL_ERRORS = (403, 404, 408, 480, 486, 488, 500, 501, 502, 503, 603)
+
+
+def free_port(kind: int = socket.SOCK_DGRAM, pair: bool = False) -> int:
+    """A free loopback port (an even one with a free successor when ``pair`` is set, for RTP)."""
+    while True:
+        with socket.socket(socket.AF_INET, kind) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        if not pair:
+            return port
+        if port % 2 == 0 and port < 65534:
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as second:
+                    second.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+
+
+@dataclass
+class CallPlan:
+    """What one caller does."""
+
+    user: str
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    from_user: str = "+15551230000"
+    display_name: str = "John Doe"
+    to_host: str = "sip.example.com"
+    tone_file: Path | None = None
+    silent_ms: int = 0
+    talk_ms: int = 3000
+    listen_ms: int = 2000
+    dtmf: str = ""
+    ring_timeout_ms: int = 30_000
+
+
+def _header_lines(headers: list[tuple[str, str]]) -> str:
+    lines = []
+    for name, value in headers:
+        if any(c in name + value for c in "\r\n[]"):
+            raise ValueError(f"header {name!r} cannot go into a SIPp scenario (CR, LF, [ or ])")
+        lines.append(f"{name}: {value}")
+    return "\n".join(lines)
+
+
+def scenario(plan: CallPlan) -> str:
+    """The SIPp XML scenario for ``plan``."""
+    headers = _header_lines(plan.headers)
+    sender = (
+        f'"{plan.display_name}" <sip:{plan.from_user}@[local_ip]:[local_port]>'
+        ";tag=[pid]SIPpTag00[call_number]"
+    )
+    header_block = headers + "\n" if headers else ""
+    errors = "\n".join(
+        f'  <recv response="{code}" optional="true" next="rejected"/>' for code in _FINAL_ERRORS
+    )
+    stream = (
+        f'<nop><action><exec rtp_stream="{plan.tone_file},-1,0"/></action></nop>'
+        if plan.tone_file
+        else ""
+    )
+    dtmf_steps = "".join(
+        f"""
+  <send retrans="500"><![CDATA[
+INFO [next_url] SIP/2.0
+Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+From: {sender}
+To: <sip:[service]@{plan.to_host}>[peer_tag_param]
+Call-ID: [call_id]
+CSeq: {10 + index} INFO
+Contact: <sip:{plan.from_user}@[local_ip]:[local_port]>
+Max-Forwards: 70
+Content-Type: application/dtmf-relay
+Content-Length: [len]
+
+Signal={digit}
+Duration=160
+]]></send>
+  <recv response="200" optional="true"/>
+  <recv request="BYE" timeout="400" ontimeout="dtmf{index}" next="bye_in"/>
+  <label id="dtmf{index}"/>"""
+        for index, digit in enumerate(plan.dtmf)
+    )
+    return f"""<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="sipbridge lab caller">
+  <send retrans="500"><![CDATA[
+INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+From: {sender}
+To: <sip:[service]@{plan.to_host}>
+Call-ID: [call_id]
+CSeq: 1 INVITE
+Contact: <sip:{plan.from_user}@[local_ip]:[local_port]>
+Max-Forwards: 70
+{header_block}Content-Type: application/sdp
+Content-Length: [len]
+
+v=0
+o=sipp 53655765 2353687637 IN IP[local_ip_type] [local_ip]
+s=-
+c=IN IP[media_ip_type] [media_ip]
+t=0 0
+m=audio [media_port] RTP/AVP 0
+a=rtpmap:0 PCMU/8000
+a=ptime:20
+a=sendrecv
+]]></send>
+  <recv response="100" optional="true"/>
+  <recv response="180" optional="true"/>
+  <recv response="183" optional="true"/>
+{errors}
+  <recv response="200" rrs="true" timeout="{plan.ring_timeout_ms}"/>
+  <send><![CDATA[
+ACK [next_url] SIP/2.0
+Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+From: {sender}
+To: <sip:[service]@{plan.to_host}>[peer_tag_param]
+Call-ID: [call_id]
+CSeq: 1 ACK
+Contact: <sip:{plan.from_user}@[local_ip]:[local_port]>
+Max-Forwards: 70
+Content-Length: 0
+
+]]></send>
+  <recv request="BYE" timeout="{max(plan.silent_ms, 1)}" ontimeout="talk" next="bye_in"/>
+  <label id="talk"/>
+  {stream}
+  <recv request="BYE" timeout="{max(plan.talk_ms, 1)}" ontimeout="listen" next="bye_in"/>
+  <label id="listen"/>
+  <nop><action><exec rtp_stream="pause"/></action></nop>{dtmf_steps}
+  <recv request="BYE" timeout="{max(plan.listen_ms, 1)}" ontimeout="hangup" next="bye_in"/>
+  <label id="hangup"/>
+  <send retrans="500"><![CDATA[
+BYE [next_url] SIP/2.0
+Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+From: {sender}
+To: <sip:[service]@{plan.to_host}>[peer_tag_param]
+Call-ID: [call_id]
+CSeq: 2 BYE
+Contact: <sip:{plan.from_user}@[local_ip]:[local_port]>
+Max-Forwards: 70
+Content-Length: 0
+
+]]></send>
+  <recv response="200" next="done"/>
+  <label id="bye_in"/>
+  <send><![CDATA[
+SIP/2.0 200 OK
+[last_Via:]
+[last_From:]
+[last_To:]
+[last_Call-ID:]
+[last_CSeq:]
+Contact: <sip:{plan.from_user}@[local_ip]:[local_port]>
+Content-Length: 0
+
+]]></send>
+  <nop next="done"/>
+  <label id="rejected"/>
+  <send><![CDATA[
+ACK sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+[last_Via:]
+From: {sender}
+[last_To:]
+[last_Call-ID:]
+CSeq: 1 ACK
+Max-Forwards: 70
+Content-Length: 0
+
+]]></send>
+  <label id="done"/>
+</scenario>
+"""
+
+
+@dataclass
+class SippResult:
+    """What happened to one SIPp call."""
+
+    returncode: int
+    final_status: int | None
+    bye_from_far_end: bool
+    bye_from_caller: bool
+    trace: str
+    media_port: int
+
+    @property
+    def answered(self) -> bool:
+        """The call got a 200 OK."""
+        return self.final_status == 200
+
+
+def parse_trace(trace: str) -> tuple[int | None, bool, bool]:
+    """(final status of the INVITE, BYE received, BYE sent) from SIPp's ``-trace_msg`` log."""
+    final = None
+    for match in re.finditer(
+        r"SIP/2\.0 (\d{3}) [^\r\n]*\r?\n(?:[^\r\n]+\r?\n)*?CSeq: 1 INVITE", trace
+    ):
+        code = int(match.group(1))
+        if code >= 200:
+            final = code
+    received_bye = bool(re.search(r"message received[^\n]*\n+BYE ", trace))
+    sent_bye = bool(re.search(r"message sent[^\n]*\n+BYE ", trace))
+    return final, received_bye, sent_bye
+
+
+class SippCaller:
+    """Runs one SIPp call to ``target`` (host:port)."""
+
+    def __init__(self, target: str, workdir: Path) -> None:
+        if shutil.which("sipp") is None:
+            raise RuntimeError("sipp is not installed (apt-get install sip-tester)")
+        self.target = target
+        self.workdir = workdir
+
+    async def call(self, plan: CallPlan, *, name: str, media_port: int | None = None) -> SippResult:
+        """Places the call and waits for the scenario to finish."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        scenario_path = self.workdir / f"{name}.xml"
+        trace_path = self.workdir / f"{name}.messages.log"
+        scenario_path.write_text(scenario(plan))
+        trace_path.unlink(missing_ok=True)
+        media_port = media_port or free_port(pair=True)
+        total_ms = (
+            plan.ring_timeout_ms
+            + plan.silent_ms
+            + plan.talk_ms
+            + plan.listen_ms
+            + 400 * len(plan.dtmf)
+        )
+        process = await asyncio.create_subprocess_exec(
+            "sipp", self.target,
+            "-sf", str(scenario_path),
+            "-s", plan.user,
+            "-i", "127.0.0.1", "-mi", "127.0.0.1",
+            "-p", str(free_port()), "-mp", str(media_port), "-cp", str(free_port()),
+            "-m", "1", "-nostdin", "-timeout", f"{total_ms // 1000 + 10}s", "-timeout_error",
+            "-trace_msg", "-message_file", str(trace_path),
+            "-trace_err", "-error_file", str(self.workdir / f"{name}.errors.log"),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            cwd=str(self.workdir),
+        )  # fmt: skip
+        returncode = await process.wait()
+        trace = trace_path.read_text(errors="replace") if trace_path.exists() else ""
+        final, received_bye, sent_bye = parse_trace(trace)
+        return SippResult(returncode, final, received_bye, sent_bye, trace, media_port)

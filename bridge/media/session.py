@@ -1,0 +1,320 @@
+"""One call's conversation: the PBX audio leg and the pipeline stream, pumped both ways.
+
+Three loops run per call and nothing per frame is scheduled separately:
+
+- PBX reader: caller audio (converted to the pipeline's format) and DTMF go to the pipeline.
+  Asterisk sends nothing during gaps in the caller's RTP; that only pauses this loop.
+- pipeline reader: always drains the websocket (keepalive pings are only answered while
+  someone reads); audio goes to the playout buffer, control messages are acted on.
+- paced writer: every 20 ms on an absolute schedule, the next frame from the playout buffer
+  (silence when it is empty) goes to the PBX, which neither paces nor fills silence itself.
+  Marks are echoed once the frame before them went out.
+
+The session ends when the caller hangs up, the pipeline ends or fails, the call is transferred,
+or the call flow ends the call (``ended``). The result says why and whether the PBX still has
+to be told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from bridge.audio import Pacer, PlayoutBuffer, Transcoder
+from bridge.calls import EndedReason
+from bridge.protocol.pipeline import (
+    AudioIn,
+    Clear,
+    Dialect,
+    EndCall,
+    Ignored,
+    MarkIn,
+    Report,
+    SendDtmf,
+    TransferCall,
+)
+
+log = logging.getLogger(__name__)
+
+# Reasons a pipeline may give with end-call; anything else is reported as assistant-ended-call.
+PIPELINE_END_REASONS = frozenset(
+    {
+        EndedReason.ASSISTANT_ENDED_CALL,
+        EndedReason.ASSISTANT_ENDED_CALL_AFTER_MESSAGE,
+        EndedReason.ASSISTANT_SAID_END_CALL_PHRASE,
+        EndedReason.SILENCE_TIMED_OUT,
+        EndedReason.EXCEEDED_MAX_DURATION,
+    }
+)
+# Close codes of a pipeline that finished on purpose (RFC 6455: normal, going away).
+_CLEAN_CLOSE = (1000, 1001)
+
+
+@dataclass(frozen=True)
+class LegAudio:
+    """Caller audio: 16-bit PCM at the leg's rate."""
+
+    pcm: bytes
+
+
+@dataclass(frozen=True)
+class LegDtmf:
+    """The caller pressed a key."""
+
+    digit: str
+
+
+@dataclass(frozen=True)
+class LegClosed:
+    """The leg is gone: ``by_caller`` for a hangup, else a failure described by ``detail``."""
+
+    by_caller: bool
+    detail: str = ""
+
+
+LegEvent = LegAudio | LegDtmf | LegClosed
+
+
+class MediaLeg(Protocol):
+    """A call's audio connection to the PBX (AudioSocket, unicast L16)."""
+
+    rate: int
+
+    async def receive(self) -> list[LegEvent]:
+        """The next events; ends with a :class:`LegClosed`."""
+
+    def send_audio(self, pcm: bytes) -> bool:
+        """Queues one frame for the PBX; False if it was dropped (the PBX is not reading)."""
+
+    def send_hangup(self) -> None:
+        """Asks the PBX to end the call through the media leg itself (works without AMI)."""
+
+
+class PipelineStream(Protocol):
+    """A call's websocket to the conversational pipeline."""
+
+    async def send(self, message: str | bytes) -> None:
+        """Sends one message."""
+
+    async def send_audio(self, data: str | bytes) -> bool:
+        """Sends audio unless the pipeline is not keeping up (then drops it, returns False)."""
+
+    async def receive(self) -> str | bytes | None:
+        """The next message, or None once closed."""
+
+    @property
+    def close_code(self) -> int | None:
+        """The websocket close code once closed."""
+
+    async def aclose(self, reason: str = "") -> None:
+        """Closes the websocket."""
+
+
+@dataclass
+class SessionHooks:
+    """What the session asks of the call flow."""
+
+    transfer: Callable[[Mapping[str, Any]], Awaitable[bool]]
+    send_dtmf: Callable[[str], Awaitable[None]]
+    report: Callable[[str, Mapping[str, Any]], None]
+
+
+@dataclass
+class SessionResult:
+    """Why the conversation ended, and whether the PBX still has to hang up."""
+
+    reason: EndedReason | None
+    message: str | None = None
+    hangup: bool = True
+
+
+@dataclass
+class SessionStats:
+    """Counters for logs and metrics."""
+
+    frames_from_pbx: int = 0
+    frames_to_pbx: int = 0
+    frames_to_pipeline: int = 0
+    dropped_to_pipeline: int = 0
+    dropped_to_pbx: int = 0
+    ignored_messages: int = 0
+    marks_played: int = 0
+    late_frames: int = 0
+    max_lateness_s: float = 0.0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class MediaSession:
+    """Pumps one call's audio between its PBX leg and its pipeline stream."""
+
+    def __init__(
+        self,
+        *,
+        leg: MediaLeg,
+        stream: PipelineStream,
+        dialect: Dialect,
+        transcoder: Transcoder,
+        playout: PlayoutBuffer,
+        hooks: SessionHooks,
+        ended: asyncio.Event,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.leg = leg
+        self.stream = stream
+        self.dialect = dialect
+        self.transcoder = transcoder
+        self.playout = playout
+        self.hooks = hooks
+        self.ended = ended
+        self.log = logger
+        self.clock = clock
+        self.stats = SessionStats()
+        self._ending: SessionResult | None = None
+        self._drained = asyncio.Event()
+
+    async def run(self) -> SessionResult:
+        """Runs until the conversation ends; closes the pipeline stream before returning."""
+        loops = {
+            asyncio.ensure_future(self._from_pbx()),
+            asyncio.ensure_future(self._from_pipeline()),
+            asyncio.ensure_future(self._writer()),
+            asyncio.ensure_future(self._watch_call()),
+        }
+        result = SessionResult(None, hangup=False)
+        try:
+            done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
+            finished = next(iter(done))
+            if finished.cancelled():
+                result = SessionResult(EndedReason.WORKER_DIED, "media loop cancelled")
+            elif finished.exception() is not None:
+                # Task boundary: a bug in one call's media must end that call cleanly.
+                self.log.error("media loop failed", exc_info=finished.exception())
+                result = SessionResult(EndedReason.WORKER_DIED, repr(finished.exception()))
+            else:
+                result = finished.result()
+        finally:
+            for loop in loops:
+                loop.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            await self._finish(result)
+        return result
+
+    async def _finish(self, result: SessionResult) -> None:
+        if result.hangup:
+            self.leg.send_hangup()
+        reason = result.reason.value if result.reason else "ended"
+        with contextlib.suppress(Exception):
+            # Best effort: the pipeline may already be gone.
+            await asyncio.wait_for(self.stream.send(self.dialect.stop(reason)), 1.0)
+        await self.stream.aclose(reason)
+
+    async def _watch_call(self) -> SessionResult:
+        await self.ended.wait()
+        return SessionResult(None, hangup=True)
+
+    async def _from_pbx(self) -> SessionResult:
+        stream, dialect, transcoder, stats = self.stream, self.dialect, self.transcoder, self.stats
+        while True:
+            for event in await self.leg.receive():
+                if isinstance(event, LegAudio):
+                    stats.frames_from_pbx += 1
+                    if await stream.send_audio(dialect.audio(transcoder.to_pipeline(event.pcm))):
+                        stats.frames_to_pipeline += 1
+                    else:
+                        stats.dropped_to_pipeline += 1
+                elif isinstance(event, LegDtmf):
+                    self.log.info("caller pressed %s", event.digit)
+                    await stream.send(dialect.dtmf(event.digit))
+                else:
+                    if event.by_caller:
+                        return SessionResult(EndedReason.CUSTOMER_ENDED_CALL, hangup=False)
+                    self.log.error("media leg failed: %s", event.detail)
+                    return SessionResult(EndedReason.MEDIA_LEG_CLOSED, event.detail, hangup=False)
+
+    async def _from_pipeline(self) -> SessionResult:
+        while True:
+            message = await self.stream.receive()
+            if message is None:
+                code = self.stream.close_code
+                if code in _CLEAN_CLOSE:
+                    return SessionResult(
+                        EndedReason.ASSISTANT_ENDED_CALL, "pipeline closed the stream"
+                    )
+                return SessionResult(
+                    EndedReason.PIPELINE_FAILED, f"pipeline connection lost (close code {code})"
+                )
+            result = await self._handle(self.dialect.receive(message))
+            if result is not None:
+                return result
+
+    async def _handle(self, event: object) -> SessionResult | None:
+        if isinstance(event, AudioIn):
+            pcm = self.transcoder.from_pipeline(event.data)
+            dropped = self.playout.push(pcm)
+            if dropped:
+                self.stats.dropped_to_pbx += dropped
+                self.log.warning("playout queue full: dropped %d frames", dropped)
+        elif isinstance(event, Clear):
+            cleared = self.playout.clear()
+            self.log.debug("clear: dropped queued audio, %d marks", len(cleared))
+            await self._marks_played(cleared)
+        elif isinstance(event, MarkIn):
+            await self._marks_played(self.playout.mark(event.name))
+        elif isinstance(event, EndCall):
+            reason = EndedReason.ASSISTANT_ENDED_CALL
+            if event.reason in {r.value for r in PIPELINE_END_REASONS}:
+                reason = EndedReason(event.reason)
+            self.log.info(
+                "pipeline ends the call (%s); playing out %d frames first",
+                reason.value,
+                self.playout.queued_frames,
+            )
+            self._ending = SessionResult(reason, event.message)
+            if self.playout.queued_frames == 0:
+                return self._ending
+        elif isinstance(event, TransferCall):
+            if await self.hooks.transfer(event.destination):
+                return SessionResult(EndedReason.ASSISTANT_FORWARDED_CALL, hangup=False)
+        elif isinstance(event, SendDtmf):
+            await self.hooks.send_dtmf(event.digits)
+        elif isinstance(event, Report):
+            self.hooks.report(event.kind, event.payload)
+        elif isinstance(event, Ignored):
+            self.stats.ignored_messages += 1
+            if self.stats.ignored_messages <= 5:
+                self.log.warning("ignored a pipeline message: %s", event.reason)
+        return None
+
+    async def _marks_played(self, names: list[str]) -> None:
+        for name in names:
+            self.stats.marks_played += 1
+            await self.stream.send(self.dialect.mark(name))
+
+    async def _writer(self) -> SessionResult:
+        clock, playout, leg, stats = self.clock, self.playout, self.leg, self.stats
+        pacer = Pacer(clock())
+        while True:
+            delay = pacer.next_due - clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            now = clock()
+            lateness = now - pacer.next_due
+            if lateness > 0.005:
+                stats.late_frames += 1
+                stats.max_lateness_s = max(stats.max_lateness_s, lateness)
+            frame, marks = playout.next_frame()
+            if leg.send_audio(frame):
+                stats.frames_to_pbx += 1
+            else:
+                stats.dropped_to_pbx += 1
+            pacer.sent(now)
+            if marks:
+                await self._marks_played(marks)
+            if self._ending is not None and playout.queued_frames == 0:
+                return self._ending

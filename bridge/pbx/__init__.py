@@ -1,0 +1,1 @@
+"""PBX adapters: each turns its PBX's control protocol into the call flow's events and actions."""

@@ -1,0 +1,452 @@
+"""The Asterisk adapter: panoramisk's AMI session behind a supervisor that fixes its defects.
+
+What panoramisk 1.4 does and what this module does instead (libraries.md section 2):
+
+- It decodes each TCP chunk with ``errors='ignore'``, dropping a UTF-8 character split across
+  reads: :class:`_Utf8Protocol` decodes incrementally first.
+- It never raises on a bad secret and retries it forever: :meth:`AmiLink.start` raises
+  :class:`PbxAuthError` on the first refused login; later refusals are logged as errors.
+- Its pings are fire-and-forget, so a half-open connection is never noticed: a watchdog sends
+  the heartbeat ``Setvar`` every ``ping_interval_s`` and drops the link when one is not answered
+  within the interval (noticed within two intervals), then reconnects with backoff.
+- It re-sends unanswered actions after reconnecting: here every pending action fails at once
+  with :class:`PbxConnectionError` when the link drops, and nothing is queued for later; no
+  Redirect or Hangup is ever sent twice.
+- Its actions have no timeout: every action here has one.
+
+After each (re)connect the live calls are resynchronised with ``CoreShowChannels``: calls that
+ended meanwhile are ended, calls still waiting in the offer context are announced again, and
+AudioSocket channels nobody owns are hung up. Calls already in AudioSocket keep their audio
+while AMI is down (the media path does not use AMI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from panoramisk import Manager
+from panoramisk.ami_protocol import AMIProtocol
+
+from bridge.errors import PbxActionError, PbxAuthError, PbxConnectionError, PbxError
+from bridge.events import InviteFacts, PbxKind
+from bridge.protocol import ami
+from bridge.settings import AsteriskSettings
+
+log = logging.getLogger(__name__)
+
+OFFER_CONTEXT = "sipbridge-offer"
+CONNECT_TIMEOUT_S = 5.0
+FIRST_RETRY_DELAY_S = 0.5
+# Responses that mean "the channel is already gone": the goal of a hangup is reached.
+_GONE = ("no such channel", "channel does not exist", "channel not found")
+
+
+class _Utf8Protocol(AMIProtocol):  # type: ignore[misc]
+    """panoramisk's protocol, fed only whole UTF-8 characters ('José Müller' survives)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(self._utf8.decode(data).encode("utf-8"))
+
+
+class _Manager(Manager):  # type: ignore[misc]
+    """panoramisk's Manager without its own reconnects, pings or action replays."""
+
+    def __init__(self, on_lost: Callable[[BaseException | None], None], **config: Any) -> None:
+        super().__init__(**config)
+        self._on_lost = on_lost
+
+    def connection_made(self, future: asyncio.Future[Any]) -> None:
+        # On failure panoramisk schedules its own reconnect; the supervisor does that here.
+        if future.cancelled() or future.exception() is not None:
+            return
+        super().connection_made(future)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._connected = False
+        pinger = getattr(self, "pinger", None)
+        if pinger is not None:
+            pinger.cancel()
+            self.pinger = None
+        self._on_lost(exc)
+
+    async def send_awaiting_actions(self, *_: Any) -> None:
+        # panoramisk would re-send actions that were pending when the link dropped.
+        self.awaiting_actions.clear()
+
+
+class EventSink(Protocol):
+    """Where the adapter reports calls (the call flow, through the composition root)."""
+
+    def offered(self, facts: InviteFacts, truncated: bool) -> None:
+        """A call waits for a decision."""
+
+    def hung_up(self, pbx_call_id: str, cause: int) -> None:
+        """A channel is gone."""
+
+    def link_changed(self, up: bool, detail: str) -> None:
+        """The AMI link went up or down."""
+
+    def known_calls(self) -> set[str]:
+        """Unique ids of the calls the flow still considers live."""
+
+
+class AmiLink:
+    """One supervised AMI session: connect, log in, watch, reconnect."""
+
+    def __init__(
+        self, settings: AsteriskSettings, on_event: Callable[[Mapping[str, Any]], None]
+    ) -> None:
+        self.settings = settings
+        self._on_event = on_event
+        self._manager: _Manager | None = None
+        self._lost: asyncio.Event = asyncio.Event()
+        self._closing = False
+        self.up = False
+        self.connects = 0
+
+    # ---- connection -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connects and logs in once.
+
+        Raises:
+            PbxConnectionError: Asterisk cannot be reached (retryable).
+            PbxAuthError: Asterisk refused the username or secret.
+        """
+        settings = self.settings
+        secret = settings.secret.get_secret_value() if settings.secret else ""
+        lost = asyncio.Event()
+        manager = _Manager(
+            lambda exc: self._connection_lost(manager, lost, exc),
+            host=settings.host,
+            port=settings.port,
+            username=settings.username,
+            secret=secret,
+            events="on",
+            encoding="utf8",
+            protocol_factory=_Utf8Protocol,
+            loop=asyncio.get_running_loop(),
+            # Never: the adapter pings with a timeout and reconnects itself.
+            ping_delay=10**9,
+            ping_interval=10**9,
+            reconnect_timeout=10**9,
+            forgetable_actions=("ping", "login", "setvar", "redirect", "hangup", "pjsiphangup"),
+        )
+        manager.register_event("*", self._dispatch)
+        try:
+            await asyncio.wait_for(manager.connect(), CONNECT_TIMEOUT_S)
+        except (OSError, TimeoutError) as exc:
+            manager.close()
+            raise PbxConnectionError(
+                f"cannot reach AMI at {settings.host}:{settings.port}: {exc or 'timeout'}"
+            ) from exc
+        # panoramisk sends Login from the connect task's done-callback, registered before our
+        # await, so it has run by now.
+        if manager.authenticated_future is None:
+            manager.close()
+            raise PbxConnectionError("AMI login was not sent")
+        try:
+            response = await asyncio.wait_for(
+                asyncio.shield(manager.authenticated_future), CONNECT_TIMEOUT_S
+            )
+        except (TimeoutError, asyncio.CancelledError, PbxConnectionError) as exc:
+            manager.close()
+            raise PbxConnectionError("AMI login got no answer") from exc
+        if not response.success:
+            manager.close()
+            raise PbxAuthError(
+                f"Asterisk refused AMI login as {settings.username!r}: {response.message}"
+            )
+        self._manager, self._lost = manager, lost
+        self.up = True
+        self.connects += 1
+
+    def _connection_lost(
+        self, manager: _Manager, lost: asyncio.Event, exc: BaseException | None
+    ) -> None:
+        # Fail every action still waiting: none of them will be answered or re-sent.
+        protocol = manager.protocol
+        pending = list(getattr(protocol, "responses", {}).values()) + list(manager.awaiting_actions)
+        manager.awaiting_actions.clear()
+        if protocol is not None:
+            protocol.responses.clear()
+        for action in pending:
+            if not action.future.done():
+                action.future.set_exception(PbxConnectionError("the AMI link dropped"))
+        if manager is self._manager:
+            self.up = False
+        lost.set()
+
+    def _dispatch(self, _manager: Manager, message: Mapping[str, Any]) -> None:
+        try:
+            self._on_event(message)
+        except Exception:
+            # Task boundary for events: one bad event must not stop the others.
+            log.exception("handling AMI event %s failed", message.get("Event"))
+
+    async def wait_lost(self) -> None:
+        """Returns when the current session is gone."""
+        await self._lost.wait()
+
+    def drop(self) -> None:
+        """Aborts the current session (the supervisor reconnects)."""
+        manager = self._manager
+        transport = getattr(getattr(manager, "protocol", None), "transport", None)
+        if transport is not None:
+            transport.abort()
+
+    async def aclose(self) -> None:
+        """Logs off (best effort) and closes."""
+        self._closing = True
+        manager = self._manager
+        if manager is not None and self.up:
+            with contextlib.suppress(PbxError):
+                await self.action({"Action": "Logoff"}, limit_s=1.0)
+        if manager is not None:
+            manager.close()
+        self.up = False
+
+    # ---- actions ------------------------------------------------------------------------------
+
+    async def action(self, fields: Mapping[str, str], limit_s: float | None = None) -> Any:
+        """Sends one action and returns its response.
+
+        Raises:
+            PbxConnectionError: the link is down (nothing was sent) or dropped meanwhile.
+            PbxActionError: Asterisk answered with an error, or not within the timeout.
+        """
+        manager = self._manager
+        if manager is None or not self.up:
+            raise PbxConnectionError("the AMI link is down")
+        checked = ami.checked(fields)
+        future = manager.send_action(dict(checked))
+        limit = limit_s or self.settings.action_timeout_s
+        try:
+            response = await asyncio.wait_for(asyncio.shield(future), limit)
+        except TimeoutError:
+            raise PbxActionError(f"{checked['Action']} got no answer within {limit:g} s") from None
+        if isinstance(response, list):
+            return response
+        if getattr(response, "response", "") in ("Error", "Fail", "Failure"):
+            raise PbxActionError(f"{checked['Action']}: {response.message or 'failed'}")
+        return response
+
+    async def list_action(self, fields: Mapping[str, str]) -> list[Any]:
+        """Sends an action whose answer is a list of events (``CoreShowChannels``)."""
+        manager = self._manager
+        if manager is None or not self.up:
+            raise PbxConnectionError("the AMI link is down")
+        future = manager.send_action(dict(ami.checked(fields)), as_list=True)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(future), self.settings.action_timeout_s)
+        except TimeoutError:
+            raise PbxActionError(f"{fields['Action']} got no answer in time") from None
+        return list(result) if isinstance(result, list) else [result]
+
+
+class AsteriskAdapter:
+    """Turns AMI events into call-flow events and carries out its decisions (``PbxControl``)."""
+
+    kind: PbxKind = "asterisk"
+
+    def __init__(
+        self,
+        settings: AsteriskSettings,
+        sink: EventSink,
+        *,
+        audiosocket_address: Callable[[], str],
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self._sink = sink
+        self._audiosocket_address = audiosocket_address
+        self._wall_clock = wall_clock
+        self.link = AmiLink(settings, self._on_event)
+        self._supervisor: asyncio.Task[None] | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connects (a refused login is an error at once), then supervises the link.
+
+        Raises:
+            PbxAuthError: wrong username or secret.
+        """
+        try:
+            await self.link.open()
+        except PbxConnectionError as exc:
+            log.warning("%s; retrying in the background", exc)
+        else:
+            await self._connected()
+        self._supervisor = asyncio.create_task(self._supervise(), name="ami-supervisor")
+
+    async def aclose(self) -> None:
+        """Stops supervising and closes the link."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+            self._supervisor = None
+        await self.link.aclose()
+
+    async def _supervise(self) -> None:
+        delay = FIRST_RETRY_DELAY_S
+        while True:
+            if self.link.up:
+                await self._watch()
+                self._sink.link_changed(False, "AMI link lost")
+                log.error(
+                    "AMI link to %s:%s lost; reconnecting", self.settings.host, self.settings.port
+                )
+                delay = FIRST_RETRY_DELAY_S
+            # Jitter keeps many sipbridges from reconnecting to one Asterisk in lockstep.
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - not security
+            try:
+                await self.link.open()
+            except PbxAuthError as exc:
+                log.error("%s (check asterisk.username/asterisk.secret)", exc)
+                delay = self.settings.reconnect_max_delay_s
+                continue
+            except PbxConnectionError as exc:
+                log.warning("%s; next try in %.1f s", exc, delay)
+                delay = min(delay * 2, self.settings.reconnect_max_delay_s)
+                continue
+            await self._connected()
+
+    async def _connected(self) -> None:
+        log.info(
+            "AMI link up (%s:%s, session %d)",
+            self.settings.host,
+            self.settings.port,
+            self.link.connects,
+        )
+        self._sink.link_changed(True, "AMI link up")
+        try:
+            await self.link.action(ami.heartbeat(int(self._wall_clock())))
+            await self.resync()
+        except PbxError as exc:
+            log.error("after connecting: %s", exc)
+
+    async def _watch(self) -> None:
+        """Heartbeats until the link drops; a heartbeat not answered in time drops it."""
+        interval = self.settings.ping_interval_s
+        lost = asyncio.ensure_future(self.link.wait_lost())
+        try:
+            while True:
+                done, _ = await asyncio.wait({lost}, timeout=interval)
+                if done:
+                    return
+                try:
+                    await self.link.action(ami.heartbeat(int(self._wall_clock())), limit_s=interval)
+                except PbxConnectionError:
+                    return
+                except PbxActionError as exc:
+                    log.error("AMI heartbeat failed (%s); dropping the link", exc)
+                    self.link.drop()
+                    await lost
+                    return
+        finally:
+            lost.cancel()
+
+    async def resync(self) -> None:
+        """Reconciles the live calls with the channels Asterisk has now."""
+        rows = await self.link.list_action({"Action": "CoreShowChannels"})
+        states = [state for state in map(ami.channel_state, rows) if state is not None]
+        present = {state.uniqueid for state in states}
+        known = self._sink.known_calls()
+        for uniqueid in sorted(known - present):
+            log.info("call %s ended while AMI was away", uniqueid)
+            self._sink.hung_up(uniqueid, 0)
+        for state in states:
+            if state.uniqueid in known:
+                continue
+            if state.context == OFFER_CONTEXT and state.application == "Wait":
+                log.info("announcing again %s, which waited while AMI was away", state.channel)
+                await self._attempt(ami.redirect(state.channel, OFFER_CONTEXT))
+            elif state.context == self.settings.media_context:
+                log.warning("hanging up %s: its AudioSocket belongs to no live call", state.channel)
+                await self._attempt(ami.hangup(state.channel))
+
+    async def _attempt(self, action: Mapping[str, str]) -> None:
+        try:
+            await self.link.action(action)
+        except PbxActionError as exc:
+            log.warning("%s", exc)
+
+    # ---- events -------------------------------------------------------------------------------
+
+    def _on_event(self, event: Mapping[str, Any]) -> None:
+        name = event.get("Event")
+        if name == "UserEvent" and event.get("UserEvent") == ami.OFFER_EVENT:
+            offer = ami.decode_offer(event)
+            if offer.truncated:
+                log.warning(
+                    "call %s: X- headers beyond 3000 encoded bytes were left out by the dialplan",
+                    offer.facts.pbx_call_id,
+                )
+            self._sink.offered(offer.facts, offer.truncated)
+        elif name == "Hangup":
+            uniqueid = str(event.get("Uniqueid", ""))
+            if uniqueid:
+                self._sink.hung_up(uniqueid, ami.hangup_cause(event))
+
+    # ---- PbxControl -----------------------------------------------------------------------------
+
+    async def reject(self, facts: InviteFacts, sip_status: int) -> None:
+        """``PJSIPHangup`` with the exact SIP status (the call was never answered)."""
+        await self.link.action(ami.reject(facts.channel, sip_status))
+
+    async def connect_media(self, facts: InviteFacts, call_id: str) -> None:
+        """Answer and run AudioSocket toward our server, tagged with the call id."""
+        for action in ami.connect_media(
+            facts.channel, call_id, self._audiosocket_address(), self.settings.media_context
+        ):
+            await self.link.action(action)
+
+    async def transfer(self, facts: InviteFacts, destination: Mapping[str, Any]) -> None:
+        """Blind transfer: Asterisk dials the destination from the transfer context."""
+        plan = ami.transfer(
+            facts.channel,
+            destination,
+            endpoint=self.settings.transfer_endpoint,
+            transfer_context=self.settings.transfer_context,
+        )
+        for note in plan.notes:
+            log.warning("transfer of %s: %s", facts.pbx_call_id, note)
+        for action in plan.actions:
+            await self.link.action(action)
+
+    async def hangup(self, facts: InviteFacts) -> None:
+        """Hang up; a channel that is already gone counts as done."""
+        try:
+            await self.link.action(ami.hangup(facts.channel))
+        except PbxActionError as exc:
+            if not any(marker in str(exc).lower() for marker in _GONE):
+                raise
+
+    async def send_dtmf(self, facts: InviteFacts, digits: str) -> None:
+        """Play DTMF to the caller (``PlayDTMF``, one action per digit)."""
+        for digit in digits:
+            if digit in "wW":
+                await asyncio.sleep(0.5)
+                continue
+            await self.link.action(
+                ami.checked(
+                    {
+                        "Action": "PlayDTMF",
+                        "Channel": facts.channel,
+                        "Digit": digit,
+                        "Duration": "250",
+                    }
+                )
+            )

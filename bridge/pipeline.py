@@ -1,0 +1,92 @@
+"""The websocket client to a call's conversational pipeline (the websockets library).
+
+One connection per call, opened while the call still rings so that a pipeline that cannot be
+reached refuses the call instead of answering it into silence. Settings follow libraries.md
+section 3: compression off (useless for audio, costly), a small ``max_size``, keepalive pings,
+and a reader that always drains (pings are only answered while someone reads). Audio is dropped,
+not queued, when the pipeline stops reading: latency must not grow without bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from bridge import __version__
+from bridge.errors import PipelineError
+from bridge.settings import PipelineSettings
+
+log = logging.getLogger(__name__)
+
+# About 2 s of 16 kHz PCM: beyond that the pipeline is not keeping up and audio is dropped.
+MAX_UNSENT_BYTES = 64 * 1024
+
+
+class PipelineConnection:
+    """A call's open websocket, as a ``PipelineStream``."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self._ws = ws
+        self.dropped_audio = 0
+
+    @classmethod
+    async def open(
+        cls, url: str, headers: Mapping[str, str], settings: PipelineSettings
+    ) -> PipelineConnection:
+        """Connects within ``settings.connect_timeout_s``.
+
+        Raises:
+            PipelineError: refused, unreachable, timed out, or not a websocket.
+        """
+        try:
+            ws = await connect(
+                url,
+                additional_headers=dict(headers),
+                user_agent_header=f"sipbridge/{__version__}",
+                open_timeout=settings.connect_timeout_s,
+                ping_interval=settings.ping_interval_s,
+                ping_timeout=settings.ping_interval_s,
+                close_timeout=2,
+                compression=None,
+                max_size=settings.max_message_bytes,
+                max_queue=64,
+            )
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+            raise PipelineError(
+                f"cannot open the pipeline websocket {url}: {exc or 'timeout'}"
+            ) from exc
+        return cls(ws)
+
+    async def send(self, message: str | bytes) -> None:
+        """Sends one message; a closed connection is not an error here (the reader reports it)."""
+        with contextlib.suppress(ConnectionClosed):
+            await self._ws.send(message)
+
+    async def send_audio(self, data: str | bytes) -> bool:
+        """Sends audio unless too much is still unsent (then drops it and returns False)."""
+        transport = self._ws.transport
+        if transport.get_write_buffer_size() > MAX_UNSENT_BYTES:
+            self.dropped_audio += 1
+            return False
+        await self.send(data)
+        return True
+
+    async def receive(self) -> str | bytes | None:
+        """The next message, or None once the connection is closed."""
+        try:
+            return await self._ws.recv()
+        except ConnectionClosed:
+            return None
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code received (1006 when the connection broke, None while open)."""
+        return self._ws.close_code
+
+    async def aclose(self, reason: str = "") -> None:
+        """Closes normally."""
+        await self._ws.close(1000, reason[:120])

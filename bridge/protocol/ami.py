@@ -1,0 +1,291 @@
+"""sipbridge's AMI vocabulary with its dialplan (``dialplan/sipbridge.conf``), sans I/O.
+
+AMI framing itself is panoramisk's job; this module knows what the events and actions that
+sipbridge exchanges with its dialplan mean:
+
+- ``UserEvent: SipbridgeOffer`` announces a call. Every caller-controlled field in it was
+  encoded by the dialplan's ``sipbridge-encode`` (``%``, ``(``, ``)`` escaped, then URIENCODE),
+  so it is URI-decoded twice here.
+- Decisions are carried out with ``PJSIPHangup`` (reject with an exact SIP status), ``Setvar`` +
+  ``Redirect`` to ``sipbridge-media`` (answer, AudioSocket) or ``sipbridge-transfer`` (dial the
+  destination), and ``Hangup``.
+
+An AMI message is ``Key: value`` lines, so a CR or LF in a value would inject fields: every
+action built here is checked and refused with :class:`LocalProtocolError` before it can be sent.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote
+
+from bridge.errors import LocalProtocolError, PbxActionError, RemoteProtocolError
+from bridge.events import InviteFacts, invite_facts
+
+OFFER_EVENT = "SipbridgeOffer"
+HEARTBEAT_VARIABLE = "SIPBRIDGE_HEARTBEAT"
+NORMAL_CLEARING = 16
+
+_NAME_ADDR = re.compile(
+    r'^\s*(?:"(?P<quoted>(?:[^"\\]|\\.)*)"|(?P<token>[^<"]*?))\s*<(?P<uri>[^>]*)>'
+)
+_SIP_USER = re.compile(r"^sips?:(?P<user>[^@;>]+)@", re.IGNORECASE)
+# What may appear in a Dial() target built from a destination: no argument separators
+# (, & |), no parentheses, quotes, braces, $ or whitespace.
+_DIAL_SAFE_URI = re.compile(r"^sips?:[A-Za-z0-9.\-_~+!*'%:@;=?/]{3,300}$")
+_CALLER_ID = re.compile(r"^\+?[A-Za-z0-9*#]{1,32}$")
+_DIAL_DIGITS = re.compile(r"^[0-9*#wW]{1,20}$")
+
+
+def decode(text: str | None) -> str:
+    """Reverses ``sipbridge-encode``: URI-decodes twice (UTF-8)."""
+    return unquote(unquote(text or ""))
+
+
+def decode_headers(text: str | None) -> list[tuple[str, str]]:
+    """``&name=value&name=value`` (each part encoded) to (name, value) pairs, in order."""
+    pairs: list[tuple[str, str]] = []
+    for part in (text or "").split("&"):
+        if not part:
+            continue
+        name, separator, value = part.partition("=")
+        if not separator:
+            continue
+        pairs.append((decode(name), decode(value)))
+    return pairs
+
+
+def parse_name_addr(value: str) -> tuple[str | None, str | None]:
+    """(display name, URI) of a From/To header value such as ``"Ann" <sip:ann@x>;tag=1``."""
+    match = _NAME_ADDR.match(value)
+    if match:
+        name = match.group("quoted")
+        if name is not None:
+            name = re.sub(r"\\(.)", r"\1", name)
+        else:
+            name = (match.group("token") or "").strip() or None
+        return name or None, match.group("uri").strip() or None
+    uri = value.split(";", 1)[0].strip()
+    return None, uri or None
+
+
+def uri_user(uri: str | None) -> str | None:
+    """The user part of a SIP URI (``sip:+1555@host:5060`` gives ``+1555``)."""
+    if not uri:
+        return None
+    match = _SIP_USER.match(uri.strip())
+    return unquote(match.group("user")) if match else None
+
+
+def _field(event: Mapping[str, Any], key: str) -> str:
+    value = event.get(key, "")
+    if isinstance(value, list):  # a repeated key; the first is the dialplan's
+        value = value[0] if value else ""
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A decoded SipbridgeOffer event."""
+
+    facts: InviteFacts
+    truncated: bool
+
+
+def decode_offer(event: Mapping[str, Any]) -> Offer:
+    """The call a ``SipbridgeOffer`` UserEvent announces.
+
+    Raises:
+        RemoteProtocolError: the event lacks the channel or its unique id.
+    """
+    uniqueid, channel = _field(event, "Uniqueid"), _field(event, "Channel")
+    if not uniqueid or not channel:
+        raise RemoteProtocolError("SipbridgeOffer event without Uniqueid or Channel")
+    from_name, from_uri = parse_name_addr(decode(_field(event, "SbFrom")))
+    _, to_uri = parse_name_addr(decode(_field(event, "SbTo")))
+    from_number = uri_user(from_uri) or _field(event, "CallerIDNum") or None
+    if from_number in ("<unknown>", ""):
+        from_number = None
+    facts = invite_facts(
+        pbx="asterisk",
+        pbx_call_id=uniqueid,
+        channel=channel,
+        request_user=decode(_field(event, "SbDialed")),
+        request_host=decode(_field(event, "SbDomain")),
+        headers=decode_headers(_field(event, "SbHeaders")),
+        to_uri=to_uri,
+        from_number=from_number,
+        from_name=from_name,
+        from_uri=from_uri,
+        sip_call_id=decode(_field(event, "SbCallId")) or None,
+    )
+    return Offer(facts, _field(event, "SbTruncated") == "1")
+
+
+def hangup_cause(event: Mapping[str, Any]) -> int:
+    """The Q.850 cause of a Hangup event (0 when absent or not a number)."""
+    try:
+        return int(_field(event, "Cause") or 0)
+    except ValueError:
+        return 0
+
+
+# ---- actions ------------------------------------------------------------------------------------
+
+Action = dict[str, str]
+
+
+def checked(action: Mapping[str, str]) -> Action:
+    """The action, after making sure no key or value could inject AMI fields.
+
+    Raises:
+        LocalProtocolError: a CR, LF or NUL in a key or value, or an empty key.
+    """
+    for key, value in action.items():
+        if not key or any(c in key + value for c in "\r\n\x00") or ":" in key:
+            raise LocalProtocolError(f"refusing to send AMI field {key!r}: {value!r}")
+    return dict(action)
+
+
+def setvar(channel: str | None, variable: str, value: str) -> Action:
+    """``Setvar`` on a channel, or a global variable when ``channel`` is None."""
+    action = {"Action": "Setvar", "Variable": variable, "Value": value}
+    if channel is not None:
+        action["Channel"] = channel
+    return checked(action)
+
+
+def heartbeat(unix_time: int) -> Action:
+    """Refreshes the global the dialplan checks before holding a call for sipbridge."""
+    return setvar(None, HEARTBEAT_VARIABLE, str(unix_time))
+
+
+def reject(channel: str, sip_status: int) -> Action:
+    """Hang up an unanswered PJSIP channel with this final SIP status (``PJSIPHangup``)."""
+    if not 400 <= sip_status <= 699:
+        raise LocalProtocolError(f"{sip_status} is not a final error status")
+    return checked({"Action": "PJSIPHangup", "Channel": channel, "Cause": str(sip_status)})
+
+
+def hangup(channel: str, cause: int = NORMAL_CLEARING) -> Action:
+    """Hang up a channel."""
+    return checked({"Action": "Hangup", "Channel": channel, "Cause": str(cause)})
+
+
+def redirect(channel: str, context: str, exten: str = "s", priority: int = 1) -> Action:
+    """Move a channel to another place in the dialplan."""
+    return checked(
+        {
+            "Action": "Redirect",
+            "Channel": channel,
+            "Context": context,
+            "Exten": exten,
+            "Priority": str(priority),
+        }
+    )
+
+
+def connect_media(channel: str, call_id: str, audiosocket: str, media_context: str) -> list[Action]:
+    """Answer and run ``AudioSocket(<call id>, <audiosocket>)`` in the media context."""
+    return [
+        setvar(channel, "SIPBRIDGE_CALL_ID", call_id),
+        setvar(channel, "SIPBRIDGE_AUDIOSOCKET", audiosocket),
+        redirect(channel, media_context),
+    ]
+
+
+def encode_sip_headers(headers: Mapping[str, str]) -> str:
+    """``name=value&...``, each part URI-encoded (the transfer pre-dial handler decodes once)."""
+    return "&".join(
+        f"{quote(name, safe='')}={quote(value, safe='')}" for name, value in headers.items()
+    )
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    """The actions of a blind transfer, and what had to be left out of it."""
+
+    actions: list[Action]
+    notes: list[str]
+
+
+def transfer(
+    channel: str,
+    destination: Mapping[str, Any],
+    *,
+    endpoint: str,
+    transfer_context: str,
+) -> TransferPlan:
+    """Dial a Vapi transfer destination from the transfer context.
+
+    ``sip`` destinations dial ``PJSIP/<endpoint>/<sipUri>``; ``number`` destinations dial
+    ``PJSIP/<number>@<endpoint>`` (point that endpoint at your trunk). ``sipHeaders`` go on the
+    new INVITE, ``extension`` is dialled as DTMF once answered, ``callerId`` sets the caller id.
+
+    Raises:
+        PbxActionError: the destination cannot be dialled safely.
+    """
+    kind = destination.get("type")
+    notes: list[str] = []
+    if kind == "sip":
+        uri = str(destination.get("sipUri", ""))
+        if not _DIAL_SAFE_URI.match(uri):
+            raise PbxActionError(f"transfer SIP URI {uri!r} has characters Dial() cannot take")
+        target = f"PJSIP/{endpoint}/{uri}"
+    elif kind == "number":
+        number = str(destination.get("number", ""))
+        if not re.match(r"^\+?[A-Za-z0-9]{1,32}$", number):
+            raise PbxActionError(f"transfer number {number!r} is not dialable")
+        target = f"PJSIP/{number}@{endpoint}"
+    else:
+        raise PbxActionError(f"transfer destination type {kind!r} is not supported")
+    options = ""
+    extension = destination.get("extension")
+    if extension:
+        if not _DIAL_DIGITS.match(str(extension)):
+            raise PbxActionError(f"extension {extension!r} is not dialable")
+        options = f"D({extension})"
+    caller_id = destination.get("callerId") or ""
+    if caller_id and not _CALLER_ID.match(str(caller_id)):
+        notes.append(f"callerId {caller_id!r} is not a dialable number; the caller's own is kept")
+        caller_id = ""
+    plan = destination.get("transferPlan")
+    if isinstance(plan, Mapping) and plan.get("sipVerb") not in (None, "dial"):
+        notes.append(
+            f"transferPlan.sipVerb {plan.get('sipVerb')!r}: Asterisk dials the destination"
+        )
+    headers = destination.get("sipHeaders") or {}
+    actions = [
+        setvar(channel, "SIPBRIDGE_XFER_DIAL", target),
+        setvar(channel, "SIPBRIDGE_XFER_CALLERID", str(caller_id)),
+        setvar(channel, "SIPBRIDGE_XFER_OPTIONS", options),
+        # "__" makes the variable reach the outgoing channel, where the pre-dial handler runs.
+        setvar(channel, "__SIPBRIDGE_XFER_HEADERS", encode_sip_headers(headers)),
+        redirect(channel, transfer_context),
+    ]
+    return TransferPlan(actions, notes)
+
+
+@dataclass(frozen=True)
+class ChannelState:
+    """One row of ``CoreShowChannels``."""
+
+    channel: str
+    uniqueid: str
+    context: str
+    application: str
+
+
+def channel_state(event: Mapping[str, Any]) -> ChannelState | None:
+    """A ``CoreShowChannel`` list entry, or None for the other events of the list."""
+    if _field(event, "Event") != "CoreShowChannel":
+        return None
+    return ChannelState(
+        channel=_field(event, "Channel"),
+        uniqueid=_field(event, "Uniqueid"),
+        context=_field(event, "Context"),
+        application=_field(event, "Application"),
+    )

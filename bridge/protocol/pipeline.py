@@ -1,0 +1,227 @@
+"""The conversational pipeline's websocket protocol, sans I/O: one translator per dialect.
+
+sipbridge is the websocket client. A dialect turns session facts and audio into messages for
+the pipeline, and the pipeline's messages into :data:`PipelineEvent` values. Translators have no
+side effects; malformed or unknown messages become :class:`Ignored` (to be logged), never
+exceptions, so a pipeline cannot crash a call.
+
+``raw`` (this module), like Vapi's websocket transport: binary frames carry audio (PCM s16le at
+8, 16 or 24 kHz, or μ-law 8 kHz) both ways; text frames carry JSON control. See docs/pipeline.md.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+# ---- what sipbridge tells the pipeline about a call ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """Everything the first (start) message carries."""
+
+    call_id: str
+    stream_id: str
+    pbx_call_id: str
+    customer: dict[str, Any]
+    called_uri: str
+    headers: dict[str, str]
+    variables: dict[str, Any]
+    assistant: dict[str, Any]
+    phone_number: dict[str, Any] | None
+    encoding: Literal["pcm_s16le", "mulaw"] = "pcm_s16le"
+    sample_rate: int = 16000
+
+
+# ---- what the pipeline can ask for -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AudioIn:
+    """Audio for the caller, in the dialect's encoding."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Clear:
+    """Barge-in: drop whatever audio is still queued for the caller."""
+
+
+@dataclass(frozen=True)
+class MarkIn:
+    """Echo this mark once the audio sent before it has been played."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class EndCall:
+    """Hang up (``end-call``/``hangup``), optionally after ``message`` is spoken."""
+
+    reason: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class TransferCall:
+    """Transfer the call to a Vapi transfer destination."""
+
+    destination: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SendDtmf:
+    """Play these DTMF digits to the caller."""
+
+    digits: str
+
+
+@dataclass(frozen=True)
+class Report:
+    """A transcript or conversation message for the end-of-call report."""
+
+    kind: Literal["transcript", "message"]
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """A message that was malformed or unknown; ``reason`` says which (for the log)."""
+
+    reason: str
+
+
+PipelineEvent = AudioIn | Clear | MarkIn | EndCall | TransferCall | SendDtmf | Report | Ignored
+
+_DTMF = set("0123456789*#ABCDabcdwW")
+MAX_MARK_NAME = 256
+
+
+def parse_control(text: str) -> PipelineEvent:
+    """The JSON control messages both dialects share (``type`` or Twilio's ``event`` key)."""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return Ignored("text frame is not JSON")
+    if not isinstance(message, dict):
+        return Ignored("JSON message is not an object")
+    kind = message.get("type", message.get("event"))
+    if kind == "clear":
+        return Clear()
+    if kind == "mark":
+        mark = message.get("mark")
+        name = mark.get("name") if isinstance(mark, dict) else message.get("name")
+        if not isinstance(name, str) or not name or len(name) > MAX_MARK_NAME:
+            return Ignored("mark without a usable name")
+        return MarkIn(name)
+    if kind in ("end-call", "hangup", "endCall"):
+        reason, spoken = message.get("reason"), message.get("message", message.get("content"))
+        return EndCall(
+            reason if isinstance(reason, str) else None, spoken if isinstance(spoken, str) else None
+        )
+    if kind == "transfer":
+        destination = message.get("destination")
+        if not isinstance(destination, dict):
+            return Ignored("transfer without a destination object")
+        return TransferCall(destination)
+    if kind in ("send-dtmf", "dtmf"):
+        digits = message.get("digits", message.get("digit"))
+        if (
+            not isinstance(digits, str)
+            or not digits
+            or not set(digits) <= _DTMF
+            or len(digits) > 64
+        ):
+            return Ignored("send-dtmf without valid digits")
+        return SendDtmf(digits.upper())
+    if kind in ("transcript", "message", "conversation-update"):
+        report_kind: Literal["transcript", "message"] = (
+            "transcript" if kind == "transcript" else "message"
+        )
+        return Report(report_kind, message)
+    return Ignored(f"unknown message type {kind!r}")
+
+
+class Dialect(Protocol):
+    """A pipeline wire dialect: pure translation between session facts and messages."""
+
+    name: str
+    encoding: Literal["pcm_s16le", "mulaw"]
+    sample_rate: int
+
+    def start(self, info: SessionInfo) -> str:
+        """The first message of the stream."""
+
+    def audio(self, data: bytes) -> str | bytes:
+        """Caller audio (already in the dialect's encoding) as one message."""
+
+    def dtmf(self, digit: str) -> str:
+        """A key the caller pressed."""
+
+    def mark(self, name: str) -> str:
+        """A mark has been played."""
+
+    def stop(self, reason: str) -> str:
+        """The call is over."""
+
+    def receive(self, message: str | bytes) -> PipelineEvent:
+        """One message from the pipeline."""
+
+
+class RawDialect:
+    """Binary audio both ways, JSON control in text frames (Vapi websocket transport style)."""
+
+    name = "raw"
+
+    def __init__(self, encoding: Literal["pcm_s16le", "mulaw"], sample_rate: int) -> None:
+        self.encoding = encoding
+        self.sample_rate = 8000 if encoding == "mulaw" else sample_rate
+
+    def start(self, info: SessionInfo) -> str:
+        """The first message: call ids, caller, called URI, X- headers, variables, assistant."""
+        return json.dumps(
+            {
+                "type": "start",
+                "callId": info.call_id,
+                "streamId": info.stream_id,
+                "pbxCallId": info.pbx_call_id,
+                "customer": info.customer,
+                "calledUri": info.called_uri,
+                "headers": info.headers,
+                "variables": info.variables,
+                "assistant": info.assistant,
+                "phoneNumber": info.phone_number,
+                "audioFormat": {
+                    "encoding": self.encoding,
+                    "sampleRate": self.sample_rate,
+                    "channels": 1,
+                    "frameMs": 20,
+                },
+            },
+            ensure_ascii=False,
+        )
+
+    def audio(self, data: bytes) -> bytes:
+        """An audio message: the bytes themselves, as a binary frame."""
+        return data
+
+    def dtmf(self, digit: str) -> str:
+        """A caller's key press."""
+        return json.dumps({"type": "dtmf", "digit": digit})
+
+    def mark(self, name: str) -> str:
+        """A mark the pipeline sent has been played (or cleared)."""
+        return json.dumps({"type": "mark", "name": name})
+
+    def stop(self, reason: str) -> str:
+        """The call is over."""
+        return json.dumps({"type": "stop", "reason": reason})
+
+    def receive(self, message: str | bytes) -> PipelineEvent:
+        """One message from the pipeline."""
+        if isinstance(message, bytes):
+            return AudioIn(message)
+        return parse_control(message)
