@@ -287,7 +287,7 @@ def tone_share(pcm: bytes, rate: int, frequency_hz: float) -> float:
 
 
 def rms(pcm: bytes) -> int:
-    """Root-mean-square level of 16-bit PCM (0 for silence, about 9800 for a 0.3 sine)."""
+    """Root-mean-square level of 16-bit PCM (0 for silence, about 6950 for a 0.3 sine)."""
     return int(audioop.rms(pcm[: len(pcm) - len(pcm) % 2], SAMPLE_WIDTH))
 
 

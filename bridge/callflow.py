@@ -270,6 +270,15 @@ class CallFlow:
             await self._pbx_hangup(live)
         return True
 
+    def end_now(self, call_id: str, reason: EndedReason, message: str | None = None) -> bool:
+        """Ends a live call without touching the PBX (the caller tells it next)."""
+        live = self._by_id.get(call_id)
+        return live is not None and self._end(live, reason, message=message)
+
+    async def pbx_hangup(self, live: LiveCall) -> None:
+        """Asks the PBX to hang up a call (ended or not); failures are logged."""
+        await self._pbx_hangup(live)
+
     async def hangup(self, call_id: str) -> bool:
         """Hangs up a live call on an operator's request (``manually-canceled``)."""
         return await self.end_call(call_id, EndedReason.MANUALLY_CANCELED)
@@ -401,7 +410,8 @@ class CallFlow:
 
     async def _report_after_media(self, live: LiveCall) -> None:
         try:
-            await asyncio.wait_for(live.media_done.wait(), MEDIA_WRAP_UP_S)
+            async with asyncio.timeout(MEDIA_WRAP_UP_S):
+                await live.media_done.wait()
         except TimeoutError:
             live.log.warning(
                 "media did not wrap up within %.0f s; reporting without it", MEDIA_WRAP_UP_S
@@ -425,7 +435,8 @@ class CallFlow:
         reason and is hung up (the PBX may still hold it).
         """
         try:
-            await asyncio.wait_for(action, PBX_ACTION_TIMEOUT_S)
+            async with asyncio.timeout(PBX_ACTION_TIMEOUT_S):
+                await action
         except (PbxError, TimeoutError) as exc:
             live.log.error("%s failed: %s", what, exc or type(exc).__name__)
             if failure is not None and self._end(live, failure, message=str(exc) or None):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bridge.audio import FRAME_MS, PlayoutBuffer, Transcoder, frame_bytes
-from bridge.media.session import MediaLeg, MediaSession, SessionHooks
+from bridge.media.session import MediaLeg, MediaSession, SessionHooks, SessionResult
 from bridge.pipeline import PipelineConnection
 from bridge.protocol.pipeline import Dialect, RawDialect, SessionInfo
 from bridge.settings import MediaSettings, PipelineSettings
@@ -124,6 +124,7 @@ class Conversations:
                 transfer=lambda destination: flow.transfer(call_id, destination),
                 send_dtmf=lambda digits: flow.send_dtmf(call_id, digits),
                 report=lambda kind, payload: flow.report(call_id, kind, payload),
+                ending=lambda result: self._ending(call_id, result),
             ),
             ended=live.ended,
             logger=live.log,
@@ -158,6 +159,11 @@ class Conversations:
             await flow.end_call(
                 call_id, result.reason, message=result.message, hangup=result.hangup
             )
+
+    def _ending(self, call_id: str, result: SessionResult) -> None:
+        flow = self._flow
+        if flow is not None and result.reason is not None:
+            flow.end_now(call_id, result.reason, result.message)
 
     async def aclose(self) -> None:
         """Closes pipelines that never got their media."""

@@ -100,7 +100,8 @@ class DemoPipeline:
 
     async def _session(self, ws: ServerConnection) -> None:
         try:
-            first = await asyncio.wait_for(ws.recv(), 10)
+            async with asyncio.timeout(10):
+                first = await ws.recv()
             start = json.loads(first)
             if not isinstance(start, dict) or start.get("type") != "start":
                 await ws.close(1008, "expected a start message")

@@ -15,6 +15,7 @@ from typing import Any
 from bridge.errors import StoreError
 from bridge.metrics import Metrics
 from bridge.store import Store
+from bridge.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,8 @@ class CallRecorder:
     async def flush(self, timeout_s: float = 5.0) -> bool:
         """Waits until every queued record is written; False on timeout."""
         try:
-            await asyncio.wait_for(self._flushed.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._flushed.wait()
         except TimeoutError:
             return False
         return True
@@ -109,6 +111,5 @@ class CallRecorder:
                 log.error("call record %s could not be saved before shutdown", call_id)
         self._closing = True
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait([self._task])
             self._task = None

@@ -54,8 +54,7 @@ class _AsteriskEvents:
         self._service.callflow.hung_up("asterisk", pbx_call_id)
 
     def link_changed(self, up: bool, detail: str) -> None:
-        self._service.pbx_links["asterisk"] = up
-        self._service.metrics.pbx_link_up.labels("asterisk").set(1 if up else 0)
+        self._service.set_link("asterisk", up)
 
     def known_calls(self) -> set[str]:
         return {
@@ -84,6 +83,8 @@ class Service:
         self.asterisk: AsteriskAdapter | None = None
         self.api_port: int | None = None
         self.pbx_links: dict[str, bool] = {}
+        # Set and replaced on every change of a PBX link, so waiters wake up and look again.
+        self._links_changed = asyncio.Event()
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -178,9 +179,20 @@ class Service:
             audiosocket_address=self.audiosocket_address,
         )
         self.asterisk = adapter
-        self.pbx_links["asterisk"] = False
-        self.metrics.pbx_link_up.labels("asterisk").set(0)
+        self.set_link("asterisk", False)
         await adapter.start()
+
+    def set_link(self, pbx: str, up: bool) -> None:
+        """Records a PBX control link's state (health, metrics, waiters)."""
+        self.pbx_links[pbx] = up
+        self.metrics.pbx_link_up.labels(pbx).set(1 if up else 0)
+        changed, self._links_changed = self._links_changed, asyncio.Event()
+        changed.set()
+
+    async def wait_link(self, pbx: str, up: bool) -> None:
+        """Returns once the PBX's control link is (or becomes) up or down."""
+        while self.pbx_links.get(pbx) is not up:
+            await self._links_changed.wait()
 
     def audiosocket_address(self) -> str:
         """The host:port Asterisk connects AudioSocket to."""
@@ -200,7 +212,8 @@ class Service:
         self._callflow.draining = True
         log.info("draining: %d live calls", len(self._callflow.active()))
         try:
-            await asyncio.wait_for(self._callflow.wait_idle(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._callflow.wait_idle()
         except TimeoutError:
             return False
         return True
@@ -210,9 +223,9 @@ class Service:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        # Live calls are hung up through the PBX adapters and media legs, so those stop after.
         if self._callflow is not None:
             await self._callflow.aclose()
-            self._callflow = None
         await self.conversations.aclose()
         if self.audiosocket is not None:
             await self.audiosocket.aclose()
@@ -220,6 +233,7 @@ class Service:
         if self.asterisk is not None:
             await self.asterisk.aclose()
             self.asterisk = None
+        self._callflow = None
         if self._dispatcher is not None:
             await self._dispatcher.aclose()
             self._dispatcher = None

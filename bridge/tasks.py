@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,18 @@ class TaskSet:
     async def aclose(self) -> None:
         """Cancels every task and waits for them to finish."""
         while self._tasks:
-            tasks = list(self._tasks)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(list(self._tasks))
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]]) -> None:
+    """Cancels the tasks and returns once every one of them has finished.
+
+    One ``cancel()`` is not always enough on Python 3.11: ``asyncio.wait_for`` (used inside
+    libraries) can swallow a cancellation that arrives just as what it awaits completes. So a
+    task still running after a moment is cancelled again.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)

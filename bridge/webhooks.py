@@ -32,6 +32,7 @@ from bridge.messages import WebhookTarget
 from bridge.metrics import Metrics
 from bridge.routing import ASSISTANT_REQUEST_BUDGET_S, WebhookResult
 from bridge.settings import WebhookSettings
+from bridge.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +296,8 @@ class WebhookDispatcher:
     async def drain(self, timeout_s: float) -> bool:
         """Waits until nothing is pending; False if ``timeout_s`` passed first."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
         except TimeoutError:
             return False
         return True
@@ -304,7 +306,5 @@ class WebhookDispatcher:
         """Delivers what is queued (up to ``drain_timeout_s``), then stops the workers."""
         if not await self.drain(drain_timeout_s):
             log.error("shutting down with %d server messages undelivered", self._pending)
-        for worker in self._workers:
-            worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        await cancel_and_wait(self._workers)
         self._workers.clear()

@@ -11,10 +11,12 @@ import pytest
 
 from bridge.service import Service
 from bridge.settings import Settings, load_settings
+from tests.flow_harness import make_harness
 from tests.pipeline_server import PipelineServer
 from tests.webhook_sink import WebhookSink
 
 API_KEY = "test-key-0123456789abcdef"
+__all__ = ["API_KEY", "make_harness"]
 
 
 @pytest.fixture(autouse=True)

@@ -122,7 +122,9 @@ class PipelineServer:
     async def _handle(self, ws: ServerConnection) -> None:
         request = ws.request
         assert request is not None
-        session = PipelineSession(ws, dict(request.headers), request.path)
+        session = PipelineSession(
+            ws, {k.lower(): v for k, v in request.headers.raw_items()}, request.path
+        )
         self.sessions.append(session)
         script_task: asyncio.Task[None] | None = None
         try:

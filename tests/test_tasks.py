@@ -44,3 +44,22 @@ async def test_aclose_cancels_and_join_waits() -> None:
     await tasks.aclose()
     assert cancelled.is_set() and len(tasks) == 0
     await tasks.join()
+
+
+async def test_cancel_and_wait_outlasts_a_swallowed_cancellation() -> None:
+    """Python 3.11's wait_for can swallow a cancel; one cancel() must not be all we try."""
+    from bridge.tasks import cancel_and_wait
+
+    swallowed = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.set()  # as wait_for does when its inner future completes at that moment
+        await asyncio.Event().wait()  # keeps running until cancelled again
+
+    task = asyncio.ensure_future(stubborn())
+    await asyncio.sleep(0)
+    await cancel_and_wait([task])
+    assert swallowed.is_set() and task.cancelled()

@@ -372,14 +372,20 @@ write = {user.write}
         return [line.split("!", 1)[0] for line in output.splitlines() if "!" in line]
 
     def log_text(self) -> str:
-        """What Asterisk printed so far."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        """Asterisk's log so far (messages.log: notices, warnings, errors, verbose)."""
+        parts = []
+        for path in (self.log_path, self.log_path.with_name("messages.log")):
+            try:
+                parts.append(path.read_text(errors="replace"))
+            except FileNotFoundError:
+                continue
+        return "\n".join(parts)
 
     def stop(self) -> None:
-        """Stops Asterisk (SIGTERM, then SIGKILL) and removes the instance's directories."""
+        """Stops Asterisk (SIGTERM, then SIGKILL) and removes the instance's directories.
+
+        Read :meth:`log_text` first if the output matters: the log directory goes too.
+        """
         process = self.process
         if process is not None and process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
@@ -390,8 +396,4 @@ write = {user.write}
                 process.wait()
         self.process = None
         for directory in self._dirs():
-            if (
-                directory.name.endswith(f"asterisk-{self.name}")
-                and "log" not in directory.parts[-2]
-            ):
-                shutil.rmtree(directory, ignore_errors=True)
+            shutil.rmtree(directory, ignore_errors=True)

@@ -161,12 +161,14 @@ class Lab:
                     os.killpg(process.pid, signal.SIGTERM)
         for _, process in reversed(self.processes):
             try:
-                await asyncio.wait_for(process.wait(), 10)
+                async with asyncio.timeout(10):
+                    await process.wait()
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 await process.wait()
         if self.asterisk is not None:
+            (self.state / "asterisk.log").write_text(self.asterisk.log_text())
             await asyncio.to_thread(self.asterisk.stop)
 
     # ---- the demo call -----------------------------------------------------------------------

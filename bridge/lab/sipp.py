@@ -17,6 +17,17 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The audio offer/answer of both scenarios: PCMU only, 20 ms packets.
+_SDP = """v=0
+o=sipp 53655765 2353687637 IN IP[local_ip_type] [local_ip]
+s=-
+c=IN IP[media_ip_type] [media_ip]
+t=0 0
+m=audio [media_port] RTP/AVP 0
+a=rtpmap:0 PCMU/8000
+a=ptime:20
+a=sendrecv
+"""
 # Final responses a caller may get; SIPp needs each one it should accept listed.
 _FINAL_ERRORS = (403, 404, 408, 480, 486, 488, 500, 501, 502, 503, 603)
 
@@ -116,16 +127,7 @@ Max-Forwards: 70
 {header_block}Content-Type: application/sdp
 Content-Length: [len]
 
-v=0
-o=sipp 53655765 2353687637 IN IP[local_ip_type] [local_ip]
-s=-
-c=IN IP[media_ip_type] [media_ip]
-t=0 0
-m=audio [media_port] RTP/AVP 0
-a=rtpmap:0 PCMU/8000
-a=ptime:20
-a=sendrecv
-]]></send>
+{_SDP}]]></send>
   <recv response="100" optional="true"/>
   <recv response="180" optional="true"/>
   <recv response="183" optional="true"/>
@@ -265,3 +267,105 @@ class SippCaller:
         trace = trace_path.read_text(errors="replace") if trace_path.exists() else ""
         final, received_bye, sent_bye = parse_trace(trace)
         return SippResult(returncode, final, received_bye, sent_bye, trace, media_port)
+
+
+def callee_scenario(expect_headers: dict[str, str]) -> str:
+    """A SIPp UAS that answers one call (a transfer target) and checks headers it must get.
+
+    A missing header fails the scenario (``check_it``), so SIPp exits non-zero.
+    """
+    checks = "".join(
+        f'\n      <ereg regexp="{re.escape(name)}: {re.escape(value)}" search_in="msg" '
+        f'check_it="true" assign_to="h{index}"/>'
+        for index, (name, value) in enumerate(expect_headers.items())
+    )
+    actions = f"<action>{checks}\n    </action>" if checks else ""
+    # SIPp rejects a variable that is assigned and never used; <Reference> counts as a use.
+    names = ",".join(f"h{index}" for index in range(len(expect_headers)))
+    reference = f'\n  <Reference variables="{names}"/>' if names else ""
+    return f"""<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="sipbridge lab callee">
+  <recv request="INVITE">
+    {actions}
+  </recv>
+  <send><![CDATA[
+SIP/2.0 180 Ringing
+[last_Via:]
+[last_From:]
+[last_To:];tag=[pid]SIPpTag01[call_number]
+[last_Call-ID:]
+[last_CSeq:]
+Contact: <sip:target@[local_ip]:[local_port]>
+Content-Length: 0
+
+]]></send>
+  <send retrans="500"><![CDATA[
+SIP/2.0 200 OK
+[last_Via:]
+[last_From:]
+[last_To:];tag=[pid]SIPpTag01[call_number]
+[last_Call-ID:]
+[last_CSeq:]
+Contact: <sip:target@[local_ip]:[local_port]>
+Content-Type: application/sdp
+Content-Length: [len]
+
+{_SDP}]]></send>
+  <recv request="ACK"/>
+  <recv request="BYE"/>
+  <send><![CDATA[
+SIP/2.0 200 OK
+[last_Via:]
+[last_From:]
+[last_To:]
+[last_Call-ID:]
+[last_CSeq:]
+Content-Length: 0
+
+]]></send>{reference}
+</scenario>
+"""
+
+
+class SippCallee:
+    """A transfer target: SIPp listening on ``port`` for one call."""
+
+    def __init__(self, workdir: Path, port: int) -> None:
+        self.workdir = workdir
+        self.port = port
+        self.process: asyncio.subprocess.Process | None = None
+        self.trace_path = workdir / f"callee-{port}.messages.log"
+
+    @property
+    def uri(self) -> str:
+        """The SIP URI to transfer to."""
+        return f"sip:target@127.0.0.1:{self.port}"
+
+    async def start(
+        self, expect_headers: dict[str, str] | None = None, timeout_s: int = 60
+    ) -> None:
+        """Listens for one call."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        path = self.workdir / f"callee-{self.port}.xml"
+        path.write_text(callee_scenario(expect_headers or {}))
+        self.process = await asyncio.create_subprocess_exec(
+            "sipp", "-sf", str(path), "-i", "127.0.0.1", "-mi", "127.0.0.1",
+            "-p", str(self.port), "-mp", str(free_port(pair=True)), "-cp", str(free_port()),
+            "-m", "1", "-nostdin", "-timeout", f"{timeout_s}s", "-timeout_error",
+            "-trace_msg", "-message_file", str(self.trace_path),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            cwd=str(self.workdir),
+        )  # fmt: skip
+
+    async def wait(self) -> tuple[int, str]:
+        """Waits for the call to end; (exit code, message trace)."""
+        assert self.process is not None
+        code = await self.process.wait()
+        trace = self.trace_path.read_text(errors="replace") if self.trace_path.exists() else ""
+        return code, trace
+
+    async def stop(self) -> None:
+        """Ends SIPp if it still runs."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            await self.process.wait()

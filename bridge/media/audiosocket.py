@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from bridge.errors import RemoteProtocolError
 from bridge.media.session import LegAudio, LegClosed, LegDtmf, LegEvent
 from bridge.protocol import audiosocket as wire
+from bridge.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +148,7 @@ class AudioSocketServer:
         if self._server is not None:
             self._server.close()
             self._server = None
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        await cancel_and_wait(list(self._connections))
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -159,9 +158,8 @@ class AudioSocketServer:
         decoder = wire.FrameDecoder(self._max_frame_bytes)
         leg: AudioSocketLeg | None = None
         try:
-            call_id, early = await asyncio.wait_for(
-                self._first_frame(reader, decoder), FIRST_FRAME_TIMEOUT_S
-            )
+            async with asyncio.timeout(FIRST_FRAME_TIMEOUT_S):
+                call_id, early = await self._first_frame(reader, decoder)
             leg = AudioSocketLeg(reader, writer, decoder, call_id, early)
             await self._on_leg(call_id, leg)
         except TimeoutError:

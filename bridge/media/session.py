@@ -38,6 +38,7 @@ from bridge.protocol.pipeline import (
     SendDtmf,
     TransferCall,
 )
+from bridge.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -116,21 +117,24 @@ class PipelineStream(Protocol):
 
 
 @dataclass
-class SessionHooks:
-    """What the session asks of the call flow."""
-
-    transfer: Callable[[Mapping[str, Any]], Awaitable[bool]]
-    send_dtmf: Callable[[str], Awaitable[None]]
-    report: Callable[[str, Mapping[str, Any]], None]
-
-
-@dataclass
 class SessionResult:
     """Why the conversation ended, and whether the PBX still has to hang up."""
 
     reason: EndedReason | None
     message: str | None = None
     hangup: bool = True
+
+
+@dataclass
+class SessionHooks:
+    """What the session asks of the call flow."""
+
+    transfer: Callable[[Mapping[str, Any]], Awaitable[bool]]
+    send_dtmf: Callable[[str], Awaitable[None]]
+    report: Callable[[str, Mapping[str, Any]], None]
+    # Called with the result before the PBX hears of it: the PBX's own hang-up event must find
+    # the call already ended with the session's reason.
+    ending: Callable[[SessionResult], None] = lambda result: None
 
 
 @dataclass
@@ -199,9 +203,8 @@ class MediaSession:
             else:
                 result = finished.result()
         finally:
-            for loop in loops:
-                loop.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+            await cancel_and_wait(loops)
+            self.hooks.ending(result)
             await self._finish(result)
         return result
 
@@ -211,7 +214,8 @@ class MediaSession:
         reason = result.reason.value if result.reason else "ended"
         with contextlib.suppress(Exception):
             # Best effort: the pipeline may already be gone.
-            await asyncio.wait_for(self.stream.send(self.dialect.stop(reason)), 1.0)
+            async with asyncio.timeout(1.0):
+                await self.stream.send(self.dialect.stop(reason))
         await self.stream.aclose(reason)
 
     async def _watch_call(self) -> SessionResult:

@@ -38,6 +38,7 @@ from bridge.errors import PbxActionError, PbxAuthError, PbxConnectionError, PbxE
 from bridge.events import InviteFacts, PbxKind
 from bridge.protocol import ami
 from bridge.settings import AsteriskSettings
+from bridge.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,8 @@ class AmiLink:
         self._manager: _Manager | None = None
         self._lost: asyncio.Event = asyncio.Event()
         self._closing = False
+        # Our own record of unanswered actions: panoramisk forgets some when the link drops.
+        self._pending: set[asyncio.Future[Any]] = set()
         self.up = False
         self.connects = 0
 
@@ -141,11 +144,11 @@ class AmiLink:
             ping_delay=10**9,
             ping_interval=10**9,
             reconnect_timeout=10**9,
-            forgetable_actions=("ping", "login", "setvar", "redirect", "hangup", "pjsiphangup"),
         )
         manager.register_event("*", self._dispatch)
         try:
-            await asyncio.wait_for(manager.connect(), CONNECT_TIMEOUT_S)
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                await manager.connect()
         except (OSError, TimeoutError) as exc:
             manager.close()
             raise PbxConnectionError(
@@ -156,13 +159,22 @@ class AmiLink:
         if manager.authenticated_future is None:
             manager.close()
             raise PbxConnectionError("AMI login was not sent")
+        # Wait for the login answer or the connection's end, whichever comes first: a peer that
+        # accepts and drops (a proxy, a restarting Asterisk) must not cost the full timeout.
+        answer = asyncio.ensure_future(asyncio.shield(manager.authenticated_future))
+        closed = asyncio.ensure_future(lost.wait())
         try:
-            response = await asyncio.wait_for(
-                asyncio.shield(manager.authenticated_future), CONNECT_TIMEOUT_S
+            done, _ = await asyncio.wait(
+                {answer, closed}, timeout=CONNECT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
             )
-        except (TimeoutError, asyncio.CancelledError, PbxConnectionError) as exc:
+        finally:
+            closed.cancel()
+            if not answer.done():
+                answer.cancel()
+        if answer not in done or answer.exception() is not None:
             manager.close()
-            raise PbxConnectionError("AMI login got no answer") from exc
+            raise PbxConnectionError("the AMI connection closed before the login was answered")
+        response = answer.result()
         if not response.success:
             manager.close()
             raise PbxAuthError(
@@ -175,16 +187,13 @@ class AmiLink:
     def _connection_lost(
         self, manager: _Manager, lost: asyncio.Event, exc: BaseException | None
     ) -> None:
-        # Fail every action still waiting: none of them will be answered or re-sent.
-        protocol = manager.protocol
-        pending = list(getattr(protocol, "responses", {}).values()) + list(manager.awaiting_actions)
+        # Fail every action still waiting: none of them will be answered, none is re-sent.
         manager.awaiting_actions.clear()
-        if protocol is not None:
-            protocol.responses.clear()
-        for action in pending:
-            if not action.future.done():
-                action.future.set_exception(PbxConnectionError("the AMI link dropped"))
         if manager is self._manager:
+            for future in list(self._pending):
+                if not future.done():
+                    future.set_exception(PbxConnectionError("the AMI link dropped"))
+            self._pending.clear()
             self.up = False
         lost.set()
 
@@ -230,12 +239,8 @@ class AmiLink:
         if manager is None or not self.up:
             raise PbxConnectionError("the AMI link is down")
         checked = ami.checked(fields)
-        future = manager.send_action(dict(checked))
         limit = limit_s or self.settings.action_timeout_s
-        try:
-            response = await asyncio.wait_for(asyncio.shield(future), limit)
-        except TimeoutError:
-            raise PbxActionError(f"{checked['Action']} got no answer within {limit:g} s") from None
+        response = await self._await(manager.send_action(dict(checked)), checked["Action"], limit)
         if isinstance(response, list):
             return response
         if getattr(response, "response", "") in ("Error", "Fail", "Failure"):
@@ -248,11 +253,20 @@ class AmiLink:
         if manager is None or not self.up:
             raise PbxConnectionError("the AMI link is down")
         future = manager.send_action(dict(ami.checked(fields)), as_list=True)
-        try:
-            result = await asyncio.wait_for(asyncio.shield(future), self.settings.action_timeout_s)
-        except TimeoutError:
-            raise PbxActionError(f"{fields['Action']} got no answer in time") from None
+        result = await self._await(future, fields["Action"], self.settings.action_timeout_s)
         return list(result) if isinstance(result, list) else [result]
+
+    async def _await(self, future: asyncio.Future[Any], name: str, limit_s: float) -> Any:
+        self._pending.add(future)
+        try:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the future completes, and the task would never stop.
+            async with asyncio.timeout(limit_s):
+                return await asyncio.shield(future)
+        except TimeoutError:
+            raise PbxActionError(f"{name} got no answer within {limit_s:g} s") from None
+        finally:
+            self._pending.discard(future)
 
 
 class AsteriskAdapter:
@@ -294,34 +308,44 @@ class AsteriskAdapter:
     async def aclose(self) -> None:
         """Stops supervising and closes the link."""
         if self._supervisor is not None:
-            self._supervisor.cancel()
-            await asyncio.gather(self._supervisor, return_exceptions=True)
+            await cancel_and_wait([self._supervisor])
             self._supervisor = None
         await self.link.aclose()
 
     async def _supervise(self) -> None:
         delay = FIRST_RETRY_DELAY_S
         while True:
-            if self.link.up:
-                await self._watch()
-                self._sink.link_changed(False, "AMI link lost")
-                log.error(
-                    "AMI link to %s:%s lost; reconnecting", self.settings.host, self.settings.port
-                )
-                delay = FIRST_RETRY_DELAY_S
-            # Jitter keeps many sipbridges from reconnecting to one Asterisk in lockstep.
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - not security
             try:
-                await self.link.open()
-            except PbxAuthError as exc:
-                log.error("%s (check asterisk.username/asterisk.secret)", exc)
+                delay = await self._supervise_once(delay)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Task boundary: whatever went wrong, keep supervising the link.
+                log.exception("AMI supervisor step failed")
+                self.link.drop()
                 delay = self.settings.reconnect_max_delay_s
-                continue
-            except PbxConnectionError as exc:
-                log.warning("%s; next try in %.1f s", exc, delay)
-                delay = min(delay * 2, self.settings.reconnect_max_delay_s)
-                continue
-            await self._connected()
+
+    async def _supervise_once(self, delay: float) -> float:
+        """One round: watch a live link until it drops, or try to reconnect. The next delay."""
+        if self.link.up:
+            await self._watch()
+            self._sink.link_changed(False, "AMI link lost")
+            log.error(
+                "AMI link to %s:%s lost; reconnecting", self.settings.host, self.settings.port
+            )
+            delay = FIRST_RETRY_DELAY_S
+        # Jitter keeps many sipbridges from reconnecting to one Asterisk in lockstep.
+        await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - not security
+        try:
+            await self.link.open()
+        except PbxAuthError as exc:
+            log.error("%s (check asterisk.username/asterisk.secret)", exc)
+            return self.settings.reconnect_max_delay_s
+        except PbxConnectionError as exc:
+            log.warning("%s; next try in %.1f s", exc, delay)
+            return min(delay * 2, self.settings.reconnect_max_delay_s)
+        await self._connected()
+        return FIRST_RETRY_DELAY_S
 
     async def _connected(self) -> None:
         log.info(

@@ -1,0 +1,395 @@
+"""End to end through real Asterisk 22 with SIPp callers sending real RTP ([asterisk] issue).
+
+Audio is checked by content: the share of each 1 s window's energy at the expected tone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from bridge.audio import sine
+from bridge.lab.sipp import CallPlan, SippCallee, free_port
+from tests.asterisk_harness import AsteriskLab, share_of_windows
+from tests.pipeline_server import PipelineSession
+
+pytestmark = [pytest.mark.asterisk, pytest.mark.integration]
+
+HOSTILE = "a,b;c\"d'e)f}g${SHELL}%0Ah|i?j:k\\l&m=n(o{p$(1+1)q%25r~"
+
+
+def reply_tone(frequency: float, seconds: float) -> object:
+    """A pipeline script that answers with a tone at 16 kHz in 100 ms chunks, paced."""
+
+    async def script(session: PipelineSession) -> None:
+        await session.play(sine(frequency, seconds, 16000), chunk=3200, period_s=0.1)
+
+    return script
+
+
+async def test_fixed_assistant_call_audio_both_ways(asterisk_lab: AsteriskLab) -> None:
+    lab = asterisk_lab
+    lab.pipeline.script = reply_tone(1200, 8.0)  # type: ignore[assignment]
+    await lab.start_service()
+    assistant = await lab.assistant()
+    number = await lab.number(assistantId=assistant["id"])
+    started = time.monotonic()
+    result, rtp = await lab.call(
+        CallPlan(
+            user="demo",
+            headers=[("X-First_Name", "John")],
+            tone_file=lab.tone_file(700),
+            talk_ms=5000,
+            listen_ms=1000,
+        ),
+        capture=True,
+    )
+    elapsed = time.monotonic() - started
+    assert result.answered and result.bye_from_caller and result.returncode == 0
+
+    session = await lab.pipeline.session()
+    assert session.start is not None
+    assert session.start["assistant"]["firstMessage"] == "Hello John, you've reached me over SIP."
+    assert session.start["variables"]["first_name"] == "John"
+    assert session.start["headers"] == {"X-First_Name": "John"}
+    assert session.start["customer"]["number"] == "+15551230000"
+    await session.closed.wait()
+    # The caller's 700 Hz tone, as the pipeline received it (16 kHz PCM).
+    fraction, count = share_of_windows(bytes(session.audio), 16000, 700)
+    assert count >= 4 and fraction >= 0.95, (fraction, count)
+    # The pipeline's 1200 Hz reply, as RTP to the caller's media port.
+    assert rtp is not None
+    fraction, count = share_of_windows(rtp.pcm(), 8000, 1200)
+    assert count >= 4 and fraction >= 0.95, (fraction, count)
+
+    report = await lab.sink.wait_for_message("end-of-call-report", timeout=10)
+    message = report.message
+    assert message["endedReason"] == "customer-ended-call"
+    assert 4.0 <= message["durationSeconds"] <= elapsed + 1.0
+    assert message["phoneNumber"]["id"] == number["id"]
+    assert message["call"]["sipbridge"]["media"]["framesFromCaller"] >= 200
+    statuses = [m["status"] for m in lab.sink.messages("status-update")]
+    assert statuses == ["ringing", "in-progress", "ended"]
+    assert await lab.no_channels_left() == []
+
+
+async def test_unknown_number_is_404_without_a_pipeline(asterisk_lab: AsteriskLab) -> None:
+    lab = asterisk_lab
+    await lab.start_service()
+    result, _ = await lab.call(CallPlan(user="nobody"))
+    assert result.final_status == 404
+    assert lab.pipeline.sessions == []
+    report = await lab.sink.wait_for_message("end-of-call-report")
+    assert report.message["endedReason"] == "call.start.error-get-phone-number"
+    assert await lab.no_channels_left() == []
+
+
+async def test_pipeline_unreachable_refuses_the_call_cleanly(asterisk_lab: AsteriskLab) -> None:
+    lab = asterisk_lab
+    await lab.start_service()
+    closed_port = free_port(__import__("socket").SOCK_STREAM)
+    assistant = await lab.assistant(
+        sipbridge={"pipeline": {"url": f"ws://127.0.0.1:{closed_port}/x"}}
+    )
+    await lab.number(assistantId=assistant["id"])
+    result, _ = await lab.call(CallPlan(user="demo"))
+    assert result.final_status == 480
+    report = await lab.sink.wait_for_message("end-of-call-report")
+    assert (
+        report.message["endedReason"]
+        == "call.in-progress.error-pipeline-ws-model-connection-failed"
+    )
+    assert await lab.no_channels_left() == []
+
+
+async def test_hostile_header_values_change_nothing(asterisk_lab: AsteriskLab) -> None:
+    lab = asterisk_lab
+    await lab.start_service()
+    assistant = await lab.assistant(firstMessage="Note: {{note}}")
+    await lab.number(assistantId=assistant["id"])
+    headers = [("X-Evil", HOSTILE), ("X-Note", "hello, world"), ("X-Semi", 'x";Hangup()')]
+    result, _ = await lab.call(CallPlan(user="demo", headers=headers, talk_ms=500, listen_ms=500))
+    assert result.answered and result.bye_from_caller
+    session = await lab.pipeline.session()
+    assert session.start is not None
+    assert session.start["headers"] == dict(headers)
+    assert session.start["assistant"]["firstMessage"] == "Note: hello, world"
+    report = await lab.sink.wait_for_message("end-of-call-report")
+    assert report.message["endedReason"] == "customer-ended-call"
+
+
+async def test_dtmf_reaches_the_pipeline_and_the_pipeline_hangs_up(
+    asterisk_lab: AsteriskLab,
+) -> None:
+    lab = asterisk_lab
+
+    async def script(session: PipelineSession) -> None:
+        await session.wait_control("dtmf", digit="5")
+        await session.send_json({"type": "end-call", "reason": "assistant-ended-call"})
+
+    lab.pipeline.script = script
+    await lab.start_service()
+    assistant = await lab.assistant()
+    await lab.number(assistantId=assistant["id"])
+    result, _ = await lab.call(CallPlan(user="demo", talk_ms=200, listen_ms=8000, dtmf="5"))
+    assert result.answered and result.bye_from_far_end and not result.bye_from_caller
+    report = await lab.sink.wait_for_message("end-of-call-report")
+    assert report.message["endedReason"] == "assistant-ended-call"
+    assert await lab.no_channels_left() == []
+
+
+async def test_pipeline_dropping_mid_call_ends_it_with_its_reason(
+    asterisk_lab: AsteriskLab,
+) -> None:
+    lab = asterisk_lab
+
+    async def script(session: PipelineSession) -> None:
+        await session.wait_audio(16000)  # half a second of the caller
+        session.ws.transport.abort()  # the pipeline dies without a close frame
+
+    lab.pipeline.script = script
+    await lab.start_service()
+    assistant = await lab.assistant()
+    await lab.number(assistantId=assistant["id"])
+    result, _ = await lab.call(
+        CallPlan(user="demo", tone_file=lab.tone_file(500), talk_ms=8000, listen_ms=0)
+    )
+    assert result.answered and result.bye_from_far_end
+    report = await lab.sink.wait_for_message("end-of-call-report")
+    assert report.message["endedReason"] == "pipeline-error-custom-llm-llm-failed"
+    assert await lab.no_channels_left() == []
+
+
+# ---- assistant-request ------------------------------------------------------------------------
+
+
+async def test_assistant_request_with_an_assistant_id(asterisk_lab: AsteriskLab) -> None:
+    lab = asterisk_lab
+    await lab.start_service()
+    assistant = await lab.assistant(firstMessage="Hi {{first_name}}, plan {{plan}}")
+    await lab.number(server={"url": lab.sink.url, "secret": "hook-secret"})
+    lab.sink.answer(
+        {"assistantId": assistant["id"], "assistantOverrides": {"variableValues": {"plan": "gold"}}}
+    )
+    result, _ = await lab.call(
+        CallPlan(
+            user="demo",
+            headers=[("X-First_Name", "John"), ("X-Account-Id", "42")],
+            talk_ms=300,
+            listen_ms=300,
+        )
+    )
+    assert result.answered
+    request = await lab.sink.wait_for_message("assistant-request")
+    message = request.message
+    assert request.headers["x-vapi-secret"] == "hook-secret"
+    assert message["customer"] == {
+        "number": "+15551230000",
+        "name": "John Doe",
+        "sipUri": "sip:+15551230000@127.0.0.1",
+    }
+    assert message["call"]["phoneCallProviderDetails"]["sip"]["headers"]["X-Account-Id"] == "42"
+    assert message["call"]["assistantOverrides"]["variableValues"]["first_name"] == "John"
+    session = await lab.pipeline.session()
+    assert session.start is not None
+    assert session.start["assistant"]["firstMessage"] == "Hi John, plan gold"
+
+
+async def test_assistant_request_with_an_inline_assistant(asterisk_lab: AsteriskLab) -> None:
+    lab = asterisk_lab
+    await lab.start_service()
+    await lab.number()  # no assistantId: the default server is asked
+    lab.sink.answer(
+        {
+            "assistant": {"firstMessage": "Hey {{customerName}}"},
+            "assistantOverrides": {"variableValues": {"customerName": "Ryan"}},
+        }
+    )
+    result, _ = await lab.call(CallPlan(user="demo", talk_ms=300, listen_ms=300))
+    assert result.answered
+    session = await lab.pipeline.session()
+    assert session.start is not None and session.start["assistant"]["firstMessage"] == "Hey Ryan"
+
+
+async def test_assistant_request_error_is_603(asterisk_lab: AsteriskLab) -> None:
+    lab = asterisk_lab
+    await lab.start_service()
+    await lab.number()
+    lab.sink.answer({"error": "Sorry, not enough credits."})
+    result, _ = await lab.call(CallPlan(user="demo"))
+    assert result.final_status == 603
+    report = await lab.sink.wait_for_message("end-of-call-report")
+    assert report.message["endedReason"] == "assistant-request-returned-error"
+    assert report.message["call"]["endedMessage"] == "Sorry, not enough credits."
+    assert lab.pipeline.sessions == []
+
+
+async def test_assistant_request_destination_transfers_with_headers(
+    asterisk_lab: AsteriskLab,
+) -> None:
+    lab = asterisk_lab
+    await lab.start_service()
+    target = SippCallee(lab.tmp / "callee", free_port())
+    lab.extra.append(target)
+    await target.start(expect_headers={"X-Account": "gold, vip"})
+    await lab.number()
+    lab.sink.answer(
+        {
+            "destination": {
+                "type": "sip",
+                "sipUri": target.uri,
+                "sipHeaders": {"X-Account": "gold, vip"},
+            }
+        }
+    )
+    result, _ = await lab.call(CallPlan(user="demo", talk_ms=500, listen_ms=500))
+    assert result.answered  # answered by the transfer target, through Asterisk
+    code, trace = await target.wait()
+    assert code == 0, trace[-2000:]
+    assert "X-Account: gold, vip" in trace
+    report = await lab.sink.wait_for_message("end-of-call-report")
+    assert report.message["endedReason"] == "assistant-request-returned-forwarding-phone-number"
+    assert lab.pipeline.sessions == []
+
+
+async def test_silent_server_goes_to_the_fallback_within_the_budget(
+    asterisk_lab: AsteriskLab,
+) -> None:
+    lab = asterisk_lab
+    await lab.start_service()
+    target = SippCallee(lab.tmp / "callee", free_port())
+    lab.extra.append(target)
+    await target.start()
+    await lab.number(fallbackDestination={"type": "sip", "sipUri": target.uri})
+    lab.sink.answer(hang=True)
+    started = time.monotonic()
+    result, _ = await lab.call(CallPlan(user="demo", talk_ms=200, listen_ms=200))
+    assert result.answered
+    code, _ = await target.wait()
+    assert code == 0
+    report = await lab.sink.wait_for_message("end-of-call-report")
+    assert report.message["endedReason"] == "assistant-request-failed"
+    # The 7.5 s budget, plus Asterisk dialling the fallback and the short call itself.
+    assert time.monotonic() - started < 7.5 + 3.0
+
+
+async def test_silent_server_without_fallback_is_480(asterisk_lab: AsteriskLab) -> None:
+    lab = asterisk_lab
+    await lab.start_service()
+    await lab.number()
+    lab.sink.answer(hang=True)
+    started = time.monotonic()
+    result, _ = await lab.call(CallPlan(user="demo"))
+    assert result.final_status == 480
+    assert 7.0 <= time.monotonic() - started < 7.5 + 2.0
+    report = await lab.sink.wait_for_message("end-of-call-report")
+    assert report.message["endedReason"] == "assistant-request-failed"
+
+
+# ---- the AMI link -----------------------------------------------------------------------------
+
+
+async def test_ami_killed_mid_call_keeps_audio_and_the_next_call_works(
+    asterisk_lab: AsteriskLab,
+) -> None:
+    lab = asterisk_lab
+    service = await lab.start_service()
+    assistant = await lab.assistant()
+    await lab.number(assistantId=assistant["id"])
+    call = asyncio.ensure_future(
+        lab.call(CallPlan(user="demo", tone_file=lab.tone_file(600), talk_ms=6000, listen_ms=0))
+    )
+    session = await lab.pipeline.session()
+    await session.wait_audio(32000)  # a second of the caller
+    lab.ami_proxy.blocked = True
+    lab.ami_proxy.cut()
+    await asyncio.wait_for(service.wait_link("asterisk", up=False), 5)
+    heard_before_cut = len(session.audio)
+    await session.wait_audio(heard_before_cut + 48000)  # 1.5 s more after AMI is gone
+    lab.ami_proxy.blocked = False
+    await asyncio.wait_for(service.wait_link("asterisk", up=True), 10)
+    result, _ = await call
+    assert result.answered and result.bye_from_caller
+    fraction, count = share_of_windows(bytes(session.audio), 16000, 600)
+    assert count >= 4 and fraction >= 0.95
+    report = await lab.sink.wait_for_message("end-of-call-report", timeout=15)
+    assert report.message["endedReason"] == "customer-ended-call"
+    assert lab.ami_proxy.connections >= 2  # control came back on a new connection
+    second, _ = await lab.call(CallPlan(user="demo", talk_ms=300, listen_ms=300), name="second")
+    assert second.answered
+
+
+async def test_a_call_waiting_while_ami_is_down_is_taken_after_reconnecting(
+    asterisk_lab: AsteriskLab,
+) -> None:
+    lab = asterisk_lab
+    service = await lab.start_service()
+    assistant = await lab.assistant()
+    await lab.number(assistantId=assistant["id"])
+    lab.ami_proxy.blocked = True
+    lab.ami_proxy.cut()
+    # The dialplan holds the call (the heartbeat is fresh) and announces it while nobody listens.
+    call = asyncio.ensure_future(lab.call(CallPlan(user="demo", talk_ms=300, listen_ms=300)))
+    while not await asyncio.to_thread(lab.asterisk.channels):
+        pass  # each look is a CLI round trip
+    assert service.callflow.active() == []
+    lab.ami_proxy.blocked = False
+    result, _ = await call
+    assert result.answered  # the resync after reconnecting announced it again
+    session = await lab.pipeline.session()
+    assert session.start is not None
+
+
+# ---- capacity and isolation -------------------------------------------------------------------
+
+
+async def test_twenty_concurrent_calls_each_hear_only_their_caller(
+    asterisk_lab: AsteriskLab,
+) -> None:
+    lab = asterisk_lab
+    await lab.start_service()
+    assistant = await lab.assistant()
+    await lab.number(assistantId=assistant["id"])
+    tones = [400 + 60 * index for index in range(20)]
+    plans = [
+        CallPlan(
+            user="demo",
+            headers=[("X-Tone", str(tone))],
+            tone_file=lab.tone_file(tone),
+            talk_ms=4000,
+            listen_ms=500,
+        )
+        for tone in tones
+    ]
+    results = await asyncio.gather(*(lab.call(plan, name=f"c{i}") for i, plan in enumerate(plans)))
+    assert all(result.answered for result, _ in results), [r.final_status for r, _ in results]
+    assert len(lab.pipeline.sessions) == 20
+    for session in lab.pipeline.sessions:
+        await session.closed.wait()
+        assert session.start is not None
+        own = int(session.start["headers"]["X-Tone"])
+        pcm = bytes(session.audio)
+        fraction, count = share_of_windows(pcm, 16000, own)
+        assert count >= 3 and fraction >= 0.95, (own, fraction, count)
+        for other in tones:
+            if other != own:
+                assert share_of_windows(pcm, 16000, other, threshold=0.05)[0] == 0.0, (own, other)
+    reports = await lab.sink.wait_for(
+        lambda rs: sum(1 for r in rs if _type(r) == "end-of-call-report") == 20, timeout=20
+    )
+    assert {
+        json.loads(r.body)["message"]["endedReason"]
+        for r in reports
+        if _type(r) == "end-of-call-report"
+    } == {"customer-ended-call"}
+    assert await lab.no_channels_left() == []
+
+
+def _type(recorded: object) -> str | None:
+    try:
+        return json.loads(recorded.body)["message"]["type"]  # type: ignore[attr-defined]
+    except (ValueError, KeyError, TypeError):
+        return None

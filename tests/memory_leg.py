@@ -1,0 +1,45 @@
+"""A PBX audio leg in memory (the MediaLeg interface), whose caller side a test drives."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from bridge.audio import tone_share
+from bridge.media.session import LegEvent
+
+
+@dataclass
+class MemoryLeg:
+    """A PBX leg whose caller side the test drives."""
+
+    rate: int = 8000
+    inbox: asyncio.Queue[LegEvent] = field(default_factory=asyncio.Queue)
+    sent: list[bytes] = field(default_factory=list)
+    hangups: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def receive(self) -> list[LegEvent]:
+        events = [await self.inbox.get()]
+        while not self.inbox.empty():
+            events.append(self.inbox.get_nowait())
+        return events
+
+    def send_audio(self, pcm: bytes) -> bool:
+        self.sent.append(pcm)
+        self.changed.set()
+        return True
+
+    def send_hangup(self) -> None:
+        self.hangups += 1
+
+    async def wait_sent(self, count: int, timeout: float = 10.0) -> None:
+        async def wait() -> None:
+            while len(self.sent) < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(wait(), timeout)
+
+    def tone_frames(self, frequency: float) -> int:
+        return sum(1 for frame in self.sent if tone_share(frame, self.rate, frequency) > 0.5)

@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import pytest
+
+from bridge.audio import (
+    Pacer,
+    PlayoutBuffer,
+    Reframer,
+    Resampler,
+    Transcoder,
+    frame_bytes,
+    mix,
+    pcm_to_ulaw,
+    rms,
+    silence,
+    sine,
+    tone_share,
+    ulaw_to_pcm,
+)
+
+
+def test_frame_sizes() -> None:
+    assert frame_bytes(8000) == 320 and frame_bytes(16000) == 640 and frame_bytes(24000) == 960
+    assert silence() == bytes(320)
+
+
+def test_ulaw_round_trip_keeps_the_tone() -> None:
+    tone = sine(700, 1.0)
+    encoded = pcm_to_ulaw(tone)
+    assert len(encoded) == len(tone) // 2
+    assert tone_share(ulaw_to_pcm(encoded), 8000, 700) > 0.99
+
+
+@pytest.mark.parametrize(
+    ("source", "target"), [(8000, 16000), (16000, 8000), (8000, 24000), (24000, 8000)]
+)
+def test_streaming_resampling_equals_one_shot(source: int, target: int) -> None:
+    tone = sine(440, 1.0, source)
+    whole = Resampler(source, target).convert(tone)
+    streaming = Resampler(source, target)
+    chunked = b"".join(
+        streaming.convert(tone[i : i + frame_bytes(source)])
+        for i in range(0, len(tone), frame_bytes(source))
+    )
+    assert chunked == whole  # the carried state loses no sample at frame edges
+    assert abs(len(chunked) - len(tone) * target // source) <= 4
+    half_second = chunked[:target]  # 0.5 s holds a whole number of 440 Hz cycles
+    assert tone_share(half_second, target, 440) > 0.98
+
+
+def test_transcoder_both_directions() -> None:
+    pcm16 = Transcoder("pcm_s16le", 16000)
+    frame = sine(1000, 0.02)
+    assert len(pcm16.to_pipeline(frame)) in (638, 640, 642)
+    mulaw = Transcoder("mulaw", 16000)  # μ-law is always 8 kHz
+    assert mulaw.pipeline_rate == 8000
+    assert len(mulaw.to_pipeline(frame)) == 160
+    assert len(mulaw.from_pipeline(bytes(160))) == 320
+    assert pcm16.from_pipeline(b"\x01") == b""  # an odd trailing byte is dropped, not misread
+    with pytest.raises(ValueError):
+        Transcoder("opus", 48000)
+
+
+def test_reframer_cuts_any_chunking_into_frames() -> None:
+    reframer = Reframer(320)
+    data = bytes(range(256)) * 5  # 1280 bytes = 4 frames
+    frames = []
+    for size in (1, 300, 19, 700, 260):
+        frames += reframer.push(data[:size])
+        data = data[size:]
+    assert b"".join(frames) == (bytes(range(256)) * 5)[: len(frames) * 320]
+    assert len(frames) == 4 and reframer.pending_bytes == 0
+    reframer.push(b"\x05" * 10)
+    assert reframer.flush() == b"\x05" * 10 + bytes(310)
+    assert reframer.flush() is None
+
+
+def test_playout_silence_fill_and_order() -> None:
+    buffer = PlayoutBuffer(4, max_frames=10)
+    assert buffer.next_frame() == (bytes(4), [])
+    buffer.push(b"aaaabbbbcc")
+    assert buffer.queued_frames == 2
+    assert buffer.next_frame() == (b"aaaa", [])
+    assert buffer.next_frame() == (b"bbbb", [])
+    assert buffer.next_frame() == (bytes(4), [])
+    assert buffer.silence_frames == 2
+
+
+def test_marks_are_played_after_their_audio() -> None:
+    buffer = PlayoutBuffer(4, max_frames=10)
+    assert buffer.mark("first") == ["first"]  # nothing queued: played at once
+    buffer.push(b"aaaabb")
+    assert buffer.mark("m1") == []  # the tail "bb" is padded into a frame before the mark
+    buffer.push(b"cccc")
+    assert buffer.mark("m2") == []
+    assert buffer.next_frame() == (b"aaaa", [])
+    assert buffer.next_frame() == (b"bb\x00\x00", ["m1"])
+    assert buffer.next_frame() == (b"cccc", ["m2"])
+
+
+def test_clear_drops_audio_and_reports_waiting_marks() -> None:
+    buffer = PlayoutBuffer(4, max_frames=10)
+    buffer.push(b"aaaabbbb")
+    buffer.mark("m1")
+    buffer.push(b"cccc")
+    buffer.mark("m2")
+    buffer.push(b"dd")
+    assert buffer.clear() == ["m1", "m2"]
+    assert buffer.next_frame() == (bytes(4), [])  # silence on the very next frame
+    buffer.push(b"eeee")
+    assert buffer.next_frame() == (b"eeee", [])  # the cleared partial frame is gone too
+
+
+def test_playout_is_bounded() -> None:
+    buffer = PlayoutBuffer(4, max_frames=2)
+    assert buffer.push(b"a" * 16) == 2
+    assert buffer.queued_frames == 2 and buffer.dropped_frames == 2
+
+
+def test_pacer_keeps_an_absolute_schedule() -> None:
+    pacer = Pacer(100.0)
+    assert pacer.next_due == 100.0
+    for n in range(1, 51):
+        pacer.sent(100.0 + n * 0.02 - 0.019)  # each send slightly early or late does not drift
+    assert pacer.next_due == pytest.approx(101.0)
+    pacer.sent(101.5)  # a 0.5 s stall: restart from now instead of bursting 25 frames
+    assert pacer.resets == 1
+    assert pacer.next_due == pytest.approx(101.52)
+
+
+def test_tone_share_tells_tones_apart() -> None:
+    assert tone_share(sine(700, 1.0), 8000, 700) > 0.99
+    assert tone_share(sine(700, 1.0), 8000, 750) < 0.01
+    assert tone_share(bytes(16000), 8000, 700) == 0.0
+    both = mix(sine(700, 1.0), sine(1200, 1.0))
+    assert 0.4 < tone_share(both, 8000, 700) < 0.6
+    assert rms(bytes(320)) == 0 and 6900 < rms(sine(700, 0.2)) < 7000

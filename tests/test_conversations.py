@@ -1,0 +1,115 @@
+"""Conversations: a call's pipeline opened while it rings, joined to its leg when media attaches."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from bridge.audio import sine, tone_share
+from bridge.calls import EndedReason
+from bridge.conversations import Conversations
+from bridge.media.session import LegAudio, LegClosed
+from bridge.settings import MediaSettings, PipelineSettings
+from tests.flow_harness import Harness, facts
+from tests.memory_leg import MemoryLeg
+from tests.pipeline_server import PipelineServer, PipelineSession
+
+
+async def build(make_harness: Callable[..., Any]) -> tuple[Harness, Conversations]:
+    conversations = Conversations(PipelineSettings(), MediaSettings())
+    harness: Harness = await make_harness(media=conversations)
+    return harness, conversations
+
+
+async def test_a_call_from_pipeline_start_to_report(
+    make_harness: Callable[..., Any], pipeline: PipelineServer
+) -> None:
+    h, conversations = await build(make_harness)
+    assistant = await h.assistant(
+        sipbridge={"pipeline": {"url": pipeline.url, "headers": {"X-Tenant": "acme"}}}
+    )
+    await h.number(assistantId=assistant["id"])
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    await h.pbx.wait_for("connect_media")
+    session = await pipeline.session()
+    assert session.headers["x-tenant"] == "acme"
+    start = session.start
+    assert start is not None and start["callId"] == call.id
+    assert start["assistant"]["firstMessage"] == "Hello John, you've reached me over SIP."
+    assert start["headers"] == {"X-First_Name": "John", "X-Account-Id": "42"}
+    assert start["variables"]["account_id"] == "42"
+    assert start["phoneNumber"]["sipUri"] == "sip:alice@sip.example.com"
+
+    leg = MemoryLeg()
+    task = asyncio.ensure_future(conversations.attach(call.id, leg))
+    tone = sine(700, 0.5)
+    for offset in range(0, len(tone), 320):
+        leg.inbox.put_nowait(LegAudio(tone[offset : offset + 320]))
+    heard = await session.wait_audio(15000)
+    assert tone_share(heard[:8000], 16000, 700) > 0.95
+    leg.inbox.put_nowait(LegClosed(by_caller=True))
+    await task
+    report = await h.sink.wait_for_message("end-of-call-report")
+    media = report.message["call"]["sipbridge"]["media"]
+    assert report.message["endedReason"] == "customer-ended-call"
+    assert media["framesFromCaller"] == 25 and media["framesToPipeline"] == 25
+    assert "hangup" not in h.pbx.names()  # the caller hung up: nothing to tell the PBX
+
+
+async def test_media_for_no_waiting_call_is_hung_up(make_harness: Callable[..., Any]) -> None:
+    _, conversations = await build(make_harness)
+    leg = MemoryLeg()
+    await conversations.attach("not-a-call", leg)
+    assert leg.hangups == 1
+
+
+async def test_a_call_ending_before_its_media_closes_the_pipeline(
+    make_harness: Callable[..., Any], pipeline: PipelineServer
+) -> None:
+    h, conversations = await build(make_harness)
+    assistant = await h.assistant(sipbridge={"pipeline": {"url": pipeline.url}})
+    await h.number(assistantId=assistant["id"])
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    await h.pbx.wait_for("connect_media")
+    session: PipelineSession = await pipeline.session()
+    h.flow.hung_up("test", call.facts.pbx_call_id)
+    await session.closed.wait()
+    assert conversations.describe()["waitingForMedia"] == 0
+    await conversations.aclose()
+
+
+async def test_the_pipeline_transfers_and_hangs_up_through_the_flow(
+    make_harness: Callable[..., Any], pipeline: PipelineServer
+) -> None:
+    async def script(session: PipelineSession) -> None:
+        await session.send_json(
+            {
+                "type": "transfer",
+                "destination": {
+                    "type": "sip",
+                    "sipUri": "sip:agent@pbx.example.com",
+                    "message": "Bye {{first_name}}",
+                },
+            }
+        )
+
+    pipeline.script = script
+    h, conversations = await build(make_harness)
+    assistant = await h.assistant(sipbridge={"pipeline": {"url": pipeline.url}})
+    await h.number(assistantId=assistant["id"])
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    await h.pbx.wait_for("connect_media")
+    await conversations.attach(call.id, MemoryLeg())
+    destination = await h.pbx.wait_for("transfer")
+    assert (
+        destination["sipUri"] == "sip:agent@pbx.example.com"
+        and destination["message"] == "Bye John"
+    )
+    assert call.ended_reason is EndedReason.ASSISTANT_FORWARDED_CALL
+    await h.sink.wait_for_message("status-update", status="ended")
+    statuses = [m["status"] for m in h.sink.messages("status-update")]
+    assert statuses == ["ringing", "in-progress", "forwarding", "ended"]

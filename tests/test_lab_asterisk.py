@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bridge.lab.asterisk import (
+    DIALPLAN_DIR,
+    MODULES,
+    READY_MARKER,
+    AmiUser,
+    AsteriskInstance,
+    cache_dir,
+    ensure_root,
+    root_version,
+    sipbridge_ami_user,
+)
+
+
+def test_the_lab_user_is_the_sample_user() -> None:
+    user = sipbridge_ami_user("s")
+    assert (user.read, user.write, user.eventfilter) == (
+        "call,user",
+        "call,reporting",
+        "Event: (UserEvent|Hangup)",
+    )
+
+
+def test_cache_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SIPBRIDGE_LAB_CACHE", str(tmp_path))
+    assert cache_dir() == tmp_path
+    monkeypatch.delenv("SIPBRIDGE_LAB_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "sipbridge"
+
+
+def test_a_built_root_is_reused(tmp_path: Path) -> None:
+    root = tmp_path / "asterisk-root"
+    root.mkdir()
+    (root / READY_MARKER).write_text("Asterisk 22.10.1+dfsg\n")
+    assert ensure_root(tmp_path) == root  # no mmdebstrap run: the marker says it is complete
+    assert root_version(root) == "Asterisk 22.10.1+dfsg"
+
+
+def test_instance_configuration(tmp_path: Path) -> None:
+    instance = AsteriskInstance(
+        tmp_path,
+        "t1",
+        15060,
+        15038,
+        20000,
+        20099,
+        [AmiUser("u", "p", "call", "call", "Event: Hangup")],
+    )
+    instance.write_config()
+    etc = tmp_path / "etc/asterisk-t1"
+    asterisk_conf = (etc / "asterisk.conf").read_text()
+    assert "[directories]\n" in asterisk_conf and "(!)" not in asterisk_conf  # not a template
+    assert "astrundir => /var/run/asterisk-t1" in asterisk_conf
+    assert "bind = 127.0.0.1:15060" in (etc / "pjsip.conf").read_text()
+    manager = (etc / "manager.conf").read_text()
+    assert "port = 15038" in manager and "eventfilter = Event: Hangup" in manager
+    assert (etc / "rtp.conf").read_text() == "[general]\nrtpstart = 20000\nrtpend = 20099\n"
+    modules = (etc / "modules.conf").read_text()
+    assert "autoload = no" in modules and all(f"load => {m}" in modules for m in MODULES)
+    assert (etc / "sipbridge.conf").read_bytes() == (DIALPLAN_DIR / "sipbridge.conf").read_bytes()
+    assert '#include "sipbridge.conf"' in (etc / "extensions.conf").read_text()
+    instance.stop()  # never started: only removes the directories
+    assert not etc.exists()
+
+
+def test_the_dialplan_names_only_modules_the_lab_loads() -> None:
+    """dialplan/sipbridge.conf lists its modules; the lab must load every one of them."""
+    header = (DIALPLAN_DIR / "sipbridge.conf").read_text().split("[sipbridge-inbound]")[0]
+    named = {
+        word.strip(" ,;()\n")
+        for word in header.replace(",", " ").split()
+        if word.startswith(("app_", "func_", "res_", "chan_", "pbx_"))
+    }
+    loaded = {module.removesuffix(".so") for module in MODULES}
+    assert named and named <= loaded, named - loaded

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from bridge.lab.sipp import CallPlan, callee_scenario, free_port, parse_trace, scenario
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize(
+    ("trace", "expected"),
+    [
+        # Real SIPp traces from calls through Asterisk 22 (tests/asterisk).
+        ("sipp_caller_hangs_up.messages.log", (200, False, True)),
+        ("sipp_far_end_hangs_up.messages.log", (200, True, False)),
+        ("sipp_rejected_404.messages.log", (404, False, False)),
+    ],
+)
+def test_trace_parsing(trace: str, expected: tuple[int, bool, bool]) -> None:
+    assert parse_trace((DATA / trace).read_text()) == expected
+
+
+def test_scenario_carries_the_plan() -> None:
+    plan = CallPlan(
+        user="demo",
+        headers=[("X-First_Name", "John"), ("X-Note", "hello, world")],
+        display_name="Ann",
+        tone_file=Path("/tmp/tone.ulaw"),
+        silent_ms=1000,
+        talk_ms=2000,
+        listen_ms=500,
+        dtmf="5#",
+    )
+    xml = scenario(plan)
+    assert "X-First_Name: John\nX-Note: hello, world\nContent-Type: application/sdp" in xml
+    assert '"Ann" <sip:+15551230000@' in xml
+    assert 'rtp_stream="/tmp/tone.ulaw,-1,0"' in xml
+    assert 'timeout="1000" ontimeout="talk"' in xml and 'timeout="2000" ontimeout="listen"' in xml
+    assert xml.count("Signal=") == 2 and "Signal=#" in xml
+    assert '<recv response="404" optional="true" next="rejected"/>' in xml
+
+
+@pytest.mark.parametrize("value", ["a[b]c", "line\r\nInjected: 1"])
+def test_scenario_refuses_what_sipp_would_misread(value: str) -> None:
+    with pytest.raises(ValueError, match="cannot go into a SIPp scenario"):
+        scenario(CallPlan(user="demo", headers=[("X-Bad", value)]))
+
+
+def test_callee_checks_headers_and_references_its_variables() -> None:
+    xml = callee_scenario({"X-Account": "gold, vip"})
+    assert 'regexp="X\\-Account: gold,\\ vip"' in xml
+    assert 'check_it="true"' in xml and '<Reference variables="h0"/>' in xml
+    assert "<Reference" not in callee_scenario({})
+
+
+def test_free_ports() -> None:
+    port = free_port(socket.SOCK_STREAM)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))
+    rtp = free_port(pair=True)
+    assert rtp % 2 == 0
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b,
+    ):
+        a.bind(("127.0.0.1", rtp))
+        b.bind(("127.0.0.1", rtp + 1))

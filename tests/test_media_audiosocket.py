@@ -1,0 +1,140 @@
+"""The AudioSocket server against an Asterisk-like peer on a real loopback TCP connection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bridge.media.audiosocket import AudioSocketLeg, AudioSocketServer
+from bridge.media.session import LegAudio, LegClosed, LegDtmf
+from bridge.protocol import audiosocket as wire
+
+
+class Handler:
+    def __init__(self) -> None:
+        self.legs: list[tuple[str, AudioSocketLeg]] = []
+        self.events: list[object] = []
+        self.arrived = asyncio.Event()
+        self.done = asyncio.Event()
+
+    async def __call__(self, call_id: str, leg: AudioSocketLeg) -> None:
+        self.legs.append((call_id, leg))
+        self.arrived.set()
+        while True:
+            events = await leg.receive()
+            self.events += events
+            if any(isinstance(e, LegClosed) for e in events):
+                break
+        self.done.set()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[AudioSocketServer, Handler]]:
+    handler = Handler()
+    running = AudioSocketServer("127.0.0.1", 0, 4096, handler)
+    await running.start()
+    yield running, handler
+    await running.aclose()
+
+
+async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_a_call_arrives_with_its_id_and_audio(
+    server: tuple[AudioSocketServer, Handler],
+) -> None:
+    running, handler = server
+    call_id = uuid.uuid4()
+    reader, writer = await connect(running.port)
+    # UUID and the first audio frame in one write, as Asterisk may well send them.
+    writer.write(wire.encode_call_id(call_id) + wire.encode_audio(b"\x01\x00" * 160))
+    await asyncio.wait_for(handler.arrived.wait(), 5)
+    assert handler.legs[0][0] == str(call_id)
+    writer.write(wire.encode_dtmf("7") + wire.encode_audio(b"\x02\x00" * 160))
+    leg = handler.legs[0][1]
+    assert leg.send_audio(b"\x03\x00" * 160)
+    leg.send_hangup()
+    assert await reader.readexactly(3 + 320) == wire.encode_audio(b"\x03\x00" * 160)
+    assert await reader.readexactly(3) == wire.encode_hangup()
+    writer.close()  # the caller hung up: Asterisk just closes
+    await asyncio.wait_for(handler.done.wait(), 5)
+    assert handler.events == [
+        LegAudio(b"\x01\x00" * 160),
+        LegDtmf("7"),
+        LegAudio(b"\x02\x00" * 160),
+        LegClosed(by_caller=True),
+    ]
+
+
+async def test_garbage_closes_the_leg_with_a_reason(
+    server: tuple[AudioSocketServer, Handler],
+) -> None:
+    running, handler = server
+    reader, writer = await connect(running.port)
+    writer.write(wire.encode_call_id(uuid.uuid4()))
+    await asyncio.wait_for(handler.arrived.wait(), 5)
+    writer.write(b"\x42\x00\x01x")
+    await asyncio.wait_for(handler.done.wait(), 5)
+    closed = handler.events[-1]
+    assert isinstance(closed, LegClosed) and not closed.by_caller
+    assert "unknown AudioSocket kind 0x42" in closed.detail
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # and the connection is closed
+    writer.close()
+
+
+async def test_an_error_frame_ends_the_leg(server: tuple[AudioSocketServer, Handler]) -> None:
+    running, handler = server
+    _, writer = await connect(running.port)
+    writer.write(wire.encode_call_id(uuid.uuid4()))
+    await asyncio.wait_for(handler.arrived.wait(), 5)
+    writer.write(bytes.fromhex("ff000102"))
+    await asyncio.wait_for(handler.done.wait(), 5)
+    assert handler.events == [LegClosed(False, "Asterisk reported AudioSocket error 2")]
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("first", "problem"),
+    [
+        (wire.encode_audio(bytes(320)), "first frame is Audio, not the UUID"),
+        (wire.encode_call_id(uuid.uuid4()) + b"\x42\x00\x00", "unknown AudioSocket kind 0x42"),
+        (b"", "closed before sending its UUID"),
+    ],
+)
+async def test_a_bad_start_is_closed_and_logged(
+    server: tuple[AudioSocketServer, Handler],
+    caplog: pytest.LogCaptureFixture,
+    first: bytes,
+    problem: str,
+) -> None:
+    running, handler = server
+    reader, writer = await connect(running.port)
+    with caplog.at_level(logging.WARNING):
+        if first:
+            writer.write(first)
+        else:
+            writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+        writer.close()
+        await running.aclose()  # waits for the connection's handler to finish logging
+    assert problem in caplog.text
+    assert handler.legs == []
+
+
+async def test_a_slow_reader_gets_frames_dropped_not_queued(
+    server: tuple[AudioSocketServer, Handler],
+) -> None:
+    running, handler = server
+    _, writer = await connect(running.port)
+    writer.write(wire.encode_call_id(uuid.uuid4()))
+    await asyncio.wait_for(handler.arrived.wait(), 5)
+    leg = handler.legs[0][1]
+    # The peer never reads: the socket buffers fill, then frames are dropped and counted.
+    sent = sum(leg.send_audio(bytes(320)) for _ in range(20000))
+    assert leg.dropped_frames > 0 and sent < 20000
+    writer.close()

@@ -1,0 +1,221 @@
+"""The media session: a PBX leg (in memory, the MediaLeg interface) and a real websocket pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from bridge.audio import PlayoutBuffer, Transcoder, silence, sine, tone_share
+from bridge.calls import EndedReason
+from bridge.media.session import (
+    LegAudio,
+    LegClosed,
+    LegDtmf,
+    MediaSession,
+    SessionHooks,
+    SessionResult,
+)
+from bridge.pipeline import PipelineConnection
+from bridge.protocol.pipeline import RawDialect
+from bridge.settings import PipelineSettings
+from tests.memory_leg import MemoryLeg
+from tests.pipeline_server import PipelineServer, PipelineSession
+
+
+@dataclass
+class Hooks:
+    transfers: list[Mapping[str, Any]] = field(default_factory=list)
+    dtmf: list[str] = field(default_factory=list)
+    reports: list[tuple[str, Mapping[str, Any]]] = field(default_factory=list)
+    transfer_ok: bool = True
+
+    def build(self) -> SessionHooks:
+        async def transfer(destination: Mapping[str, Any]) -> bool:
+            self.transfers.append(destination)
+            return self.transfer_ok
+
+        async def send_dtmf(digits: str) -> None:
+            self.dtmf.append(digits)
+
+        def report(kind: str, payload: Mapping[str, Any]) -> None:
+            self.reports.append((kind, payload))
+
+        return SessionHooks(transfer, send_dtmf, report)
+
+
+@dataclass
+class Rig:
+    leg: MemoryLeg
+    hooks: Hooks
+    ended: asyncio.Event
+    session: MediaSession
+    task: asyncio.Task[SessionResult]
+    remote: PipelineSession
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[PipelineServer]:
+    running = PipelineServer()
+    await running.start()
+    yield running
+    await running.stop()
+
+
+async def start(server: PipelineServer) -> Rig:
+    index = len(server.sessions)
+    stream = await PipelineConnection.open(server.url, {"X-Key": "k"}, PipelineSettings())
+    dialect = RawDialect("pcm_s16le", 16000)
+    await stream.send('{"type": "start", "callId": "c1"}')
+    leg, hooks, ended = MemoryLeg(), Hooks(), asyncio.Event()
+    session = MediaSession(
+        leg=leg,
+        stream=stream,
+        dialect=dialect,
+        transcoder=Transcoder("pcm_s16le", 16000),
+        playout=PlayoutBuffer(320, max_frames=3000),
+        hooks=hooks.build(),
+        ended=ended,
+    )
+    task = asyncio.ensure_future(session.run())
+    remote = await server.session(index)
+    return Rig(leg, hooks, ended, session, task, remote)
+
+
+async def test_caller_audio_reaches_the_pipeline_converted(server: PipelineServer) -> None:
+    rig = await start(server)
+    assert rig.remote.headers["x-key"] == "k"
+    tone = sine(700, 1.0)
+    for offset in range(0, len(tone), 320):
+        rig.leg.inbox.put_nowait(LegAudio(tone[offset : offset + 320]))
+    received = await rig.remote.wait_audio(30000)
+    assert tone_share(received[:16000], 16000, 700) > 0.98  # 0.5 s at 16 kHz
+    assert rig.remote.audio_messages >= 47  # one binary message per 20 ms frame
+    rig.leg.inbox.put_nowait(LegDtmf("5"))
+    await rig.remote.wait_control("dtmf", digit="5")
+    rig.leg.inbox.put_nowait(LegClosed(by_caller=True))
+    result = await rig.task
+    assert (result.reason, result.hangup) == (EndedReason.CUSTOMER_ENDED_CALL, False)
+    stop = await rig.remote.wait_control("stop")
+    assert stop["reason"] == "customer-ended-call"
+    assert rig.leg.hangups == 0
+
+
+async def test_pipeline_bursts_are_reframed_and_paced_with_silence_between(
+    server: PipelineServer,
+) -> None:
+    rig = await start(server)
+    await rig.leg.wait_sent(3)
+    assert all(frame == silence() for frame in rig.leg.sent)  # silence before anything is said
+    burst = sine(1000, 0.5, 16000)
+    for offset in range(0, len(burst), 3040):  # 95 ms chunks, as Pipecat sends them
+        await rig.remote.send(burst[offset : offset + 3040])
+    await rig.remote.send_json({"type": "mark", "name": "said"})
+    await rig.remote.wait_control("mark", name="said")
+    frames = list(rig.leg.sent)
+    assert {len(frame) for frame in frames} == {320}
+    spoken = [frame for frame in frames if frame != silence()]
+    assert 24 <= len(spoken) <= 26  # 0.5 s in 20 ms frames
+    assert sum(tone_share(frame, 8000, 1000) > 0.9 for frame in spoken[1:-1]) == len(spoken) - 2
+    rig.ended.set()
+    result = await rig.task
+    assert result.reason is None and result.hangup and rig.leg.hangups == 1
+
+
+async def send_chunks(remote: PipelineSession, pcm: bytes, chunk: int = 3200) -> None:
+    """A reply as a TTS engine streams it: 100 ms chunks, faster than real time."""
+    for offset in range(0, len(pcm), chunk):
+        await remote.send(pcm[offset : offset + chunk])
+
+
+async def test_clear_silences_at_once_and_reports_pending_marks(server: PipelineServer) -> None:
+    rig = await start(server)
+    await send_chunks(rig.remote, sine(1000, 3.0, 16000))
+    await rig.remote.send_json({"type": "mark", "name": "end-of-reply"})
+    await rig.leg.wait_sent(10)  # the reply is playing
+    await rig.remote.send_json({"type": "clear"})
+    cleared = await rig.remote.wait_control("mark", name="end-of-reply")  # cleared marks come back
+    assert cleared == {"type": "mark", "name": "end-of-reply"}
+    count = len(rig.leg.sent)
+    await rig.leg.wait_sent(count + 5)
+    after = rig.leg.sent[count:]
+    assert all(frame == silence() for frame in after)
+    assert rig.leg.tone_frames(1000) < 100  # far less than the 150 frames of the reply
+    rig.ended.set()
+    await rig.task
+
+
+async def test_marks_come_back_in_order_after_their_audio(server: PipelineServer) -> None:
+    rig = await start(server)
+    first, second = sine(500, 0.2, 16000), sine(1500, 0.2, 16000)
+    await rig.remote.send(first)
+    await rig.remote.send_json({"type": "mark", "name": "m1"})
+    await rig.remote.send(second)
+    await rig.remote.send_json({"type": "mark", "name": "m2"})
+    await rig.remote.wait_control("mark", name="m1")
+    assert rig.leg.tone_frames(500) >= 9  # m1 was echoed only after the first reply went out
+    assert rig.leg.tone_frames(1500) <= 1
+    await rig.remote.wait_control("mark", name="m2")
+    assert rig.leg.tone_frames(1500) >= 9
+    assert [m["name"] for m in rig.remote.controls if m["type"] == "mark"] == ["m1", "m2"]
+    rig.ended.set()
+    await rig.task
+
+
+async def test_end_call_plays_out_queued_audio_first(server: PipelineServer) -> None:
+    rig = await start(server)
+    await rig.remote.send(sine(800, 0.6, 16000))
+    await rig.remote.send_json(
+        {"type": "end-call", "reason": "assistant-said-end-call-phrase", "message": "Bye"}
+    )
+    result = await rig.task
+    assert result.reason is EndedReason.ASSISTANT_SAID_END_CALL_PHRASE and result.message == "Bye"
+    assert rig.leg.tone_frames(800) >= 28  # the goodbye was heard before the hang-up
+    assert rig.leg.hangups == 1
+
+
+async def test_pipeline_closing_cleanly_or_breaking(server: PipelineServer) -> None:
+    rig = await start(server)
+    await rig.remote.ws.close(1000, "done")
+    result = await rig.task
+    assert result.reason is EndedReason.ASSISTANT_ENDED_CALL and result.hangup
+
+    rig = await start(server)
+    rig.remote.ws.transport.abort()
+    result = await rig.task
+    assert result.reason is EndedReason.PIPELINE_FAILED and "1006" in (result.message or "")
+
+
+async def test_transfer_dtmf_reports_and_nonsense(server: PipelineServer) -> None:
+    rig = await start(server)
+    await rig.remote.send("not json")
+    await rig.remote.send_json({"type": "warp-drive"})
+    await rig.remote.send_json({"type": "send-dtmf", "digits": "12"})
+    await rig.remote.send_json(
+        {"type": "transcript", "role": "user", "transcript": "hello", "transcriptType": "final"}
+    )
+    rig.hooks.transfer_ok = False
+    await rig.remote.send_json(
+        {"type": "transfer", "destination": {"type": "number", "number": "+1555"}}
+    )
+    await rig.leg.wait_sent(2)
+    rig.hooks.transfer_ok = True
+    await rig.remote.send_json(
+        {"type": "transfer", "destination": {"type": "sip", "sipUri": "sip:a@b"}}
+    )
+    result = await rig.task
+    assert (result.reason, result.hangup) == (EndedReason.ASSISTANT_FORWARDED_CALL, False)
+    assert rig.hooks.dtmf == ["12"]
+    assert rig.hooks.reports[0][0] == "transcript"
+    assert [d["type"] for d in rig.hooks.transfers] == ["number", "sip"]
+    assert rig.session.stats.ignored_messages == 2
+
+
+async def test_a_broken_leg_ends_with_the_media_reason(server: PipelineServer) -> None:
+    rig = await start(server)
+    rig.leg.inbox.put_nowait(LegClosed(by_caller=False, detail="garbage"))
+    result = await rig.task
+    assert result.reason is EndedReason.MEDIA_LEG_CLOSED and not result.hangup

@@ -1,0 +1,289 @@
+"""The Asterisk adapter against a loopback AMI peer replaying Asterisk 22's captured messages.
+
+Each panoramisk defect the adapter works around (libraries.md section 2) has a regression test
+here. The end-to-end behaviour with real Asterisk is in test_asterisk_calls.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from bridge.errors import PbxActionError, PbxAuthError, PbxConnectionError
+from bridge.events import InviteFacts, invite_facts
+from bridge.pbx.asterisk import AmiLink, AsteriskAdapter
+from bridge.settings import AsteriskSettings
+from tests.ami_peer import HANGUP_EVENT, OFFER_EVENT, AmiPeer, render
+
+
+@dataclass
+class Sink:
+    offers: list[InviteFacts] = field(default_factory=list)
+    hangups: list[tuple[str, int]] = field(default_factory=list)
+    links: list[bool] = field(default_factory=list)
+    known: set[str] = field(default_factory=set)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def offered(self, facts: InviteFacts, truncated: bool) -> None:
+        self.offers.append(facts)
+        self.changed.set()
+
+    def hung_up(self, pbx_call_id: str, cause: int) -> None:
+        self.hangups.append((pbx_call_id, cause))
+        self.changed.set()
+
+    def link_changed(self, up: bool, detail: str) -> None:
+        self.links.append(up)
+        self.changed.set()
+
+    def known_calls(self) -> set[str]:
+        return set(self.known)
+
+    async def wait_for(self, predicate: Any, timeout: float = 5.0) -> None:
+        async def wait() -> None:
+            while not predicate(self):
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(wait(), timeout)
+
+
+def settings(peer: AmiPeer, **values: Any) -> AsteriskSettings:
+    base: dict[str, Any] = {
+        "enabled": True,
+        "port": peer.port,
+        "secret": peer.secret,
+        "ping_interval_s": 0.3,
+        "action_timeout_s": 0.5,
+        "reconnect_max_delay_s": 0.2,
+    }
+    base.update(values)
+    return AsteriskSettings(**base)
+
+
+@pytest.fixture
+async def peer() -> AsyncIterator[AmiPeer]:
+    server = AmiPeer()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def adapter(peer: AmiPeer) -> AsyncIterator[tuple[AsteriskAdapter, Sink]]:
+    sink = Sink()
+    running = AsteriskAdapter(settings(peer), sink, audiosocket_address=lambda: "127.0.0.1:9092")
+    await running.start()
+    yield running, sink
+    await running.aclose()
+
+
+FACTS = invite_facts(
+    pbx="asterisk",
+    pbx_call_id="1795455093.1",
+    channel="PJSIP/anonymous-00000001",
+    request_user="alice",
+    request_host="x",
+)
+
+
+async def test_offer_events_become_invite_facts(
+    peer: AmiPeer, adapter: tuple[AsteriskAdapter, Sink]
+) -> None:
+    _, sink = adapter
+    await peer.send(render(OFFER_EVENT))
+    await sink.wait_for(lambda s: s.offers)
+    facts = sink.offers[0]
+    assert facts.request_user == "al(i)ce" and facts.from_name == "José Müller, Jr."
+    assert dict(facts.headers)["X-Note"] == "hello, world"
+    await peer.send(render(HANGUP_EVENT))
+    await sink.wait_for(lambda s: s.hangups)
+    assert sink.hangups == [("1795455892.1", 1)]
+
+
+async def test_utf8_split_across_reads_survives(peer: AmiPeer) -> None:
+    """panoramisk decodes each chunk with errors='ignore': 'José' became 'Jos'."""
+    received: list[Any] = []
+    arrived = asyncio.Event()
+
+    def on_event(event: Any) -> None:
+        received.append(event)
+        arrived.set()
+
+    link = AmiLink(settings(peer), on_event)
+    await link.open()
+    data = render(HANGUP_EVENT, CallerIDName="José Müller")
+    split = data.index("é".encode()) + 1  # inside the two bytes of "é"
+    await peer.send(data, split_at=split)
+    await asyncio.wait_for(arrived.wait(), 5)
+    assert received[0]["CallerIDName"] == "José Müller"
+    await link.aclose()
+
+
+async def test_a_refused_login_is_an_error_not_a_retry_loop(peer: AmiPeer) -> None:
+    """panoramisk resolves a refused login quietly and retries the same secret forever."""
+    sink = Sink()
+    adapter = AsteriskAdapter(
+        settings(peer, secret="wrong"), sink, audiosocket_address=lambda: "x:1"
+    )
+    with pytest.raises(PbxAuthError, match="Authentication failed"):
+        await adapter.start()
+    assert peer.logins == 1
+    assert adapter._supervisor is None  # nothing left running that could try again
+    await adapter.aclose()
+
+
+async def test_unreachable_asterisk_is_retried_in_the_background() -> None:
+    server = AmiPeer()
+    await server.start()
+    port = server.port
+    await server.stop()  # nothing listens on the port for now
+    sink = Sink()
+    adapter = AsteriskAdapter(settings(server, port=port), sink, audiosocket_address=lambda: "x:1")
+    await adapter.start()
+    assert not adapter.link.up
+    revived = AmiPeer(port=port)
+    await revived.start()
+    try:
+        await sink.wait_for(lambda s: True in s.links)
+        assert revived.logins == 1
+    finally:
+        await adapter.aclose()
+        await revived.stop()
+
+
+async def test_watchdog_notices_a_silent_link_and_reconnects(
+    peer: AmiPeer, adapter: tuple[AsteriskAdapter, Sink]
+) -> None:
+    """panoramisk's pings are fire-and-forget: a half-open connection was never noticed."""
+    _, sink = adapter
+    await peer.wait_for(lambda p: len(p.actions_named("setvar")) >= 2)  # heartbeats flow
+    peer.silent = True
+    interval = 0.3
+    await sink.wait_for(lambda s: False in s.links, timeout=2 * interval + 1.0)
+    peer.silent = False
+    await sink.wait_for(lambda s: s.links.count(True) >= 1 and s.links[-1] is True)
+    assert peer.logins == 2
+
+
+async def test_pending_actions_fail_when_the_link_drops_and_are_never_resent(
+    peer: AmiPeer, adapter: tuple[AsteriskAdapter, Sink]
+) -> None:
+    """panoramisk re-sends unanswered actions after reconnecting: a Redirect could run twice."""
+    running, sink = adapter
+    peer.unanswered = {"redirect"}
+    pending = asyncio.ensure_future(
+        running.link.action(
+            {
+                "Action": "Redirect",
+                "Channel": "PJSIP/a-1",
+                "Context": "c",
+                "Exten": "s",
+                "Priority": "1",
+            },
+            limit_s=5,
+        )
+    )
+    await peer.wait_for(lambda p: bool(p.actions_named("redirect")))
+    peer.drop_all()
+    with pytest.raises(PbxConnectionError):
+        await pending
+    peer.unanswered = set()
+    await sink.wait_for(lambda s: bool(s.links) and s.links[-1] is True and peer.logins == 2)
+    await peer.wait_for(lambda p: len(p.actions_named("coreshowchannels")) == 2)
+    assert len(peer.actions_named("redirect")) == 1
+
+
+async def test_every_action_has_a_timeout(
+    peer: AmiPeer, adapter: tuple[AsteriskAdapter, Sink]
+) -> None:
+    running, _ = adapter
+    peer.unanswered = {"pjsiphangup"}
+    with pytest.raises(PbxActionError, match="no answer within 0.5 s"):
+        await running.reject(FACTS, 404)
+
+
+async def test_actions_fail_fast_while_the_link_is_down(
+    peer: AmiPeer, adapter: tuple[AsteriskAdapter, Sink]
+) -> None:
+    running, sink = adapter
+    await peer.stop()
+    await sink.wait_for(lambda s: False in s.links)
+    with pytest.raises(PbxConnectionError):
+        await running.hangup(FACTS)
+
+
+async def test_resync_after_connecting(peer: AmiPeer) -> None:
+    peer.channels = [
+        {
+            "Channel": "PJSIP/waiting-1",
+            "Uniqueid": "10.1",
+            "Context": "sipbridge-offer",
+            "Application": "Wait",
+        },
+        {
+            "Channel": "PJSIP/orphan-2",
+            "Uniqueid": "10.2",
+            "Context": "sipbridge-media",
+            "Application": "AudioSocket",
+        },
+        {
+            "Channel": "PJSIP/known-3",
+            "Uniqueid": "10.3",
+            "Context": "sipbridge-media",
+            "Application": "AudioSocket",
+        },
+        {
+            "Channel": "PJSIP/other-4",
+            "Uniqueid": "10.4",
+            "Context": "from-internal",
+            "Application": "Dial",
+        },
+    ]
+    sink = Sink(known={"10.3", "10.9"})
+    adapter = AsteriskAdapter(settings(peer), sink, audiosocket_address=lambda: "x:1")
+    await adapter.start()
+    try:
+        assert sink.hangups == [("10.9", 0)]  # ended while AMI was away
+        redirects = peer.actions_named("redirect")
+        assert [(a["Channel"], a["Context"]) for a in redirects] == [
+            ("PJSIP/waiting-1", "sipbridge-offer")
+        ]
+        hangups = peer.actions_named("hangup")
+        assert [a["Channel"] for a in hangups] == ["PJSIP/orphan-2"]
+    finally:
+        await adapter.aclose()
+
+
+async def test_call_control_actions(peer: AmiPeer, adapter: tuple[AsteriskAdapter, Sink]) -> None:
+    running, _ = adapter
+    peer.channels = [
+        {
+            "Channel": FACTS.channel,
+            "Uniqueid": FACTS.pbx_call_id,
+            "Context": "sipbridge-offer",
+            "Application": "Wait",
+        }
+    ]
+    await running.reject(FACTS, 603)
+    assert peer.actions_named("pjsiphangup")[-1]["Cause"] == "603"
+    await running.connect_media(FACTS, "c0ffee00-0000-4000-8000-000000000000")
+    variables = {a["Variable"]: a["Value"] for a in peer.actions_named("setvar") if "Channel" in a}
+    assert variables["SIPBRIDGE_CALL_ID"] == "c0ffee00-0000-4000-8000-000000000000"
+    assert variables["SIPBRIDGE_AUDIOSOCKET"] == "127.0.0.1:9092"
+    assert peer.actions_named("redirect")[-1]["Context"] == "sipbridge-media"
+    await running.transfer(
+        FACTS,
+        {"type": "sip", "sipUri": "sip:agent@pbx.example.com", "sipHeaders": {"X-Account": "gold"}},
+    )
+    assert peer.actions_named("redirect")[-1]["Context"] == "sipbridge-transfer"
+    await running.send_dtmf(FACTS, "12")
+    assert [a["Digit"] for a in peer.actions_named("playdtmf")] == ["1", "2"]
+    peer.channels = []
+    await running.hangup(FACTS)  # the channel is already gone: that is what hangup wanted
+    with pytest.raises(PbxActionError, match="No such channel"):
+        await running.connect_media(FACTS, "c0ffee00-0000-4000-8000-000000000000")

@@ -1,0 +1,72 @@
+"""The pipeline websocket client against real servers."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from bridge.errors import PipelineError
+from bridge.pipeline import PipelineConnection
+from bridge.settings import PipelineSettings
+from tests.pipeline_server import PipelineServer
+from tests.webhook_sink import WebhookSink
+
+
+async def test_messages_both_ways_and_a_normal_close(pipeline: PipelineServer) -> None:
+    stream = await PipelineConnection.open(
+        pipeline.url, {"Authorization": "Bearer t"}, PipelineSettings()
+    )
+    await stream.send('{"type": "start", "callId": "c1"}')
+    session = await pipeline.session()
+    assert session.headers["authorization"] == "Bearer t"
+    assert session.headers["user-agent"].startswith("sipbridge/")
+    assert await stream.send_audio(b"\x01\x02" * 10)
+    await session.wait_audio(20)
+    await session.send(b"\x03\x04")
+    await session.send_json({"type": "clear"})
+    assert await stream.receive() == b"\x03\x04"
+    assert await stream.receive() == '{"type": "clear"}'
+    open_code = stream.close_code
+    assert open_code is None
+    await session.ws.close(1000)
+    assert await stream.receive() is None
+    assert stream.close_code == 1000
+    await stream.send("after close")  # not an error: the reader reports the close
+    await stream.aclose()
+
+
+async def test_unreachable_refused_or_not_a_websocket(sink: WebhookSink) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    settings = PipelineSettings(connect_timeout_s=2)
+    with pytest.raises(PipelineError, match="cannot open the pipeline websocket"):
+        await PipelineConnection.open(f"ws://127.0.0.1:{port}/x", {}, settings)
+    http_url = sink.url.replace("http://", "ws://")  # an HTTP server that does not upgrade
+    with pytest.raises(PipelineError):
+        await PipelineConnection.open(http_url, {}, settings)
+    with pytest.raises(PipelineError):
+        await PipelineConnection.open("ws://", {}, settings)
+
+
+async def test_a_silent_server_times_out_the_handshake() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()  # accepts TCP, never answers the HTTP upgrade
+        port = listener.getsockname()[1]
+        with pytest.raises(PipelineError):
+            await PipelineConnection.open(
+                f"ws://127.0.0.1:{port}/x", {}, PipelineSettings(connect_timeout_s=0.3)
+            )
+
+
+async def test_oversized_messages_from_the_pipeline_close_it(pipeline: PipelineServer) -> None:
+    stream = await PipelineConnection.open(
+        pipeline.url, {}, PipelineSettings(max_message_bytes=1024)
+    )
+    await stream.send('{"type": "start", "callId": "c1"}')
+    session = await pipeline.session()
+    await session.send(bytes(4096))
+    assert await stream.receive() is None
+    assert stream.close_code not in (None, 1000, 1001)  # we failed it (1009), not a clean close

@@ -1,0 +1,178 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.errors import LocalProtocolError, PbxActionError, RemoteProtocolError
+from bridge.protocol import ami
+
+# A SipbridgeOffer event captured from Asterisk 22.10.1 running dialplan/sipbridge.conf, for a
+# call to "al(i)ce" whose X-Evil header held every character that could break a dialplan.
+CAPTURED = (Path(__file__).parent / "data" / "ami_offer_event.txt").read_bytes().decode("utf-8")
+EVIL = "a,b;c\"d'e)f}g${SHELL}%0Ah|i?j:k\\l&m=n(o{p$(1+1)q%25r~"
+
+
+def parse(message: str) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for line in message.strip().split("\r\n"):
+        key, _, value = line.partition(": ")
+        fields.setdefault(key, value)
+    return fields
+
+
+def test_the_captured_offer_decodes_exactly() -> None:
+    offer = ami.decode_offer(parse(CAPTURED))
+    facts = offer.facts
+    assert not offer.truncated
+    assert (facts.pbx, facts.pbx_call_id, facts.channel) == (
+        "asterisk",
+        "1795455093.1",
+        "PJSIP/anonymous-00000001",
+    )
+    assert facts.request_user == "al(i)ce" and facts.request_host == "127.0.0.1"
+    assert facts.from_name == "José Müller, Jr."
+    assert facts.from_number == "+15551230000" and facts.from_uri == "sip:+15551230000@127.0.0.1"
+    assert facts.to_uri == "sip:al(i)ce@example.com"
+    assert facts.sip_call_id == "1-15553@127.0.0.1"
+    assert facts.headers == (
+        ("X-First_Name", "John"),
+        ("X-Account-Id", "42"),
+        ("X-Evil", EVIL),
+        ("X-Note", "hello, world"),
+    )
+
+
+def test_offer_without_identity_is_refused() -> None:
+    with pytest.raises(RemoteProtocolError):
+        ami.decode_offer({"Event": "UserEvent", "UserEvent": "SipbridgeOffer"})
+
+
+def test_truncated_flag_and_repeated_keys() -> None:
+    event = {**parse(CAPTURED), "SbTruncated": "1", "Exten": ["s", "dup"]}
+    assert ami.decode_offer(event).truncated
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('"Ann" <sip:ann@x>;tag=1', ("Ann", "sip:ann@x")),
+        ('"A \\"B\\" C" <sip:abc@x>', ('A "B" C', "sip:abc@x")),
+        ("Bob Smith <sip:bob@x:5060;transport=udp>", ("Bob Smith", "sip:bob@x:5060;transport=udp")),
+        ("<sip:anon@x>", (None, "sip:anon@x")),
+        ("sip:bare@x;tag=9", (None, "sip:bare@x")),
+    ],
+)
+def test_name_addr(value: str, expected: tuple[str | None, str | None]) -> None:
+    assert ami.parse_name_addr(value) == expected
+
+
+def test_uri_user() -> None:
+    assert ami.uri_user("sip:+15551234@host:5060;user=phone") == "+15551234"
+    assert ami.uri_user("sips:al%40ce@x") == "al@ce"
+    assert ami.uri_user("tel:+1555") is None and ami.uri_user(None) is None
+
+
+def test_header_decoding_skips_broken_parts() -> None:
+    assert ami.decode_headers("&X-A=1&broken&X-B=%2520") == [("X-A", "1"), ("X-B", " ")]
+    assert ami.decode_headers("") == []
+
+
+def test_actions_cannot_inject_fields() -> None:
+    with pytest.raises(LocalProtocolError):
+        ami.setvar("PJSIP/x", "V", "a\r\nAction: Originate")
+    with pytest.raises(LocalProtocolError):
+        ami.checked({"Bad: Key": "x"})
+    with pytest.raises(LocalProtocolError):
+        ami.reject("PJSIP/x", 200)
+
+
+def test_reject_media_and_hangup_actions() -> None:
+    assert ami.reject("PJSIP/x-1", 404) == {
+        "Action": "PJSIPHangup",
+        "Channel": "PJSIP/x-1",
+        "Cause": "404",
+    }
+    assert ami.hangup("PJSIP/x-1") == {"Action": "Hangup", "Channel": "PJSIP/x-1", "Cause": "16"}
+    setvars = ami.connect_media("PJSIP/x-1", "c1", "127.0.0.1:9092", "sipbridge-media")
+    assert [a["Action"] for a in setvars] == ["Setvar", "Setvar", "Redirect"]
+    assert setvars[2] == {
+        "Action": "Redirect",
+        "Channel": "PJSIP/x-1",
+        "Context": "sipbridge-media",
+        "Exten": "s",
+        "Priority": "1",
+    }
+    assert ami.heartbeat(1700000000) == {
+        "Action": "Setvar",
+        "Variable": "SIPBRIDGE_HEARTBEAT",
+        "Value": "1700000000",
+    }
+
+
+def test_sip_transfer_plan() -> None:
+    plan = ami.transfer(
+        "PJSIP/x-1",
+        {
+            "type": "sip",
+            "sipUri": "sip:agent@pbx.example.com;transport=tcp",
+            "sipHeaders": {"X-Account": "gold, plus", "X-Note": "a&b=c"},
+            "callerId": "+14155550000",
+        },
+        endpoint="sipbridge-transfer",
+        transfer_context="sipbridge-transfer",
+    )
+    values = {a.get("Variable"): a.get("Value") for a in plan.actions}
+    assert (
+        values["SIPBRIDGE_XFER_DIAL"]
+        == "PJSIP/sipbridge-transfer/sip:agent@pbx.example.com;transport=tcp"
+    )
+    assert values["SIPBRIDGE_XFER_CALLERID"] == "+14155550000"
+    assert values["__SIPBRIDGE_XFER_HEADERS"] == "X-Account=gold%2C%20plus&X-Note=a%26b%3Dc"
+    assert plan.actions[-1]["Action"] == "Redirect" and plan.notes == []
+
+
+def test_number_transfer_with_extension_and_a_bad_caller_id() -> None:
+    plan = ami.transfer(
+        "PJSIP/x-1",
+        {"type": "number", "number": "+14155552671", "extension": "101", "callerId": "John <evil>"},
+        endpoint="trunk",
+        transfer_context="sipbridge-transfer",
+    )
+    values = {a.get("Variable"): a.get("Value") for a in plan.actions}
+    assert values["SIPBRIDGE_XFER_DIAL"] == "PJSIP/+14155552671@trunk"
+    assert values["SIPBRIDGE_XFER_OPTIONS"] == "D(101)"
+    assert values["SIPBRIDGE_XFER_CALLERID"] == ""
+    assert "callerId" in plan.notes[0]
+
+
+@pytest.mark.parametrize(
+    "destination",
+    [
+        {"type": "sip", "sipUri": "sip:a@b,SIP/evil"},
+        {"type": "sip", "sipUri": "sip:a@b&PJSIP/x"},
+        {"type": "sip", "sipUri": "sip:a@b)"},
+        {"type": "number", "number": "123,456"},
+        {"type": "number", "number": "123", "extension": "1)"},
+        {"type": "assistant"},
+    ],
+)
+def test_undialable_destinations_are_refused(destination: dict[str, Any]) -> None:
+    with pytest.raises(PbxActionError):
+        ami.transfer("PJSIP/x-1", destination, endpoint="e", transfer_context="c")
+
+
+def test_channel_rows_and_hangup_causes() -> None:
+    row = ami.channel_state(
+        {
+            "Event": "CoreShowChannel",
+            "Channel": "PJSIP/a-1",
+            "Uniqueid": "1.1",
+            "Context": "sipbridge-offer",
+            "Application": "Wait",
+        }
+    )
+    assert row == ami.ChannelState("PJSIP/a-1", "1.1", "sipbridge-offer", "Wait")
+    assert ami.channel_state({"Event": "CoreShowChannelsComplete"}) is None
+    assert ami.hangup_cause({"Cause": "16"}) == 16 and ami.hangup_cause({"Cause": "x"}) == 0
