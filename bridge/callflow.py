@@ -63,6 +63,7 @@ from bridge.routing import (
     accept,
     call_variables,
     decide_answer,
+    fallback_or_reject,
     match_phone_number,
     parse_answer,
     plan_call,
@@ -282,6 +283,40 @@ class CallFlow:
     async def hangup(self, call_id: str) -> bool:
         """Hangs up a live call on an operator's request (``manually-canceled``)."""
         return await self.end_call(call_id, EndedReason.MANUALLY_CANCELED)
+
+    # ---- pipeline failures --------------------------------------------------------------------
+
+    def can_fall_back(self, call_id: str) -> bool:
+        """Whether a pipeline failure would send this call to a fallbackDestination."""
+        live = self._by_id.get(call_id)
+        return (
+            live is not None and self._fallback(live, EndedReason.PIPELINE_FAILED, "") is not None
+        )
+
+    async def pipeline_failed(self, call_id: str, reason: EndedReason, detail: str | None) -> None:
+        """The pipeline failed mid-call: on to the fallbackDestination if there is one (the
+        call's endedReason stays ``reason``), else the call ends and is hung up."""
+        live = self._by_id.get(call_id)
+        if live is None:
+            return
+        fallback = self._fallback(live, reason, detail or "")
+        if fallback is None:
+            await self.end_call(call_id, reason, message=detail)
+            return
+        await self._transfer(live, fallback)
+
+    def _fallback(self, live: LiveCall, reason: EndedReason, detail: str) -> Transfer | None:
+        if not self._defaults.pipeline_fallback or live.call.is_ended:
+            return None
+        call = live.call
+        decision = fallback_or_reject(
+            call.phone_number,
+            reason,
+            detail,
+            variables=(call.variable_values, call.variables),
+            now=self._clock(),
+        )
+        return decision if isinstance(decision, Transfer) else None
 
     # ---- requests from the pipeline -----------------------------------------------------------
 
@@ -613,6 +648,10 @@ class CallFlow:
             await self._media.prepare(live)
         except PipelineError as exc:
             live.log.error("%s", exc)
+            fallback = self._fallback(live, EndedReason.PIPELINE_CONNECTION_FAILED, str(exc))
+            if fallback is not None:
+                await self._transfer(live, fallback)
+                return
             self._end(
                 live,
                 EndedReason.PIPELINE_CONNECTION_FAILED,

@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     lab = sub(commands, "lab", "run a real call through Asterisk 22, SIPp and the demo pipeline")
     lab.add_argument("--stay", action="store_true", help="keep running for a softphone (Ctrl-C)")
     lab.add_argument("--state-dir", type=Path, default=Path(".lab"), help="logs and database")
+    lab.add_argument(
+        "--format",
+        choices=("raw", "twilio"),
+        default="raw",
+        help="the pipeline websocket's dialect (pipeline.default_format)",
+    )
     demo = sub(commands, "demo-pipeline", "run the demo conversational pipeline (websocket)")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8765)
@@ -487,7 +493,9 @@ def main(
     if args.command == "lab":
         from bridge.lab.run import run  # noqa: PLC0415 - the lab is not needed elsewhere
 
-        code: int = asyncio.run(run(args.state_dir, stay=args.stay, out=out))
+        code: int = asyncio.run(
+            run(args.state_dir, stay=args.stay, out=out, pipeline_format=args.format)
+        )
         return code
     if args.command == "demo-pipeline":
         return _demo_pipeline(args.host, args.port)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from bridge.audio import FRAME_MS, PlayoutBuffer, Transcoder, frame_bytes
+from bridge.calls import EndedReason
 from bridge.media.session import MediaLeg, MediaSession, SessionHooks, SessionResult
 from bridge.pipeline import PipelineConnection
 from bridge.protocol.pipeline import Dialect, RawDialect, SessionInfo
+from bridge.protocol.twilio import TwilioDialect
 from bridge.settings import MediaSettings, PipelineSettings
 from bridge.tasks import TaskSet
 
@@ -27,8 +29,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def dialect_for(target: PipelineTarget) -> Dialect:
+def dialect_for(target: PipelineTarget, info: SessionInfo, org_id: str) -> Dialect:
     """The translator for a pipeline target's format."""
+    if target.format == "twilio":
+        return TwilioDialect(info, org_id)
     return RawDialect(target.encoding, target.sample_rate)
 
 
@@ -83,8 +87,10 @@ class Conversations:
         assert decision is not None
         target = decision.pipeline
         stream = await PipelineConnection.open(target.url, target.headers, self._pipeline_settings)
-        dialect = dialect_for(target)
-        await stream.send(dialect.start(session_info(live, str(uuid.uuid4()))))
+        info = session_info(live, str(uuid.uuid4()))
+        dialect = dialect_for(target, info, live.call.org_id)
+        for message in dialect.opening(info):
+            await stream.send(message)
         if live.call.is_ended:
             await stream.aclose("call ended")
             return
@@ -155,15 +161,23 @@ class Conversations:
             stats.dropped_to_pbx,
             stats.late_frames,
         )
-        if result.reason is not None:
+        if result.fallback:
+            assert result.reason is not None
+            # Before returning: the leg must stay up until the PBX has taken the transfer.
+            await flow.pipeline_failed(call_id, result.reason, result.message)
+        elif result.reason is not None:
             await flow.end_call(
                 call_id, result.reason, message=result.message, hangup=result.hangup
             )
 
-    def _ending(self, call_id: str, result: SessionResult) -> None:
+    def _ending(self, call_id: str, result: SessionResult) -> SessionResult:
         flow = self._flow
-        if flow is not None and result.reason is not None:
-            flow.end_now(call_id, result.reason, result.message)
+        if flow is None or result.reason is None:
+            return result
+        if result.reason is EndedReason.PIPELINE_FAILED and flow.can_fall_back(call_id):
+            return replace(result, hangup=False, fallback=True)
+        flow.end_now(call_id, result.reason, result.message)
+        return result
 
     async def aclose(self) -> None:
         """Closes pipelines that never got their media."""

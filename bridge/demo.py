@@ -1,6 +1,7 @@
 """The demo pipeline (``sipbridge demo-pipeline``): a stand-in conversational pipeline.
 
-A websocket server speaking sipbridge's ``raw`` dialect. Per call it:
+A websocket server speaking both of sipbridge's dialects (``raw``, or ``twilio`` when the
+stream opens with Twilio's ``connected``). Per call it:
 
 - speaks the assistant's rendered firstMessage with ``espeak-ng`` when installed, otherwise plays
   a recognisable rising three-tone chime, then sends a mark (``greeting-done``);
@@ -14,12 +15,14 @@ It is what the lab calls; it is not meant to hold a conversation.
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import logging
 import shutil
 import wave
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -73,6 +76,102 @@ async def speak(text: str, rate: int) -> bytes | None:
     return Resampler(source_rate, rate).convert(pcm)
 
 
+@dataclass(frozen=True)
+class Heard:
+    """One message from sipbridge, decoded: ``kind`` is audio (``pcm``), dtmf, mark or stop."""
+
+    kind: str
+    pcm: bytes = b""
+    text: str = ""
+
+
+class RawWire:
+    """The raw dialect: binary audio in the start message's format, JSON ``type`` control."""
+
+    def __init__(self, start: dict[str, Any]) -> None:
+        audio = start.get("audioFormat") or {}
+        self.mulaw = audio.get("encoding") == "mulaw"
+        self.rate = 8000 if self.mulaw else int(audio.get("sampleRate", 16000))
+        self.call_id = str(start.get("callId"))
+        self.first_message = str((start.get("assistant") or {}).get("firstMessage") or "")
+
+    def audio(self, pcm: bytes) -> bytes:
+        return pcm_to_ulaw(pcm) if self.mulaw else pcm
+
+    def control(self, message: dict[str, Any]) -> str:
+        return json.dumps(message)
+
+    def hear(self, message: str | bytes) -> Heard | None:
+        if isinstance(message, bytes):
+            return Heard("audio", ulaw_to_pcm(message) if self.mulaw else message)
+        data = json.loads(message)
+        kind = data.get("type") if isinstance(data, dict) else None
+        if kind == "dtmf":
+            return Heard("dtmf", text=str(data.get("digit", "")))
+        if kind in ("mark", "stop"):
+            return Heard(kind, text=str(data.get("name") or data.get("reason") or ""))
+        return None
+
+
+class TwilioWire:
+    """Twilio Media Streams: base64 μ-law 8 kHz ``media``, ``event``-keyed control."""
+
+    rate = 8000
+
+    def __init__(self, start: dict[str, Any]) -> None:
+        self.stream_sid = str(start.get("streamSid"))
+        parameters = (start.get("start") or {}).get("customParameters") or {}
+        self.call_id = str(parameters.get("callId"))
+        self.first_message = str(parameters.get("firstMessage") or "")
+
+    def audio(self, pcm: bytes) -> str:
+        payload = base64.b64encode(pcm_to_ulaw(pcm)).decode("ascii")
+        return json.dumps(
+            {"event": "media", "streamSid": self.stream_sid, "media": {"payload": payload}}
+        )
+
+    def control(self, message: dict[str, Any]) -> str:
+        kind = message.get("type")
+        if kind == "clear":
+            return json.dumps({"event": "clear", "streamSid": self.stream_sid})
+        if kind == "mark":
+            return json.dumps(
+                {"event": "mark", "streamSid": self.stream_sid, "mark": {"name": message["name"]}}
+            )
+        return json.dumps(message)  # sipbridge's own control (end-call, ...) keeps its type
+
+    def hear(self, message: str | bytes) -> Heard | None:
+        data = json.loads(message)
+        if not isinstance(data, dict):
+            return None
+        kind = data.get("event")
+        if kind == "media":
+            return Heard("audio", ulaw_to_pcm(base64.b64decode(data["media"]["payload"])))
+        if kind == "dtmf":
+            return Heard("dtmf", text=str(data["dtmf"].get("digit", "")))
+        if kind == "mark":
+            return Heard("mark", text=str(data["mark"].get("name", "")))
+        if kind == "stop":
+            return Heard("stop", text=str((data.get("stop") or {}).get("reason", "")))
+        return None
+
+
+Wire = RawWire | TwilioWire
+
+
+async def open_wire(ws: ServerConnection) -> Wire | None:
+    """The dialect, from the stream's first message(s); None if it opens with anything else."""
+    first = json.loads(await ws.recv())
+    if isinstance(first, dict) and first.get("event") == "connected":
+        first = json.loads(await ws.recv())
+        if isinstance(first, dict) and first.get("event") == "start":
+            return TwilioWire(first)
+        return None
+    if isinstance(first, dict) and first.get("type") == "start":
+        return RawWire(first)
+    return None
+
+
 class DemoPipeline:
     """The websocket server; ``url`` is where assistants point their pipeline."""
 
@@ -101,39 +200,29 @@ class DemoPipeline:
     async def _session(self, ws: ServerConnection) -> None:
         try:
             async with asyncio.timeout(10):
-                first = await ws.recv()
-            start = json.loads(first)
-            if not isinstance(start, dict) or start.get("type") != "start":
+                wire = await open_wire(ws)
+            if wire is None:
                 await ws.close(1008, "expected a start message")
                 return
-            await _Call(ws, start).run()
-        except (ConnectionClosed, TimeoutError, ValueError):
+            await _Call(ws, wire).run()
+        except (ConnectionClosed, TimeoutError, ValueError, KeyError, TypeError) as exc:
+            log.info("demo session ended: %r", exc)
             return
 
 
 class _Call:
-    def __init__(self, ws: ServerConnection, start: dict[str, Any]) -> None:
+    def __init__(self, ws: ServerConnection, wire: Wire) -> None:
         self.ws = ws
-        self.start = start
-        audio = start.get("audioFormat") or {}
-        self.encoding = audio.get("encoding", "pcm_s16le")
-        self.rate = int(audio.get("sampleRate", 16000))
-        self.frame_bytes = self.rate * 20 // 1000 * (1 if self.encoding == "mulaw" else 2)
+        self.wire = wire
+        self.rate = wire.rate
         self.greeting_playing = True
         self.echo: deque[bytes] = deque()
         self.echo_frames = ECHO_DELAY_MS // 20
         self.outbox: asyncio.Queue[bytes | str] = asyncio.Queue()
-        self.call_id = start.get("callId")
-
-    def _pcm(self, data: bytes) -> bytes:
-        return ulaw_to_pcm(data) if self.encoding == "mulaw" else data
-
-    def _wire(self, pcm: bytes) -> bytes:
-        return pcm_to_ulaw(pcm) if self.encoding == "mulaw" else pcm
+        self.call_id = wire.call_id
 
     async def run(self) -> None:
-        assistant = self.start.get("assistant") or {}
-        text = str(assistant.get("firstMessage") or "")
+        text = self.wire.first_message
         log.info("demo call %s: first message %r", self.call_id, text)
         greeting = await speak(text, self.rate) if text else None
         if greeting is None:
@@ -142,10 +231,13 @@ class _Call:
         speaker = asyncio.create_task(self._speak(greeting))
         try:
             async for message in self.ws:
-                if isinstance(message, bytes):
-                    self._caller_audio(message)
+                heard = self.wire.hear(message)
+                if heard is None:
+                    continue
+                if heard.kind == "audio":
+                    self._caller_audio(heard.pcm)
                 else:
-                    await self._control(message)
+                    await self._control(heard)
         except ConnectionClosed:
             pass
         finally:
@@ -160,50 +252,43 @@ class _Call:
         for index, offset in enumerate(range(0, len(pcm), chunk)):
             if not self.greeting_playing:
                 return
-            await self.outbox.put(self._wire(pcm[offset : offset + chunk]))
+            await self.outbox.put(self.wire.audio(pcm[offset : offset + chunk]))
             delay = start + (index + 1) * CHUNK_MS / 1000 - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-        await self.outbox.put(json.dumps({"type": "mark", "name": "greeting-done"}))
+        await self.outbox.put(self.wire.control({"type": "mark", "name": "greeting-done"}))
 
     async def _send_loop(self) -> None:
         while True:
             await self.ws.send(await self.outbox.get())
 
-    def _caller_audio(self, data: bytes) -> None:
-        pcm = self._pcm(data)
+    def _caller_audio(self, pcm: bytes) -> None:
         if self.greeting_playing:
             if rms(pcm) > BARGE_IN_RMS:
                 log.info("demo call %s: caller talks over the greeting: clear", self.call_id)
                 self.greeting_playing = False
                 self._drain_outbox()
-                self.outbox.put_nowait(json.dumps({"type": "clear"}))
+                self.outbox.put_nowait(self.wire.control({"type": "clear"}))
             return
-        self.echo.append(data)
+        self.echo.append(pcm)
         if len(self.echo) > self.echo_frames:
-            self.outbox.put_nowait(self.echo.popleft())
+            self.outbox.put_nowait(self.wire.audio(self.echo.popleft()))
 
     def _drain_outbox(self) -> None:
         while not self.outbox.empty():
             self.outbox.get_nowait()
 
-    async def _control(self, text: str) -> None:
-        try:
-            message = json.loads(text)
-        except ValueError:
-            return
-        kind = message.get("type")
-        if kind == "mark" and message.get("name") == "greeting-done":
+    async def _control(self, heard: Heard) -> None:
+        if heard.kind == "mark" and heard.text == "greeting-done":
             log.info("demo call %s: greeting played", self.call_id)
             self.greeting_playing = False
-        elif kind == "dtmf":
-            digit = str(message.get("digit", ""))
-            log.info("demo call %s: caller pressed %s", self.call_id, digit)
-            if digit == "#":
+        elif heard.kind == "dtmf":
+            log.info("demo call %s: caller pressed %s", self.call_id, heard.text)
+            if heard.text == "#":
                 await self.outbox.put(
-                    json.dumps({"type": "end-call", "reason": "assistant-ended-call"})
+                    self.wire.control({"type": "end-call", "reason": "assistant-ended-call"})
                 )
             else:
-                await self.outbox.put(self._wire(dtmf_tone(digit, self.rate)))
-        elif kind == "stop":
-            log.info("demo call %s: stopped (%s)", self.call_id, message.get("reason"))
+                await self.outbox.put(self.wire.audio(dtmf_tone(heard.text, self.rate)))
+        elif heard.kind == "stop":
+            log.info("demo call %s: stopped (%s)", self.call_id, heard.text)

@@ -32,6 +32,7 @@ class PipelineConnection:
     def __init__(self, ws: ClientConnection) -> None:
         self._ws = ws
         self.dropped_audio = 0
+        self.close_detail = ""
 
     @classmethod
     async def open(
@@ -49,8 +50,9 @@ class PipelineConnection:
                 user_agent_header=f"sipbridge/{__version__}",
                 open_timeout=settings.connect_timeout_s,
                 ping_interval=settings.ping_interval_s,
-                ping_timeout=settings.ping_interval_s,
-                close_timeout=2,
+                ping_timeout=settings.ping_timeout_s,
+                # A failing pipeline must not keep the caller in silence waiting for its goodbye.
+                close_timeout=1,
                 compression=None,
                 max_size=settings.max_message_bytes,
                 max_queue=64,
@@ -79,7 +81,9 @@ class PipelineConnection:
         """The next message, or None once the connection is closed."""
         try:
             return await self._ws.recv()
-        except ConnectionClosed:
+        except ConnectionClosed as exc:
+            # Says which side closed and why ("keepalive ping timeout" for a stalled pipeline).
+            self.close_detail = str(exc)
             return None
 
     @property

@@ -76,6 +76,8 @@ class RoutingDefaults:
     pipeline_encoding: Literal["pcm_s16le", "mulaw"] = "pcm_s16le"
     pipeline_sample_rate: int = 16000
     pipeline_headers: Mapping[str, str] = field(default_factory=dict)
+    # A pipeline failure sends the call to the number's fallbackDestination (else: hang up).
+    pipeline_fallback: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RoutingDefaults:
@@ -94,6 +96,7 @@ class RoutingDefaults:
             pipeline_encoding=settings.pipeline.default_encoding,
             pipeline_sample_rate=settings.pipeline.default_sample_rate,
             pipeline_headers=dict(settings.pipeline.default_headers),
+            pipeline_fallback=settings.pipeline.on_failure == "fallback",
         )
 
 

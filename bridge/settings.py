@@ -139,8 +139,24 @@ class PipelineSettings(_Section):
         default_factory=dict, description="Extra HTTP headers on the websocket handshake."
     )
     connect_timeout_s: float = Field(5.0, gt=0, description="Websocket open timeout.")
-    ping_interval_s: float = Field(10.0, gt=0, description="Websocket keepalive ping period.")
+    ping_interval_s: float = Field(5.0, gt=0, description="Websocket keepalive ping period.")
+    ping_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description=(
+            "A pipeline that answers no ping within this time has stalled: the call fails over "
+            "(see on_failure). Detection takes between this and ping_interval_s + this."
+        ),
+    )
     max_message_bytes: int = Field(1 << 16, ge=1024, description="Largest message accepted.")
+    on_failure: Literal["fallback", "hangup"] = Field(
+        "fallback",
+        description=(
+            "When the pipeline cannot be reached, or fails or stalls mid-call: 'fallback' "
+            "transfers the call to its phone number's fallbackDestination (hangs up when it has "
+            "none); 'hangup' always ends the call."
+        ),
+    )
 
 
 class WebhookSettings(_Section):

@@ -38,6 +38,8 @@ def _messages(raw: bytes) -> list[list[tuple[str, str]]]:
 _SESSION = _messages((DATA / "ami_session.rx.bin").read_bytes())
 _REFUSED = _messages((DATA / "ami_login_refused.rx.bin").read_bytes())
 _OFFER = _messages((DATA / "ami_offer_event.txt").read_bytes())[0]
+# PlayDTMF on a ringing channel and on a missing one (Asterisk 22.10.1).
+_PLAYDTMF = _messages((DATA / "ami_playdtmf.rx.bin").read_bytes())
 
 
 def _by_action_id(action_id: str) -> list[list[tuple[str, str]]]:
@@ -52,6 +54,8 @@ TEMPLATES = {
     "redirect-missing": _by_action_id("redirect-bad")[0],
     "pjsiphangup-ok": _by_action_id("reject-1")[0],
     "ping": _by_action_id("ping-1")[0],
+    "playdtmf-ok": next(m for m in _PLAYDTMF if ("ActionID", "dtmf-1") in m),
+    "playdtmf-missing": next(m for m in _PLAYDTMF if ("ActionID", "dtmf-bad") in m),
     "logoff": _by_action_id("logoff-1")[0],
     "show-start": _by_action_id("show-1")[0],
     "show-row": _by_action_id("show-1")[1],
@@ -185,7 +189,11 @@ class AmiPeer:
                     ListItems=str(len(self.channels)),
                 )
             )
-        elif name in ("setvar", "playdtmf"):
+        elif name == "playdtmf":
+            known = any(c.get("Channel") == action.get("Channel") for c in self.channels)
+            template = "playdtmf-ok" if known else "playdtmf-missing"
+            writer.write(render(TEMPLATES[template], ActionID=action_id))
+        elif name == "setvar":
             target = action.get("Channel")
             known = target is None or any(c.get("Channel") == target for c in self.channels)
             writer.write(

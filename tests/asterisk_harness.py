@@ -83,6 +83,9 @@ class AsteriskLab:
     ami_proxy: TcpProxy
     service: Service | None = None
     extra: list[Any] = field(default_factory=list)
+    # The RTP capture of the call in progress (``call(capture=True)``), for pipeline scripts
+    # that check what the caller has heard so far.
+    listening: RtpCapture | None = None
 
     @property
     def target(self) -> str:
@@ -123,6 +126,14 @@ class AsteriskLab:
             "phone_number", {"provider": "vapi", "sipUri": f"sip:{user}@sip.example.com", **fields}
         )
 
+    async def serve_assistant(
+        self, number: dict[str, Any] | None = None, **assistant: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Starts sipbridge with one assistant and the number sip:demo@… that reaches it."""
+        await self.start_service()
+        created = await self.assistant(**assistant)
+        return created, await self.number(assistantId=created["id"], **(number or {}))
+
     def tone_file(self, frequency: float, seconds: float = 2.0) -> Path:
         path = self.tmp / f"tone-{frequency:g}.ulaw"
         if not path.exists():
@@ -137,6 +148,7 @@ class AsteriskLab:
         rtp = RtpCapture(media_port) if capture else None
         if rtp is not None:
             rtp.start()
+        self.listening = rtp
         try:
             result = await caller.call(plan, name=name, media_port=media_port)
         finally:

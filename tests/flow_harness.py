@@ -84,6 +84,7 @@ async def make_harness(tmp_path: Path, sink: WebhookSink) -> AsyncIterator[Calla
         media_timeout_s: float | None = None,
         budget_s: float = 2.0,
         media: Any = None,
+        pipeline_fallback: bool = True,
     ) -> Harness:
         store = Store(tmp_path / f"s{len(opened)}.sqlite3")
         await store.open()
@@ -103,6 +104,7 @@ async def make_harness(tmp_path: Path, sink: WebhookSink) -> AsyncIterator[Calla
             defaults=RoutingDefaults(
                 pipeline_url="ws://127.0.0.1:9/pipe",
                 default_server={"url": sink.url} if default_server else None,
+                pipeline_fallback=pipeline_fallback,
             ),
             metrics=metrics,
             clock=lambda: datetime.now(UTC),

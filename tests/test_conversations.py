@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bridge.audio import sine, tone_share
-from bridge.calls import EndedReason
+from bridge.calls import Call, EndedReason
 from bridge.conversations import Conversations
 from bridge.media.session import LegAudio, LegClosed
 from bridge.settings import MediaSettings, PipelineSettings
@@ -16,10 +16,26 @@ from tests.memory_leg import MemoryLeg
 from tests.pipeline_server import PipelineServer, PipelineSession
 
 
-async def build(make_harness: Callable[..., Any]) -> tuple[Harness, Conversations]:
-    conversations = Conversations(PipelineSettings(), MediaSettings())
-    harness: Harness = await make_harness(media=conversations)
+async def build(
+    make_harness: Callable[..., Any],
+    pipeline_settings: PipelineSettings | None = None,
+    **options: Any,
+) -> tuple[Harness, Conversations]:
+    conversations = Conversations(pipeline_settings or PipelineSettings(), MediaSettings())
+    harness: Harness = await make_harness(media=conversations, **options)
     return harness, conversations
+
+
+FALLBACK = {"type": "number", "number": "+15557654321", "message": "Sorry {{first_name}}"}
+
+
+async def offered(h: Harness, pipeline_url: str, **number: Any) -> Call:
+    """A call offered to a number whose assistant streams to ``pipeline_url``."""
+    assistant = await h.assistant(sipbridge={"pipeline": {"url": pipeline_url}})
+    await h.number(assistantId=assistant["id"], **number)
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    return call
 
 
 async def test_a_call_from_pipeline_start_to_report(
@@ -69,10 +85,7 @@ async def test_a_call_ending_before_its_media_closes_the_pipeline(
     make_harness: Callable[..., Any], pipeline: PipelineServer
 ) -> None:
     h, conversations = await build(make_harness)
-    assistant = await h.assistant(sipbridge={"pipeline": {"url": pipeline.url}})
-    await h.number(assistantId=assistant["id"])
-    call = h.flow.offer(facts(), h.pbx)
-    assert call is not None
+    call = await offered(h, pipeline.url)
     await h.pbx.wait_for("connect_media")
     session: PipelineSession = await pipeline.session()
     h.flow.hung_up("test", call.facts.pbx_call_id)
@@ -98,10 +111,7 @@ async def test_the_pipeline_transfers_and_hangs_up_through_the_flow(
 
     pipeline.script = script
     h, conversations = await build(make_harness)
-    assistant = await h.assistant(sipbridge={"pipeline": {"url": pipeline.url}})
-    await h.number(assistantId=assistant["id"])
-    call = h.flow.offer(facts(), h.pbx)
-    assert call is not None
+    call = await offered(h, pipeline.url)
     await h.pbx.wait_for("connect_media")
     await conversations.attach(call.id, MemoryLeg())
     destination = await h.pbx.wait_for("transfer")
@@ -113,3 +123,75 @@ async def test_the_pipeline_transfers_and_hangs_up_through_the_flow(
     await h.sink.wait_for_message("status-update", status="ended")
     statuses = [m["status"] for m in h.sink.messages("status-update")]
     assert statuses == ["ringing", "in-progress", "forwarding", "ended"]
+
+
+async def test_a_pipeline_that_never_connects_sends_the_call_to_its_fallback(
+    make_harness: Callable[..., Any], pipeline: PipelineServer
+) -> None:
+    h, _ = await build(make_harness)
+    call = await offered(h, "ws://127.0.0.1:9/refused", fallbackDestination=FALLBACK)
+    destination = await h.pbx.wait_for("transfer")
+    assert destination["number"] == "+15557654321" and destination["message"] == "Sorry John"
+    report = await h.ended(call.id)
+    assert report["endedReason"] == EndedReason.PIPELINE_CONNECTION_FAILED.value
+    assert report["call"]["destination"]["number"] == "+15557654321"
+    assert "connect_media" not in h.pbx.names() and "reject" not in h.pbx.names()
+
+
+async def test_without_a_fallback_a_pipeline_that_never_connects_refuses_the_call(
+    make_harness: Callable[..., Any],
+) -> None:
+    h, _ = await build(make_harness, pipeline_fallback=False)
+    call = await offered(
+        h, "ws://127.0.0.1:9/refused", fallbackDestination=FALLBACK
+    )  # the fallback is not used
+    assert await h.pbx.wait_for("reject") == 480
+    report = await h.ended(call.id)
+    assert report["endedReason"] == EndedReason.PIPELINE_CONNECTION_FAILED.value
+    assert "cannot open the pipeline websocket" in report["call"]["endedMessage"]
+    assert "transfer" not in h.pbx.names()
+
+
+async def test_a_pipeline_failing_mid_call_sends_the_call_to_its_fallback(
+    make_harness: Callable[..., Any], pipeline: PipelineServer
+) -> None:
+    async def script(session: PipelineSession) -> None:
+        session.ws.transport.abort()  # the pipeline process dies: no close frame
+
+    pipeline.script = script
+    h, conversations = await build(make_harness)
+    call = await offered(h, pipeline.url, fallbackDestination=FALLBACK)
+    await h.pbx.wait_for("connect_media")
+    leg = MemoryLeg()
+    await conversations.attach(call.id, leg)
+    # The transfer was taken before attach returned, so the leg was still up for it.
+    assert (await h.pbx.wait_for("transfer"))["number"] == "+15557654321"
+    assert leg.hangups == 0 and "hangup" not in h.pbx.names()
+    report = await h.ended(call.id)
+    assert report["endedReason"] == EndedReason.PIPELINE_FAILED.value
+    assert "close code 1006" in report["call"]["endedMessage"]
+    statuses = [m["status"] for m in h.sink.messages("status-update")]
+    assert statuses == ["ringing", "in-progress", "forwarding", "ended"]
+
+
+async def test_a_stalled_pipeline_ends_the_call_when_fallback_is_off(
+    make_harness: Callable[..., Any], pipeline: PipelineServer
+) -> None:
+    async def script(session: PipelineSession) -> None:
+        session.ws.transport.pause_reading()  # alive but stuck: pings go unanswered
+
+    pipeline.script = script
+    h, conversations = await build(
+        make_harness,
+        PipelineSettings(ping_interval_s=0.2, ping_timeout_s=0.2),
+        pipeline_fallback=False,
+    )
+    call = await offered(h, pipeline.url, fallbackDestination=FALLBACK)
+    await h.pbx.wait_for("connect_media")
+    leg = MemoryLeg()
+    await conversations.attach(call.id, leg)
+    report = await h.ended(call.id)
+    assert report["endedReason"] == EndedReason.PIPELINE_FAILED.value
+    assert "keepalive ping timeout" in report["call"]["endedMessage"]
+    assert leg.hangups == 1 and "transfer" not in h.pbx.names()
+    (await pipeline.session()).ws.transport.abort()  # the stuck server-side connection

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import struct
 
 from bridge.audio import pcm_to_ulaw, sine, tone_share
@@ -58,3 +59,24 @@ def test_capture_orders_by_sequence_and_decodes() -> None:
     pcm = capture.pcm()
     assert len(pcm) == 3200
     assert tone_share(pcm, 8000, 700) > 0.99
+
+
+async def test_waiting_until_enough_packets_arrived() -> None:
+    capture = RtpCapture(5000)
+    waiter = asyncio.ensure_future(capture.wait_until(lambda c: len(c.packets) >= 2))
+    for sequence in range(2):
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        capture.add(RtpPacket(0.0, sequence, 0, 0, b"\xff" * 160))
+    await asyncio.wait_for(waiter, 1)
+
+
+def test_telephone_events_are_read_once_per_key() -> None:
+    capture = RtpCapture(5000)
+    sequence = 0
+    for timestamp, key, repeats in ((800, 7, 4), (4000, 11, 3)):  # "7", then "#"
+        for _ in range(repeats):  # each event repeats, the last packets with the E bit
+            capture.add(RtpPacket(0.0, sequence, timestamp, 101, bytes([key, 0x0A, 0, 160])))
+            sequence += 1
+    capture.add(RtpPacket(0.0, sequence, 9000, 0, b"\xff" * 160))  # audio is not an event
+    assert capture.telephone_events() == "7#"

@@ -41,6 +41,13 @@ def test_scenario_carries_the_plan() -> None:
     assert 'timeout="1000" ontimeout="talk"' in xml and 'timeout="2000" ontimeout="listen"' in xml
     assert xml.count("Signal=") == 2 and "Signal=#" in xml
     assert '<recv response="404" optional="true" next="rejected"/>' in xml
+    assert "m=audio [media_port] RTP/AVP 0\n" in xml and "telephone-event" not in xml
+
+
+def test_a_caller_can_offer_telephone_events() -> None:
+    xml = scenario(CallPlan(user="demo", telephone_event=True))
+    assert "m=audio [media_port] RTP/AVP 0 101\n" in xml
+    assert "a=rtpmap:101 telephone-event/8000\na=fmtp:101 0-16\n" in xml
 
 
 @pytest.mark.parametrize("value", ["a[b]c", "line\r\nInjected: 1"])

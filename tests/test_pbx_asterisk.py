@@ -281,9 +281,14 @@ async def test_call_control_actions(peer: AmiPeer, adapter: tuple[AsteriskAdapte
         {"type": "sip", "sipUri": "sip:agent@pbx.example.com", "sipHeaders": {"X-Account": "gold"}},
     )
     assert peer.actions_named("redirect")[-1]["Context"] == "sipbridge-transfer"
+    # Asterisk answers "DTMF successfully queued", which panoramisk once took for the start of
+    # an event list (and dropped the link over).
     await running.send_dtmf(FACTS, "12")
     assert [a["Digit"] for a in peer.actions_named("playdtmf")] == ["1", "2"]
+    assert running.link.up
     peer.channels = []
+    with pytest.raises(PbxActionError, match="Channel not found"):
+        await running.send_dtmf(FACTS, "3")
     await running.hangup(FACTS)  # the channel is already gone: that is what hangup wanted
     with pytest.raises(PbxActionError, match="No such channel"):
         await running.connect_media(FACTS, "c0ffee00-0000-4000-8000-000000000000")

@@ -41,6 +41,7 @@ MODULES = (
     "app_dial.so",
     "app_stack.so",
     "app_echo.so",
+    "app_senddtmf.so",
     "func_strings.so",
     "func_cut.so",
     "func_logic.so",
@@ -265,6 +266,7 @@ context = sipbridge-inbound
 disallow = all
 allow = ulaw,alaw
 direct_media = no
+dtmf_mode = auto
 rtp_symmetric = yes
 media_address = 127.0.0.1
 bind_rtp_to_media_address = yes

@@ -11,11 +11,14 @@ import asyncio
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bridge.audio import ulaw_to_pcm
 
 ETH_P_ALL = 0x0003
+# RFC 4733 section 3.2: events 0-9, *, #, A-D.
+_EVENT_KEYS = dict(enumerate("0123456789*#ABCD"))
 PACKET_OUTGOING = 4  # each loopback packet is seen leaving and arriving; keep one copy
 _ETH_HEADER = 14
 
@@ -38,6 +41,13 @@ class RtpCapture:
     port: int
     packets: list[RtpPacket] = field(default_factory=list)
     _sock: socket.socket | None = None
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def wait_until(self, predicate: Callable[[RtpCapture], bool]) -> None:
+        """Returns once ``predicate`` holds, checking it as packets arrive."""
+        while not predicate(self):
+            self._arrived.clear()
+            await self._arrived.wait()
 
     def start(self) -> None:
         """Starts capturing (needs CAP_NET_RAW, i.e. root)."""
@@ -65,7 +75,26 @@ class RtpCapture:
                 continue
             packet = _rtp_to_port(frame, self.port)
             if packet is not None:
-                self.packets.append(packet)
+                self.add(packet)
+
+    def add(self, packet: RtpPacket) -> None:
+        """Records one packet (as the socket reader does) and wakes ``wait_until``."""
+        self.packets.append(packet)
+        self._arrived.set()
+
+    def telephone_events(self, payload_type: int = 101) -> str:
+        """The DTMF keys sent as RFC 4733 events, in order (one per event, however many
+        packets repeat it)."""
+        keys = []
+        last_timestamp: int | None = None
+        for packet in sorted(
+            (p for p in self.packets if p.payload_type == payload_type and len(p.payload) >= 4),
+            key=lambda p: p.sequence,
+        ):
+            if packet.timestamp != last_timestamp:
+                last_timestamp = packet.timestamp
+                keys.append(_EVENT_KEYS.get(packet.payload[0], "?"))
+        return "".join(keys)
 
     def pcm(self, payload_type: int = 0) -> bytes:
         """The received PCMU audio as 8 kHz PCM, in sequence order."""

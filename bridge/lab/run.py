@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from bridge.audio import pcm_to_ulaw, sine, tone_share
+from bridge.audio import pcm_to_ulaw, rms, sine, tone_share
 from bridge.client import ApiClient
 from bridge.demo import CHIME_HZ
 from bridge.errors import ApiClientError
@@ -59,9 +59,12 @@ class LabPorts:
 class Lab:
     """The lab's processes and the demo call."""
 
-    def __init__(self, state_dir: Path, out: TextIO = sys.stdout) -> None:
+    def __init__(
+        self, state_dir: Path, out: TextIO = sys.stdout, pipeline_format: str = "raw"
+    ) -> None:
         self.state = state_dir
         self.out = out
+        self.pipeline_format = pipeline_format
         self.ports = LabPorts()
         self.asterisk: AsteriskInstance | None = None
         self.processes: list[tuple[str, asyncio.subprocess.Process]] = []
@@ -112,7 +115,9 @@ class Lab:
         )
         pipeline_url = f"ws://127.0.0.1:{ports.pipeline}/pipeline"
         voice = "espeak-ng" if shutil.which("espeak-ng") else "a chime (espeak-ng is not installed)"
-        self.say(f"  demo pipeline {pipeline_url}, speaks with {voice}")
+        self.say(
+            f"  demo pipeline {pipeline_url}, {self.pipeline_format} format, speaks with {voice}"
+        )
         database = self.state / "sipbridge.sqlite3"
         service_env = {
             **environment,
@@ -124,6 +129,7 @@ class Lab:
             "SIPBRIDGE_ASTERISK__SECRET": self.secret,
             "SIPBRIDGE_MEDIA__AUDIOSOCKET_PORT": str(ports.audiosocket),
             "SIPBRIDGE_PIPELINE__DEFAULT_URL": pipeline_url,
+            "SIPBRIDGE_PIPELINE__DEFAULT_FORMAT": self.pipeline_format,
         }
         await self._spawn("sipbridge", [python, "-m", "bridge", "serve"], service_env)
         client = ApiClient(f"http://127.0.0.1:{ports.api}", None, timeout_s=5)
@@ -267,11 +273,16 @@ class Lab:
         pcm = capture.pcm()
         second = 16000
         windows = [pcm[i : i + second] for i in range(0, len(pcm) - second + 1, second)]
-        chime = any(max(tone_share(w, 8000, f) for f in CHIME_HZ) > 0.05 for w in windows[:2])
+        # The caller is silent for its first 3 s: what it hears then is the greeting.
+        greeting = windows[:2]
+        chime = any(max(tone_share(w, 8000, f) for f in CHIME_HZ) > 0.05 for w in greeting)
+        spoken = not chime and any(rms(w) > 200 for w in greeting)
         echo = [w for w in windows if tone_share(w, 8000, CALLER_TONE_HZ) > 0.5]
         parts = [f"{len(capture.packets)} RTP packets ({len(pcm) / second:.1f} s)"]
         if chime:
-            parts.append("the greeting")
+            parts.append("the greeting (chime)")
+        elif spoken:
+            parts.append("the greeting (spoken by espeak-ng)")
         if echo:
             parts.append(
                 f"its own {CALLER_TONE_HZ:.0f} Hz tone echoed "
@@ -297,12 +308,14 @@ class Lab:
         await stop.wait()
 
 
-async def run(state_dir: Path, *, stay: bool, out: TextIO = sys.stdout) -> int:
+async def run(
+    state_dir: Path, *, stay: bool, out: TextIO = sys.stdout, pipeline_format: str = "raw"
+) -> int:
     """Runs the lab; 0 when the demo call went through as expected."""
     if os.geteuid() != 0:
         out.write("sipbridge lab: runs Asterisk under chroot, which needs root (sudo ./dev lab)\n")
         return 1
-    lab = Lab(state_dir, out)
+    lab = Lab(state_dir, out, pipeline_format)
     try:
         client = await lab.start()
         call = await lab.demo_call(client)

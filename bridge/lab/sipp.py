@@ -17,7 +17,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The audio offer/answer of both scenarios: PCMU only, 20 ms packets.
+# The audio offer/answer: PCMU, 20 ms packets, and (where asked for) RFC 4733 telephone-events.
 _SDP = """v=0
 o=sipp 53655765 2353687637 IN IP[local_ip_type] [local_ip]
 s=-
@@ -28,6 +28,19 @@ a=rtpmap:0 PCMU/8000
 a=ptime:20
 a=sendrecv
 """
+TELEPHONE_EVENT_PT = 101
+
+
+def _sdp(telephone_event: bool) -> str:
+    if not telephone_event:
+        return _SDP
+    return _SDP.replace("RTP/AVP 0\n", f"RTP/AVP 0 {TELEPHONE_EVENT_PT}\n").replace(
+        "a=ptime:20\n",
+        f"a=rtpmap:{TELEPHONE_EVENT_PT} telephone-event/8000\n"
+        f"a=fmtp:{TELEPHONE_EVENT_PT} 0-16\na=ptime:20\n",
+    )
+
+
 # Final responses a caller may get; SIPp needs each one it should accept listed.
 _FINAL_ERRORS = (403, 404, 408, 480, 486, 488, 500, 501, 502, 503, 603)
 
@@ -64,6 +77,8 @@ class CallPlan:
     listen_ms: int = 2000
     dtmf: str = ""
     ring_timeout_ms: int = 30_000
+    # Offer RFC 4733 telephone-events, as most softphones do (else the PBX falls back to tones).
+    telephone_event: bool = False
 
 
 def _header_lines(headers: list[tuple[str, str]]) -> str:
@@ -127,7 +142,7 @@ Max-Forwards: 70
 {header_block}Content-Type: application/sdp
 Content-Length: [len]
 
-{_SDP}]]></send>
+{_sdp(plan.telephone_event)}]]></send>
   <recv response="100" optional="true"/>
   <recv response="180" optional="true"/>
   <recv response="183" optional="true"/>

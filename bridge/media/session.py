@@ -112,17 +112,26 @@ class PipelineStream(Protocol):
     def close_code(self) -> int | None:
         """The websocket close code once closed."""
 
+    @property
+    def close_detail(self) -> str:
+        """How the websocket closed, in words, once closed."""
+
     async def aclose(self, reason: str = "") -> None:
         """Closes the websocket."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class SessionResult:
-    """Why the conversation ended, and whether the PBX still has to hang up."""
+    """Why the conversation ended, and whether the PBX still has to hang up.
+
+    ``fallback``: the call goes on to its fallbackDestination instead (the leg stays up until
+    the PBX has taken the transfer).
+    """
 
     reason: EndedReason | None
     message: str | None = None
     hangup: bool = True
+    fallback: bool = False
 
 
 @dataclass
@@ -133,8 +142,9 @@ class SessionHooks:
     send_dtmf: Callable[[str], Awaitable[None]]
     report: Callable[[str, Mapping[str, Any]], None]
     # Called with the result before the PBX hears of it: the PBX's own hang-up event must find
-    # the call already ended with the session's reason.
-    ending: Callable[[SessionResult], None] = lambda result: None
+    # the call already ended with the session's reason. Returns the result to finish with (a
+    # pipeline failure may become a fallback).
+    ending: Callable[[SessionResult], SessionResult] = lambda result: result
 
 
 @dataclass
@@ -204,7 +214,7 @@ class MediaSession:
                 result = finished.result()
         finally:
             await cancel_and_wait(loops)
-            self.hooks.ending(result)
+            result = self.hooks.ending(result)
             await self._finish(result)
         return result
 
@@ -250,9 +260,11 @@ class MediaSession:
                     return SessionResult(
                         EndedReason.ASSISTANT_ENDED_CALL, "pipeline closed the stream"
                     )
-                return SessionResult(
-                    EndedReason.PIPELINE_FAILED, f"pipeline connection lost (close code {code})"
-                )
+                detail = f"pipeline connection lost (close code {code})"
+                if self.stream.close_detail:
+                    detail = f"{detail}: {self.stream.close_detail}"
+                self.log.error("%s", detail)
+                return SessionResult(EndedReason.PIPELINE_FAILED, detail)
             result = await self._handle(self.dialect.receive(message))
             if result is not None:
                 return result
@@ -307,6 +319,10 @@ class MediaSession:
             delay = pacer.next_due - clock()
             if delay > 0:
                 await asyncio.sleep(delay)
+            else:
+                # Catching up after a stall: still yield once per frame, so that a clear that
+                # has arrived meanwhile applies to this frame (silence within one frame).
+                await asyncio.sleep(0)
             now = clock()
             lateness = now - pacer.next_due
             if lateness > 0.005:

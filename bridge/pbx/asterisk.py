@@ -240,7 +240,11 @@ class AmiLink:
             raise PbxConnectionError("the AMI link is down")
         checked = ami.checked(fields)
         limit = limit_s or self.settings.action_timeout_s
-        response = await self._await(manager.send_action(dict(checked)), checked["Action"], limit)
+        # as_list=False: otherwise panoramisk guesses from the response text, and PlayDTMF's
+        # "DTMF successfully queued" makes it look up an Async field that is not there: a
+        # KeyError inside data_received that drops the whole AMI link.
+        future = manager.send_action(dict(checked), as_list=False)
+        response = await self._await(future, checked["Action"], limit)
         if isinstance(response, list):
             return response
         if getattr(response, "response", "") in ("Error", "Fail", "Failure"):

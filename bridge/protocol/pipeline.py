@@ -6,7 +6,8 @@ side effects; malformed or unknown messages become :class:`Ignored` (to be logge
 exceptions, so a pipeline cannot crash a call.
 
 ``raw`` (this module), like Vapi's websocket transport: binary frames carry audio (PCM s16le at
-8, 16 or 24 kHz, or μ-law 8 kHz) both ways; text frames carry JSON control. See docs/pipeline.md.
+8, 16 or 24 kHz, or μ-law 8 kHz) both ways; text frames carry JSON control. ``twilio``
+(protocol/twilio.py): Twilio Media Streams. See docs/pipeline.md.
 """
 
 from __future__ import annotations
@@ -100,14 +101,25 @@ _DTMF = set("0123456789*#ABCDabcdwW")
 MAX_MARK_NAME = 256
 
 
-def parse_control(text: str) -> PipelineEvent:
-    """The JSON control messages both dialects share (``type`` or Twilio's ``event`` key)."""
+def json_object(text: str | bytes) -> dict[str, Any] | Ignored:
+    """A text frame's JSON object, or why it is not one."""
     try:
         message = json.loads(text)
     except ValueError:
         return Ignored("text frame is not JSON")
     if not isinstance(message, dict):
         return Ignored("JSON message is not an object")
+    return message
+
+
+def parse_control(text: str) -> PipelineEvent:
+    """A text frame of JSON control (the part both dialects share)."""
+    message = json_object(text)
+    return message if isinstance(message, Ignored) else control_event(message)
+
+
+def control_event(message: dict[str, Any]) -> PipelineEvent:
+    """A decoded control message (``type``, or Twilio's ``event`` key)."""
     kind = message.get("type", message.get("event"))
     if kind == "clear":
         return Clear()
@@ -152,8 +164,8 @@ class Dialect(Protocol):
     encoding: Literal["pcm_s16le", "mulaw"]
     sample_rate: int
 
-    def start(self, info: SessionInfo) -> str:
-        """The first message of the stream."""
+    def opening(self, info: SessionInfo) -> list[str]:
+        """The messages that open the stream."""
 
     def audio(self, data: bytes) -> str | bytes:
         """Caller audio (already in the dialect's encoding) as one message."""
@@ -180,8 +192,12 @@ class RawDialect:
         self.encoding = encoding
         self.sample_rate = 8000 if encoding == "mulaw" else sample_rate
 
+    def opening(self, info: SessionInfo) -> list[str]:
+        """The start message: call ids, caller, called URI, X- headers, variables, assistant."""
+        return [self.start(info)]
+
     def start(self, info: SessionInfo) -> str:
-        """The first message: call ids, caller, called URI, X- headers, variables, assistant."""
+        """The start message."""
         return json.dumps(
             {
                 "type": "start",

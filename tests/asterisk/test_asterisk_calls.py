@@ -107,9 +107,7 @@ async def test_pipeline_unreachable_refuses_the_call_cleanly(asterisk_lab: Aster
 
 async def test_hostile_header_values_change_nothing(asterisk_lab: AsteriskLab) -> None:
     lab = asterisk_lab
-    await lab.start_service()
-    assistant = await lab.assistant(firstMessage="Note: {{note}}")
-    await lab.number(assistantId=assistant["id"])
+    await lab.serve_assistant(firstMessage="Note: {{note}}")
     headers = [("X-Evil", HOSTILE), ("X-Note", "hello, world"), ("X-Semi", 'x";Hangup()')]
     result, _ = await lab.call(CallPlan(user="demo", headers=headers, talk_ms=500, listen_ms=500))
     assert result.answered and result.bye_from_caller
@@ -131,9 +129,7 @@ async def test_dtmf_reaches_the_pipeline_and_the_pipeline_hangs_up(
         await session.send_json({"type": "end-call", "reason": "assistant-ended-call"})
 
     lab.pipeline.script = script
-    await lab.start_service()
-    assistant = await lab.assistant()
-    await lab.number(assistantId=assistant["id"])
+    await lab.serve_assistant()
     result, _ = await lab.call(CallPlan(user="demo", talk_ms=200, listen_ms=8000, dtmf="5"))
     assert result.answered and result.bye_from_far_end and not result.bye_from_caller
     report = await lab.sink.wait_for_message("end-of-call-report")
@@ -151,9 +147,7 @@ async def test_pipeline_dropping_mid_call_ends_it_with_its_reason(
         session.ws.transport.abort()  # the pipeline dies without a close frame
 
     lab.pipeline.script = script
-    await lab.start_service()
-    assistant = await lab.assistant()
-    await lab.number(assistantId=assistant["id"])
+    await lab.serve_assistant()
     result, _ = await lab.call(
         CallPlan(user="demo", tone_file=lab.tone_file(500), talk_ms=8000, listen_ms=0)
     )
@@ -350,9 +344,7 @@ async def test_twenty_concurrent_calls_each_hear_only_their_caller(
     asterisk_lab: AsteriskLab,
 ) -> None:
     lab = asterisk_lab
-    await lab.start_service()
-    assistant = await lab.assistant()
-    await lab.number(assistantId=assistant["id"])
+    await lab.serve_assistant()
     tones = [400 + 60 * index for index in range(20)]
     plans = [
         CallPlan(
