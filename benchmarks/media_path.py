@@ -29,12 +29,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import cProfile
 import json
 import math
 import os
 import platform
 import random
 import resource
+import shutil
 import signal
 import statistics
 import sys
@@ -73,6 +75,9 @@ REPLY_PERIOD_S = 3.0
 REPLY_S = 2.0
 CLEAR_AFTER_S = 1.0
 RESULTS = Path(__file__).parent / "results"
+# raw16 resamples both ways (8 ↔ 16 kHz), as the raw dialect's default does; its caller frames
+# lose their index in the resampler, so it has no latency figure.
+PIPELINE_RATES = {"raw": 8000, "raw16": 16000, "twilio": 8000}
 
 
 def cpu_seconds() -> float:
@@ -128,12 +133,12 @@ async def run_bridge(pipeline_url: str, dialect_name: str, state: Path) -> None:
             assistant={"name": "bench"},
             phone_number=None,
             encoding="mulaw" if dialect_name == "twilio" else "pcm_s16le",
-            sample_rate=8000,
+            sample_rate=PIPELINE_RATES[dialect_name],
         )
         dialect: Dialect = (
             TwilioDialect(info, "bench")
             if dialect_name == "twilio"
-            else RawDialect("pcm_s16le", 8000)
+            else RawDialect("pcm_s16le", PIPELINE_RATES[dialect_name])
         )
         for message in dialect.opening(info):
             await stream.send(message)
@@ -252,8 +257,6 @@ async def run_pbx(port: int, calls: int, seconds: float, state: Path) -> None:
 async def run_pipeline(state: Path) -> None:
     received: dict[str, list[tuple[int, float]]] = {}
     clears: dict[str, list[float]] = {}
-    reply_pcm = sine(1000, REPLY_S, 8000, 0.3)
-    chunk = 8000 * 2 // 10  # 100 ms
 
     async def session(ws: ServerConnection) -> None:
         first = json.loads(await ws.recv())
@@ -261,9 +264,12 @@ async def run_pipeline(state: Path) -> None:
         if twilio:
             first = json.loads(await ws.recv())
             call_id = first["start"]["customParameters"]["callId"]
-            stream_sid = first["streamSid"]
+            stream_sid, rate = first["streamSid"], 8000
         else:
             call_id, stream_sid = first["callId"], ""
+            rate = int(first["audioFormat"]["sampleRate"])
+        reply_pcm = sine(1000, REPLY_S, rate, 0.3)
+        chunk = rate * 2 // 10  # 100 ms
         arrivals = received.setdefault(call_id, [])
         clear_times = clears.setdefault(call_id, [])
 
@@ -300,6 +306,8 @@ async def run_pipeline(state: Path) -> None:
             async for message in ws:
                 now = time.monotonic()
                 if isinstance(message, bytes):
+                    if rate != 8000:
+                        continue
                     ulaw = pcm_to_ulaw(message[:6])
                 else:
                     data = json.loads(message)
@@ -337,13 +345,15 @@ def percentile(values: Sequence[float], share: float) -> float:
 
 def summary_ms(values: Sequence[float]) -> dict[str, float]:
     ms = [v * 1000 for v in values]
+    if not ms:
+        return {"count": 0}
     return {
         "count": len(ms),
         "p50": round(percentile(ms, 0.50), 3),
         "p99": round(percentile(ms, 0.99), 3),
         "p999": round(percentile(ms, 0.999), 3),
-        "max": round(max(ms), 3) if ms else math.nan,
-        "mean": round(statistics.fmean(ms), 3) if ms else math.nan,
+        "max": round(max(ms), 3),
+        "mean": round(statistics.fmean(ms), 3),
     }
 
 
@@ -394,6 +404,8 @@ def analyse(state: Path, calls: int, seconds: float) -> dict[str, Any]:
         "sessions": len(sessions),
         "framesToPbx": sum(s["framesToPbx"] for s in sessions),
         "droppedToPbx": sum(s["droppedToPbx"] for s in sessions),
+        # One per call is the frame that was due when the caller's hang-up had just arrived.
+        "maxDroppedToPbxPerCall": max((s["droppedToPbx"] for s in sessions), default=0),
         "droppedToPipeline": sum(s["droppedToPipeline"] for s in sessions),
         "lateFramesOver5ms": sum(s["lateFrames"] for s in sessions),
         "maxLatenessMs": max((s["maxLatenessMs"] for s in sessions), default=0),
@@ -409,7 +421,9 @@ async def spawn(*args: str) -> tuple[asyncio.subprocess.Process, int]:
     return process, int(line)
 
 
-async def one_run(calls: int, seconds: float, dialect: str) -> dict[str, Any]:
+async def one_run(
+    calls: int, seconds: float, dialect: str, profile: Path | None = None
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="sipbridge-bench-") as directory:
         state = Path(directory)
         pipeline, pipeline_port = await spawn("pipeline", "--state", directory)
@@ -418,6 +432,7 @@ async def one_run(calls: int, seconds: float, dialect: str) -> dict[str, Any]:
             "--state", directory,
             "--pipeline-url", f"ws://127.0.0.1:{pipeline_port}/pipeline",
             "--dialect", dialect,
+            *(["--profile"] if profile else []),
         )  # fmt: skip
         pbx = await asyncio.create_subprocess_exec(
             sys.executable, __file__, "pbx",
@@ -432,6 +447,8 @@ async def one_run(calls: int, seconds: float, dialect: str) -> dict[str, Any]:
             await process.wait()
         result = analyse(state, calls, seconds)
         result["dialect"] = dialect
+        if profile is not None:
+            shutil.copyfile(state / "bridge.prof", profile)
         return result
 
 
@@ -447,19 +464,21 @@ def table(results: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['dialect']} | {r['calls']} | {j['p50']}/{j['p99']}/{j['max']} "
             f"| {c['p50']}/{c['p99']}/{c['max']} | {r['replyFramesAfterClear']['max']} "
-            f"| {lat['p50']}/{lat['p99']} | {r['bridgeCpuPercentOfOneCore']} "
+            f"| {lat.get('p50', '–')}/{lat.get('p99', '–')} | {r['bridgeCpuPercentOfOneCore']} "
             f"| {r['pbxSimulatorCpuPercent'] + r['pipelineSimulatorCpuPercent']:.0f} "
             f"| {r['droppedToPbx'] + r['droppedToPipeline']} | {r['lateFramesOver5ms']} |"
         )
     return "\n".join(lines)
 
 
-async def orchestrate(calls: list[int], seconds: float, dialects: list[str]) -> dict[str, Any]:
+async def orchestrate(
+    calls: list[int], seconds: float, dialects: list[str], profile: Path | None
+) -> dict[str, Any]:
     results = []
     for dialect in dialects:
         for count in calls:
             print(f"running {count} calls, {dialect}, {seconds:g} s…", file=sys.stderr)
-            results.append(await one_run(count, seconds, dialect))
+            results.append(await one_run(count, seconds, dialect, profile))
     document = {
         "benchmark": "media_path",
         "sipbridge": __version__,
@@ -495,21 +514,32 @@ def main() -> None:
         sub.add_argument("--port", type=int, default=0)
         sub.add_argument("--calls", type=int, default=1)
         sub.add_argument("--seconds", type=float, default=10)
+        sub.add_argument("--profile", action="store_true")
     parser.add_argument("--calls", type=int, nargs="+", default=[1, 50, 100])
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument(
-        "--dialect", nargs="+", default=["raw", "twilio"], choices=["raw", "twilio"]
+        "--dialect", nargs="+", default=["raw", "twilio"], choices=sorted(PIPELINE_RATES)
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "media_path.json")
+    parser.add_argument("--profile", type=Path, help="write cProfile stats of sipbridge here")
     args = parser.parse_args()
-    if args.role == "bridge":
+    if args.role == "bridge" and args.profile:
+        # Where sipbridge's CPU goes (cProfile slows Python calls: read the shares, not times).
+        cProfile.runctx(
+            "asyncio.run(run_bridge(args.pipeline_url, args.dialect, args.state))",
+            globals(),
+            {"args": args},
+            str(args.state / "bridge.prof"),
+        )
+    elif args.role == "bridge":
         asyncio.run(run_bridge(args.pipeline_url, args.dialect, args.state))
     elif args.role == "pbx":
         asyncio.run(run_pbx(args.port, args.calls, args.seconds, args.state))
     elif args.role == "pipeline":
         asyncio.run(run_pipeline(args.state))
     else:
-        write_results(asyncio.run(orchestrate(args.calls, args.seconds, args.dialect)), args.out)
+        document = asyncio.run(orchestrate(args.calls, args.seconds, args.dialect, args.profile))
+        write_results(document, args.out)
 
 
 if __name__ == "__main__":

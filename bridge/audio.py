@@ -3,10 +3,14 @@
 Conventions: PCM is signed 16-bit little-endian mono ("slin"). The PBX side is 8 kHz slin in
 20 ms frames of 320 bytes; the pipeline side is whatever the assistant's format says.
 
-``audioop`` does the conversions: the stdlib module below Python 3.13 (imported without its
-deprecation warning leaking) and the audioop-lts package from 3.13; their outputs are identical
-(libraries.md section 4). ``ratecv`` must carry its state per direction per call, or it loses a
-sample per frame when upsampling.
+``audioop`` does G.711: the stdlib module below Python 3.13 (imported without its deprecation
+warning leaking) and the audioop-lts package from 3.13; their outputs are identical
+(libraries.md section 4). Rate conversion between the telephony rates (8, 16, 24, 48 kHz) is a
+windowed-sinc FIR resampler on numpy: ``audioop.ratecv`` is linear interpolation without an
+anti-alias filter, so a 16 or 24 kHz TTS voice downsampled by it folds its 4-12 kHz sibilants
+back into the 0-4 kHz the caller hears. soxr filters well but hands out audio in blocks of
+60-100 ms, too late for a conversation. Every converter carries its state per direction per
+call: chunked conversion equals one-shot conversion.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import sys
 import warnings
 from collections import deque
 from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
 
 if sys.version_info >= (3, 13):
     import audioop  # provided by audioop-lts
@@ -50,22 +57,85 @@ def pcm_to_ulaw(pcm: bytes) -> bytes:
     return audioop.lin2ulaw(pcm, SAMPLE_WIDTH)
 
 
+# Anti-alias filter design: pass up to 85 % of the lower Nyquist frequency (3.4 kHz for 8 kHz,
+# the telephone band), stop 60 dB down from where aliases would land back in that band.
+_PASSBAND = 0.85
+_STOPBAND_DB = 60.0
+# Rational factors up to this go through the FIR; others (22.05 kHz espeak-ng output) through
+# ratecv, since their filter would need thousands of taps.
+_MAX_FIR_FACTOR = 6
+
+
+def lowpass_taps(up: int, down: int, in_rate: int) -> npt.NDArray[np.float64]:
+    """A Kaiser-windowed sinc low-pass for resampling by ``up/down``, at ``in_rate * up``.
+
+    Its DC gain is ``up``, which makes up for the zeros stuffed between input samples.
+    """
+    rate = in_rate * up
+    nyquist = min(in_rate, in_rate * up / down) / 2
+    transition = 2 * (1 - _PASSBAND) * nyquist  # from 0.85 to 1.15 of the lower Nyquist
+    beta = 0.1102 * (_STOPBAND_DB - 8.7)
+    count = math.ceil((_STOPBAND_DB - 7.95) / (2.285 * 2 * math.pi * transition / rate)) + 1
+    count += 1 - count % 2  # odd: a whole-sample delay
+    offsets = np.arange(count) - (count - 1) / 2
+    cutoff = nyquist / rate
+    taps = 2 * cutoff * np.sinc(2 * cutoff * offsets) * np.kaiser(count, beta)
+    return np.asarray(taps * (up / taps.sum()), dtype=np.float64)
+
+
 class Resampler:
-    """Streaming rate conversion that carries ``ratecv``'s state between chunks."""
+    """Streaming rate conversion of 16-bit PCM.
+
+    For the telephony rates: zero-stuff by ``up``, low-pass, keep every ``down``-th sample, the
+    filter's history and the decimation phase carried from chunk to chunk. The filter delays
+    the audio by half its length: about 1.5 ms at 8 kHz ↔ 16 or 24 kHz.
+    """
 
     def __init__(self, in_rate: int, out_rate: int) -> None:
         self.in_rate = in_rate
         self.out_rate = out_rate
-        self._state: tuple[int, tuple[tuple[int, int], ...]] | None = None
+        common = math.gcd(in_rate, out_rate)
+        self.up, self.down = out_rate // common, in_rate // common
+        self.uses_fir = in_rate != out_rate and max(self.up, self.down) <= _MAX_FIR_FACTOR
+        self._taps = lowpass_taps(self.up, self.down, in_rate) if self.uses_fir else None
+        self._ratecv_state: tuple[int, tuple[tuple[int, int], ...]] | None = None
+        self.reset()
+
+    @property
+    def delay_samples(self) -> float:
+        """The filter's delay, in output samples."""
+        if self._taps is None:
+            return 0.0
+        return (len(self._taps) - 1) / 2 / self.down
+
+    def reset(self) -> None:
+        """Forgets the stream so far (after a barge-in: nothing old leaks into what follows)."""
+        self._ratecv_state = None
+        self._phase = 0
+        if self._taps is not None:
+            self._history = np.zeros(len(self._taps) - 1)
 
     def convert(self, pcm: bytes) -> bytes:
-        """Converts the next chunk of the stream."""
-        if self.in_rate == self.out_rate or not pcm:
+        """Converts the next chunk of the stream (an odd trailing byte is ignored)."""
+        if self.in_rate == self.out_rate or len(pcm) < SAMPLE_WIDTH:
             return pcm
-        converted, self._state = audioop.ratecv(
-            pcm, SAMPLE_WIDTH, 1, self.in_rate, self.out_rate, self._state
-        )
-        return converted
+        if self._taps is None:
+            converted, self._ratecv_state = audioop.ratecv(
+                pcm, SAMPLE_WIDTH, 1, self.in_rate, self.out_rate, self._ratecv_state
+            )
+            return converted
+        samples = np.frombuffer(pcm, dtype="<i2", count=len(pcm) // SAMPLE_WIDTH)
+        signal: npt.NDArray[np.float64] = samples.astype(np.float64)
+        if self.up > 1:
+            stuffed = np.zeros(len(signal) * self.up)
+            stuffed[:: self.up] = signal
+            signal = stuffed
+        window = np.concatenate((self._history, signal))
+        filtered = np.convolve(window, self._taps, mode="valid")
+        self._history = window[len(window) - len(self._history) :]
+        kept = filtered[self._phase :: self.down]
+        self._phase = (self._phase - len(filtered)) % self.down
+        return np.clip(np.rint(kept), -32768, 32767).astype("<i2").tobytes()
 
 
 class Transcoder:
@@ -98,6 +168,10 @@ class Transcoder:
         else:
             pcm = data[: len(data) - len(data) % SAMPLE_WIDTH]
         return self._down.convert(pcm)
+
+    def clear_from_pipeline(self) -> None:
+        """Barge-in: the pipeline's next audio starts afresh (no tail of the cleared reply)."""
+        self._down.reset()
 
 
 class Reframer:

@@ -73,6 +73,10 @@ async def speak(text: str, rate: int) -> bytes | None:
         if wav.getsampwidth() != 2 or wav.getnchannels() != 1:
             return None
         pcm, source_rate = wav.readframes(wav.getnframes()), wav.getframerate()
+    if source_rate % 8000:
+        # espeak-ng speaks at 22050 Hz. Up to 24 kHz first (linear interpolation, whose images
+        # lie above 11 kHz), then the anti-aliased telephony resampler does the rest.
+        pcm, source_rate = Resampler(source_rate, 24000).convert(pcm), 24000
     return Resampler(source_rate, rate).convert(pcm)
 
 

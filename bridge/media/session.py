@@ -278,6 +278,7 @@ class MediaSession:
                 self.log.warning("playout queue full: dropped %d frames", dropped)
         elif isinstance(event, Clear):
             cleared = self.playout.clear()
+            self.transcoder.clear_from_pipeline()
             self.log.debug("clear: dropped queued audio, %d marks", len(cleared))
             await self._marks_played(cleared)
         elif isinstance(event, MarkIn):
