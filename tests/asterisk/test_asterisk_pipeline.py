@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -57,44 +57,102 @@ def tone_packets(capture: RtpCapture | None, frequency: float) -> int:
     return ToneCounter(frequency)(capture)
 
 
-def twilio_media(session: PipelineSession, pcm8k: bytes) -> str:
-    """A Twilio ``media`` message from the pipeline, as Pipecat's serializer writes it."""
-    stream_sid = session.start["streamSid"] if session.start else ""
-    payload = base64.b64encode(pcm_to_ulaw(pcm8k)).decode()
-    return json.dumps({"event": "media", "streamSid": stream_sid, "media": {"payload": payload}})
+@dataclass(frozen=True)
+class PipelineWire:
+    """A pipeline of one dialect: how it sends audio and control, and reads what it gets.
+
+    ``raw`` runs at its default 16 kHz (so sipbridge resamples both ways); ``twilio`` is
+    μ-law 8 kHz in JSON, sent the way Pipecat's TwilioFrameSerializer writes it.
+    """
+
+    name: str
+
+    @property
+    def assistant(self) -> dict[str, Any]:
+        return {"sipbridge": {"pipeline": {"format": self.name}}}
+
+    @property
+    def rate(self) -> int:
+        return 8000 if self.name == "twilio" else 16000
+
+    def _stream_sid(self, session: PipelineSession) -> str:
+        return str(session.start["streamSid"]) if session.start else ""
+
+    async def reply(self, session: PipelineSession, pcm: bytes, chunk_ms: int = 95) -> None:
+        """A TTS reply (PCM at ``rate``) as fast as it is made, in ~95 ms chunks."""
+        size = self.rate * chunk_ms // 1000 * 2
+        for offset in range(0, len(pcm), size):
+            chunk = pcm[offset : offset + size]
+            if self.name == "twilio":
+                payload = base64.b64encode(pcm_to_ulaw(chunk)).decode()
+                await session.send_json(
+                    {
+                        "event": "media",
+                        "streamSid": self._stream_sid(session),
+                        "media": {"payload": payload},
+                    }
+                )
+            else:
+                await session.send(chunk)
+
+    async def mark(self, session: PipelineSession, name: str) -> None:
+        if self.name == "twilio":
+            await session.send_json(
+                {"event": "mark", "streamSid": self._stream_sid(session), "mark": {"name": name}}
+            )
+        else:
+            await session.send_json({"type": "mark", "name": name})
+
+    async def clear(self, session: PipelineSession) -> None:
+        if self.name == "twilio":
+            await session.send_json({"event": "clear", "streamSid": self._stream_sid(session)})
+        else:
+            await session.send_json({"type": "clear"})
+
+    def marks(self, session: PipelineSession) -> list[str]:
+        """The marks sipbridge has echoed, in order."""
+        if self.name == "twilio":
+            return [m["mark"]["name"] for m in session.controls if m.get("event") == "mark"]
+        return [m["name"] for m in session.controls if m.get("type") == "mark"]
+
+    def digits(self, session: PipelineSession) -> str:
+        """The caller's keys as sipbridge reported them."""
+        if self.name == "twilio":
+            return "".join(m["dtmf"]["digit"] for m in session.controls if m.get("event") == "dtmf")
+        return "".join(m["digit"] for m in session.controls if m.get("type") == "dtmf")
+
+    def caller_pcm(self, session: PipelineSession) -> bytes:
+        """What the pipeline heard of the caller, as PCM at ``rate``."""
+        audio = bytes(session.audio)
+        return ulaw_to_pcm(audio) if self.name == "twilio" else audio
+
+    def stop_reason(self, session: PipelineSession) -> str:
+        if self.name == "twilio":
+            stop = next(m for m in session.controls if m.get("event") == "stop")
+            assert stop["streamSid"] == self._stream_sid(session)
+            return str(stop["stop"]["reason"])
+        return str(next(m for m in session.controls if m.get("type") == "stop")["reason"])
 
 
-async def send_twilio_burst(session: PipelineSession, pcm8k: bytes, chunk_ms: int = 95) -> None:
-    """A TTS reply the way Pipecat sends it: ~95 ms chunks, as fast as they are made."""
-    size = 8000 * chunk_ms // 1000 * 2
-    for offset in range(0, len(pcm8k), size):
-        await session.send(twilio_media(session, pcm8k[offset : offset + size]))
+@pytest.fixture(params=["raw", "twilio"])
+def wire(request: pytest.FixtureRequest) -> PipelineWire:
+    return PipelineWire(request.param)
 
 
-def twilio_mark(session: PipelineSession, name: str) -> dict[str, Any]:
-    stream_sid = session.start["streamSid"] if session.start else ""
-    return {"event": "mark", "streamSid": stream_sid, "mark": {"name": name}}
+async def wait_mark(wire: PipelineWire, session: PipelineSession, name: str) -> None:
+    await session.wait_for(lambda s: name in wire.marks(s), 15.0)
 
 
-async def wait_mark(session: PipelineSession, name: str, timeout: float = 15.0) -> None:
-    def arrived(s: PipelineSession) -> bool:
-        return any(
-            m.get("event", m.get("type")) == "mark"
-            and (m.get("mark") or {}).get("name", m.get("name")) == name
-            for m in s.controls
-        )
-
-    await session.wait_for(arrived, timeout)
-
-
-async def test_twilio_tone_in_and_tone_out_at_the_right_pace(asterisk_lab: AsteriskLab) -> None:
+async def test_tone_in_and_tone_out_at_the_right_pace(
+    asterisk_lab: AsteriskLab, wire: PipelineWire
+) -> None:
     lab = asterisk_lab
 
     async def script(session: PipelineSession) -> None:
-        await send_twilio_burst(session, sine(1200, 3.0))  # 3 s of reply, sent in a burst
+        await wire.reply(session, sine(1200, 3.0, wire.rate))  # 3 s of reply, in a burst
 
     lab.pipeline.script = script
-    await lab.serve_assistant(sipbridge=TWILIO)
+    await lab.serve_assistant(**wire.assistant)
     result, rtp = await lab.call(
         CallPlan(
             user="demo",
@@ -109,22 +167,25 @@ async def test_twilio_tone_in_and_tone_out_at_the_right_pace(asterisk_lab: Aster
 
     session = await lab.pipeline.session()
     start = session.start
-    assert start is not None and start["event"] == "start"
-    assert start["start"]["mediaFormat"] == {
-        "encoding": "audio/x-mulaw",
-        "sampleRate": 8000,
-        "channels": 1,
-    }
-    parameters = start["start"]["customParameters"]
-    assert parameters["first_name"] == "John" and parameters["X-First_Name"] == "John"
-    assert parameters["firstMessage"] == "Hello John, you've reached me over SIP."
+    assert start is not None
+    if wire.name == "twilio":
+        assert start["event"] == "start"
+        assert start["start"]["mediaFormat"] == {
+            "encoding": "audio/x-mulaw",
+            "sampleRate": 8000,
+            "channels": 1,
+        }
+        parameters = start["start"]["customParameters"]
+        assert parameters["first_name"] == "John" and parameters["X-First_Name"] == "John"
+        assert parameters["firstMessage"] == "Hello John, you've reached me over SIP."
+    else:
+        assert start["audioFormat"]["sampleRate"] == 16000
+        assert start["assistant"]["firstMessage"] == "Hello John, you've reached me over SIP."
     await session.closed.wait()
-    # The caller's 700 Hz tone, as μ-law 8 kHz media messages.
-    fraction, count = share_of_windows(ulaw_to_pcm(bytes(session.audio)), 8000, 700)
+    # The caller's 700 Hz tone, as the pipeline received it.
+    fraction, count = share_of_windows(wire.caller_pcm(session), wire.rate, 700)
     assert count >= 3 and fraction >= 0.95, (fraction, count)
-    stop = next(m for m in session.controls if m.get("event") == "stop")
-    assert stop["streamSid"] == start["streamSid"]
-    assert stop["stop"]["reason"] == "customer-ended-call"
+    assert wire.stop_reason(session) == "customer-ended-call"
 
     # The 3 s reply reached the caller whole, as 20 ms packets spread over 3 s of real time
     # (a burst passed through unpaced would arrive within a few milliseconds).
@@ -144,25 +205,25 @@ async def test_twilio_tone_in_and_tone_out_at_the_right_pace(asterisk_lab: Aster
 
 
 async def test_clear_silences_the_caller_and_returns_pending_marks(
-    asterisk_lab: AsteriskLab,
+    asterisk_lab: AsteriskLab, wire: PipelineWire
 ) -> None:
     lab = asterisk_lab
     counts: dict[str, int] = {}
     reply_heard = ToneCounter(1200)
 
     async def script(session: PipelineSession) -> None:
-        await send_twilio_burst(session, sine(1200, 6.0))
-        await session.send_json(twilio_mark(session, "reply-1"))
+        await wire.reply(session, sine(1200, 6.0, wire.rate))
+        await wire.mark(session, "reply-1")
         assert lab.listening is not None
         await asyncio.wait_for(
             lab.listening.wait_until(lambda capture: reply_heard(capture) >= 50), 15
         )
-        await session.send_json({"event": "clear", "streamSid": session.start["streamSid"]})  # type: ignore[index]
-        await wait_mark(session, "reply-1")  # a cleared mark comes back at once
+        await wire.clear(session)
+        await wait_mark(wire, session, "reply-1")  # a cleared mark comes back at once
         counts["at_mark"] = reply_heard(lab.listening)
 
     lab.pipeline.script = script
-    await lab.serve_assistant(sipbridge=TWILIO)
+    await lab.serve_assistant(**wire.assistant)
     result, rtp = await lab.call(CallPlan(user="demo", talk_ms=500, listen_ms=4000), capture=True)
     assert result.answered
     # The caller heard about one second of the six queued, and nothing after the clear but
@@ -173,31 +234,27 @@ async def test_clear_silences_the_caller_and_returns_pending_marks(
     assert await lab.no_channels_left() == []
 
 
-async def test_marks_come_back_in_order_only_after_their_audio(asterisk_lab: AsteriskLab) -> None:
+async def test_marks_come_back_in_order_only_after_their_audio(
+    asterisk_lab: AsteriskLab, wire: PipelineWire
+) -> None:
     lab = asterisk_lab
     seen: dict[str, tuple[int, int]] = {}
     first_heard, second_heard = ToneCounter(500), ToneCounter(1500)
 
     async def script(session: PipelineSession) -> None:
-        # Raw dialect at 16 kHz: the reply in 100 ms chunks, with marks between the parts.
-        first, second = sine(500, 1.0, 16000), sine(1500, 1.0, 16000)
-        for offset in range(0, len(first), 3200):
-            await session.send(first[offset : offset + 3200])
-        await session.send_json({"type": "mark", "name": "first"})
-        for offset in range(0, len(second), 3200):
-            await session.send(second[offset : offset + 3200])
-        await session.send_json({"type": "mark", "name": "second"})
+        await wire.reply(session, sine(500, 1.0, wire.rate))
+        await wire.mark(session, "first")
+        await wire.reply(session, sine(1500, 1.0, wire.rate))
+        await wire.mark(session, "second")
         for name in ("first", "second"):
-            await wait_mark(session, name)
+            await wait_mark(wire, session, name)
             seen[name] = (first_heard(lab.listening), second_heard(lab.listening))
 
     lab.pipeline.script = script
-    await lab.serve_assistant()
+    await lab.serve_assistant(**wire.assistant)
     result, _ = await lab.call(CallPlan(user="demo", talk_ms=500, listen_ms=3500), capture=True)
     assert result.answered
-    session = await lab.pipeline.session()
-    marks = [m["name"] for m in session.controls if m.get("type") == "mark"]
-    assert marks == ["first", "second"]
+    assert wire.marks(await lab.pipeline.session()) == ["first", "second"]
     # When "first" came back the caller had heard (nearly) all of the first part and none of
     # the second; Asterisk may still have had a frame or two in flight.
     assert seen["first"][0] >= 47 and seen["first"][1] <= 1, seen
@@ -206,20 +263,18 @@ async def test_marks_come_back_in_order_only_after_their_audio(asterisk_lab: Ast
 
 @pytest.mark.parametrize("telephone_event", [True, False], ids=["rfc4733", "inband"])
 async def test_dtmf_both_ways_then_the_pipeline_says_goodbye_and_hangs_up(
-    asterisk_lab: AsteriskLab, telephone_event: bool
+    asterisk_lab: AsteriskLab, wire: PipelineWire, telephone_event: bool
 ) -> None:
     lab = asterisk_lab
 
     async def script(session: PipelineSession) -> None:
-        await session.wait_for(
-            lambda s: any((m.get("dtmf") or {}).get("digit") == "5" for m in s.controls)
-        )
+        await session.wait_for(lambda s: "5" in wire.digits(s))
         await session.send_json({"type": "send-dtmf", "digits": "7"})
-        await send_twilio_burst(session, sine(1000, 1.0))  # the goodbye
+        await wire.reply(session, sine(1000, 1.0, wire.rate))  # the goodbye
         await session.send_json({"type": "end-call", "reason": "assistant-ended-call"})
 
     lab.pipeline.script = script
-    await lab.serve_assistant(sipbridge=TWILIO)
+    await lab.serve_assistant(**wire.assistant)
     result, rtp = await lab.call(
         CallPlan(
             user="demo", talk_ms=200, listen_ms=8000, dtmf="5", telephone_event=telephone_event
@@ -228,8 +283,10 @@ async def test_dtmf_both_ways_then_the_pipeline_says_goodbye_and_hangs_up(
     )
     assert result.answered and result.bye_from_far_end and not result.bye_from_caller
     session = await lab.pipeline.session()
-    dtmf = next(m for m in session.controls if m.get("event") == "dtmf")
-    assert dtmf["dtmf"] == {"track": "inbound_track", "digit": "5"}
+    assert wire.digits(session) == "5"
+    if wire.name == "twilio":
+        dtmf = next(m for m in session.controls if m.get("event") == "dtmf")
+        assert dtmf["dtmf"] == {"track": "inbound_track", "digit": "5"}
     assert rtp is not None
     if telephone_event:
         assert rtp.telephone_events() == "7"
