@@ -5,7 +5,8 @@ Handlers only translate HTTP to calls on :class:`Backend` and errors to statuses
 ``StoreError`` 503. Bodies follow Vapi's (NestJS) error shape:
 ``{"message": [...], "error": "Bad Request", "statusCode": 400}``.
 
-Every route but ``/health`` (and ``/metrics`` unless ``api.metrics_require_key``) needs
+Every route but ``/health`` (and ``/metrics`` on a loopback address, see
+``api.metrics_require_key``) needs
 ``Authorization: Bearer <api.key>``, compared in constant time.
 """
 
@@ -47,6 +48,7 @@ class Backend(Protocol):
         statuses: tuple[str, ...],
         phone_number_id: str | None,
         assistant_id: str | None,
+        call_id: str | None = None,
     ) -> list[dict[str, Any]]:
         """Call records, live ones current, newest first."""
 
@@ -140,11 +142,12 @@ async def _body(request: web.Request) -> Mapping[str, Any]:
 def create_app(backend: Backend, settings: ApiSettings) -> web.Application:
     """The aiohttp application serving the API for ``backend``."""
     key = settings.key.get_secret_value().encode() if settings.key is not None else None
+    metrics_need_key = settings.metrics_need_key()
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         open_path = request.path in _OPEN_PATHS or (
-            request.path == "/metrics" and not settings.metrics_require_key
+            request.path == "/metrics" and not metrics_need_key
         )
         if key is not None and not open_path:
             supplied = request.headers.get("Authorization", "")
@@ -161,8 +164,12 @@ def create_app(backend: Backend, settings: ApiSettings) -> web.Application:
                 return response
         try:
             return await handler(request)
-        except web.HTTPException:
-            raise
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            # aiohttp's own refusals (unknown route 404, 405, 413 body too large) in the same
+            # JSON shape as ours, so a Vapi client can read every error.
+            return _error(exc.status, exc.reason, exc.reason)
         except Exception as exc:
             return _error_response(exc)
 
@@ -204,9 +211,8 @@ def create_app(backend: Backend, settings: ApiSettings) -> web.Application:
             statuses=statuses,
             phone_number_id=request.query.get("phoneNumberId"),
             assistant_id=request.query.get("assistantId"),
+            call_id=request.query.get("id"),
         )
-        if "id" in request.query:
-            calls = [c for c in calls if c["id"] == request.query["id"]]
         return _json(calls)
 
     async def show_call(request: web.Request) -> web.Response:

@@ -323,6 +323,8 @@ def _print(data: Any, args: argparse.Namespace, out: TextIO, rows_of: str | None
 
 def _client(settings: Settings, args: argparse.Namespace) -> ApiClient:
     url = getattr(args, "url", None) or api_base_url(settings)
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"--url {url!r}: must start with http:// or https://")
     key = getattr(args, "api_key", None)
     if key is None and settings.api.key is not None:
         key = settings.api.key.get_secret_value()

@@ -42,7 +42,10 @@ class ApiClient:
             headers["Content-Type"] = "application/json"
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        request = urllib.request.Request(url, data=data, method=method, headers=headers)  # noqa: S310 - the URL is the operator's
+        try:
+            request = urllib.request.Request(url, data=data, method=method, headers=headers)  # noqa: S310 - the URL is the operator's
+        except ValueError as exc:
+            raise ApiClientError(f"cannot call {url!r}: {exc}") from None
         try:
             with urllib.request.urlopen(request, timeout=self._timeout_s) as response:  # noqa: S310
                 payload = response.read()

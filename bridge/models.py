@@ -84,12 +84,16 @@ def parse_sip_uri(uri: str) -> tuple[str, str, int | None] | None:
 
 
 def sip_uri_key(uri: str) -> str:
-    """The form two SIP URIs are compared in: user part and host, case-insensitively."""
+    """The form two SIP URIs are compared in: user part and host, case-insensitively.
+
+    The port is left out because routing ignores it (an INVITE's request-URI port is the PBX's,
+    not the number's): two numbers differing only by port would match the same calls.
+    """
     parsed = parse_sip_uri(uri)
     if parsed is None:
         return uri.strip().lower()
-    user, host, port = parsed
-    return f"sip:{user.lower()}@{host}" + (f":{port}" if port else "")
+    user, host, _port = parsed
+    return f"sip:{user.lower()}@{host}"
 
 
 def _check_headers(headers: dict[str, str]) -> dict[str, str]:

@@ -95,7 +95,10 @@ class RoutingDefaults:
             pipeline_format=settings.pipeline.default_format,
             pipeline_encoding=settings.pipeline.default_encoding,
             pipeline_sample_rate=settings.pipeline.default_sample_rate,
-            pipeline_headers=dict(settings.pipeline.default_headers),
+            pipeline_headers={
+                name: value.get_secret_value()
+                for name, value in settings.pipeline.default_headers.items()
+            },
             pipeline_fallback=settings.pipeline.on_failure == "fallback",
         )
 
@@ -259,7 +262,10 @@ def call_variables(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(variableValues as Vapi shows them on the call, every variable templates see)."""
     from_headers = header_variables(facts.headers)
-    variable_values = {**from_headers, **(overrides or {})}
+    variable_values = {
+        **header_variables(facts.headers, underscore_aliases=False),
+        **(overrides or {}),
+    }
     variables = merge_variables(
         default_variables(facts, call_id, number, now), from_headers, overrides or {}
     )

@@ -252,10 +252,15 @@ class Service:
         statuses: tuple[str, ...],
         phone_number_id: str | None,
         assistant_id: str | None,
+        call_id: str | None = None,
     ) -> list[dict[str, Any]]:
         """Stored records with newer snapshots (live calls, unsaved records) laid over them."""
         stored = await self.store.list_calls(
-            query, statuses=statuses, phone_number_id=phone_number_id, assistant_id=assistant_id
+            query,
+            statuses=statuses,
+            phone_number_id=phone_number_id,
+            assistant_id=assistant_id,
+            call_id=call_id,
         )
         newer = {record["id"]: record for record in self.recorder.unsaved_records()}
         newer.update({call.id: call.to_json() for call in self.callflow.active()})
@@ -267,6 +272,7 @@ class Service:
                 (not statuses or record["status"] in statuses)
                 and (not phone_number_id or record.get("phoneNumberId") == phone_number_id)
                 and (not assistant_id or record.get("assistantId") == assistant_id)
+                and (call_id is None or record["id"] == call_id)
                 and query.admits(record)
             )
 

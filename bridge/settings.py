@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextvars
 import ipaddress
+import json
 import os
 import tomllib
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +24,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -55,8 +58,20 @@ class ApiSettings(_Section):
     org_id: str | None = Field(
         None, description="orgId shown on resources. Default: a UUID created with the database."
     )
-    metrics_require_key: bool = Field(False, description="Require the API key on /metrics too.")
+    metrics_require_key: bool | None = Field(
+        None,
+        description=(
+            "Require the API key on /metrics too. Unset: required unless host is a loopback "
+            "address (call counts and end reasons are not for everyone)."
+        ),
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted.")
+
+    def metrics_need_key(self) -> bool:
+        """Whether /metrics asks for the key: as set, else off loopback only."""
+        if self.metrics_require_key is not None:
+            return self.metrics_require_key
+        return not is_loopback(self.host)
 
 
 class StoreSettings(_Section):
@@ -135,8 +150,10 @@ class PipelineSettings(_Section):
     default_sample_rate: Literal[8000, 16000, 24000] = Field(
         16000, description="Sample rate of the raw dialect's PCM."
     )
-    default_headers: dict[str, str] = Field(
-        default_factory=dict, description="Extra HTTP headers on the websocket handshake."
+    # Secret values: this is where a pipeline's "Authorization: Bearer ..." goes.
+    default_headers: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="Extra HTTP headers on the websocket handshake (values masked when shown).",
     )
     connect_timeout_s: float = Field(5.0, gt=0, description="Websocket open timeout.")
     ping_interval_s: float = Field(5.0, gt=0, description="Websocket keepalive ping period.")
@@ -303,14 +320,89 @@ def load_settings(
             ) from exc
     token = _toml_file.set(config_file)
     try:
-        settings = Settings(**dict(overrides or {}))
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc)) from exc
+        try:
+            settings = Settings(**dict(overrides or {}))
+        except SettingsError as exc:
+            # A list or table setting (SIPBRIDGE_SIP__DOMAINS) whose value is not JSON.
+            raise ConfigError(describe_settings_error(exc)) from None
+        except ValidationError as exc:
+            problems = describe_validation_error(exc)
+            if for_service:
+                problems += _rules_beside(exc, overrides or {}, problems)
+            raise ConfigError(problems) from None
     finally:
         _toml_file.reset(token)
     if for_service:
         check_consistency(settings)
     return settings
+
+
+def _rules_beside(
+    exc: ValidationError, overrides: Mapping[str, Any], reported: list[str]
+) -> list[str]:
+    """The cross-field problems that a field error hid, so one run names every bad field.
+
+    The fields pydantic rejected are put back to their defaults (as overrides, which beat every
+    source) and the rules are checked on what remains; rules about a rejected field are left out.
+    """
+    repaired: dict[str, dict[str, Any]] = {
+        k: dict(v) for k, v in overrides.items() if isinstance(v, Mapping)
+    }
+    for error in exc.errors(include_url=False):
+        location = error["loc"]
+        if len(location) < 2 or not isinstance(location[0], str):
+            return []
+        section_field = Settings.model_fields.get(location[0])
+        section = section_field.annotation if section_field else None
+        if not (isinstance(section, type) and issubclass(section, BaseModel)):
+            return []
+        info = section.model_fields.get(str(location[1]))
+        if info is None:  # an unknown key: no default to put back
+            return []
+        repaired.setdefault(location[0], {})[str(location[1])] = info.get_default(
+            call_default_factory=True
+        )
+    try:
+        check_consistency(Settings(**{**dict(overrides), **repaired}))
+    except (ValidationError, SettingsError):
+        return []
+    except ConfigError as rules:
+        named = {line.split(":", 1)[0] for line in reported}
+        return [line for line in rules.problems if line.split(":", 1)[0] not in named]
+    return []
+
+
+def describe_settings_error(exc: SettingsError) -> list[str]:
+    """Names the variables behind a source error: a list or table value that is not JSON."""
+    problems = []
+    for name, value in sorted(os.environ.items()):
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() == CONFIG_FILE_ENV:
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        if len(parts) != 2:
+            continue
+        section_field = Settings.model_fields.get(parts[0])
+        section = section_field.annotation if section_field else None
+        if not (isinstance(section, type) and issubclass(section, BaseModel)):
+            continue
+        info = section.model_fields.get(parts[1])
+        if info is None or not _is_complex(info.annotation):
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            problems.append(
+                f'{parts[0]}.{parts[1]}: {name} must be JSON (a list like ["a", "b"] '
+                'or a table like {"k": "v"})'
+            )
+    return problems or [str(exc)]
+
+
+def _is_complex(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (list, dict, tuple, set):
+        return True
+    return any(_is_complex(arg) for arg in typing.get_args(annotation))
 
 
 def check_consistency(settings: Settings) -> None:
@@ -423,8 +515,6 @@ def reference_markdown() -> str:
 
 def json_default(value: Any) -> str:
     """A default value as it would be written in TOML or JSON."""
-    import json  # noqa: PLC0415 - only the reference needs it
-
     if isinstance(value, Path):
         return str(value)
     return json.dumps(value)

@@ -401,6 +401,7 @@ class Store:
         statuses: Sequence[str] = (),
         phone_number_id: str | None = None,
         assistant_id: str | None = None,
+        call_id: str | None = None,
     ) -> list[dict[str, Any]]:
         """Call records newest first."""
 
@@ -416,6 +417,9 @@ class Store:
             if assistant_id:
                 clauses.append("assistant_id = ?")
                 params.append(assistant_id)
+            if call_id is not None:
+                clauses.append("id = ?")
+                params.append(call_id)
             sql = "SELECT doc FROM calls"
             if clauses:
                 sql += " WHERE " + " AND ".join(clauses)

@@ -154,12 +154,16 @@ def time_variables(now: datetime) -> dict[str, str]:
     }
 
 
-def header_variables(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+def header_variables(
+    headers: Iterable[tuple[str, str]], *, underscore_aliases: bool = True
+) -> dict[str, str]:
     """Variables from X- headers: ``X-First_Name: John`` -> ``{"first_name": "John"}``.
 
-    A dashed name is also reachable with underscores (``X-Account-Id`` -> ``account-id`` and
-    ``account_id``) unless a header already has the underscore spelling. When a header repeats,
-    the first value wins. Non-X headers are not variables (as in Vapi).
+    With ``underscore_aliases`` a dashed name is also reachable with underscores
+    (``X-Account-Id`` -> ``account-id`` and ``account_id``) unless a header already has the
+    underscore spelling; templates get the aliases, the call's ``variableValues`` (what Vapi
+    shows webhooks) only the lowercased names. When a header repeats, the first value wins.
+    Non-X headers are not variables (as in Vapi).
     """
     exact: dict[str, str] = {}
     for name, value in headers:
@@ -168,7 +172,7 @@ def header_variables(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
         key = name[2:].lower()
         exact.setdefault(key, value)
     result = dict(exact)
-    for key, value in exact.items():
+    for key, value in exact.items() if underscore_aliases else ():
         underscored = key.replace("-", "_")
         if underscored != key and underscored not in exact:
             result[underscored] = value

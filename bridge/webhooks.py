@@ -57,8 +57,20 @@ def request_headers(
     settings: WebhookSettings,
     unix_time: float,
 ) -> dict[str, str]:
-    """Headers of one POST: the server's own ``headers`` first, then ours (which win)."""
-    headers = dict(target.headers)
+    """Headers of one POST: the server's own ``headers`` first, then ours (which win).
+
+    HTTP header names are case-insensitive, so a server header spelled ``content-type`` or
+    ``X-Vapi-Secret`` is replaced by ours, never sent beside it.
+    """
+    ours = {
+        "content-type",
+        "user-agent",
+        "x-vapi-secret",
+        settings.message_id_header.lower(),
+        settings.timestamp_header.lower(),
+        settings.signature_header.lower(),
+    }
+    headers = {name: value for name, value in target.headers.items() if name.lower() not in ours}
     headers["Content-Type"] = "application/json"
     headers["User-Agent"] = USER_AGENT
     headers[settings.message_id_header] = message_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -54,8 +55,35 @@ async def test_requests_need_the_key(service: Service) -> None:
             assert response.status == 200
             assert (await response.json())["status"] == "ok"
         async with anonymous.get("/metrics") as response:
+            # Open on loopback by default (api.metrics_require_key unset).
             assert response.status == 200
             assert "sipbridge_calls_active" in await response.text()
+
+
+async def test_aiohttp_refusals_have_the_vapi_error_shape(http: aiohttp.ClientSession) -> None:
+    status, body = await call_api(http, "GET", "/no-such-route")
+    assert (status, body) == (
+        404,
+        {"message": "Not Found", "error": "Not Found", "statusCode": 404},
+    )
+    status, body = await call_api(http, "PUT", "/assistant")
+    assert status == 405 and body["statusCode"] == 405
+    async with http.post(
+        "/assistant",
+        data=io.BytesIO(b"{" + b" " * (1 << 20) + b"}"),
+        headers={"Content-Type": "application/json"},
+    ) as response:
+        assert response.status == 413
+        assert (await response.json())["statusCode"] == 413
+
+
+def test_metrics_need_the_key_off_loopback_unless_told() -> None:
+    from bridge.settings import ApiSettings
+
+    assert not ApiSettings(host="127.0.0.1").metrics_need_key()
+    assert ApiSettings(host="0.0.0.0").metrics_need_key()
+    assert not ApiSettings(host="0.0.0.0", metrics_require_key=False).metrics_need_key()
+    assert ApiSettings(host="127.0.0.1", metrics_require_key=True).metrics_need_key()
 
 
 async def test_assistant_lifecycle(http: aiohttp.ClientSession) -> None:
@@ -115,7 +143,7 @@ async def test_phone_numbers(http: aiohttp.ClientSession) -> None:
             "name": "Front desk",
         },
     )
-    assert status == 201 and number["status"] if "status" in number else status == 201
+    assert status == 201, number
     status, clash = await call_api(
         http, "POST", "/phone-number", {"provider": "vapi", "sipUri": "sip:alice@SIP.example.com"}
     )

@@ -91,6 +91,7 @@ async def test_assistant_request_carries_the_invite_and_picks_the_assistant(
     assert message["customer"] == {"number": "+15551230000", "name": "John Doe"}
     assert message["call"]["phoneCallProviderDetails"]["sip"]["headers"]["X-First_Name"] == "John"
     assert message["call"]["assistantOverrides"]["variableValues"]["account-id"] == "42"
+    assert "account_id" not in message["call"]["assistantOverrides"]["variableValues"]
     assert message["phoneNumber"]["sipUri"] == "sip:alice@sip.example.com"
     assert "secret" not in message["phoneNumber"]["server"]
     assert call.assistant is not None and call.assistant["firstMessage"] == "Hi John (gold)"

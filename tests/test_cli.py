@@ -215,6 +215,12 @@ async def test_unreachable_service_is_one_line() -> None:
     )
 
 
+async def test_a_bad_url_is_a_usage_error() -> None:
+    code, out, err = await run(None, "--url", "notaurl", "assistant", "list")
+    assert (code, out) == (2, "")
+    assert err.startswith("sipbridge: --url 'notaurl'") and err.count("\n") == 1
+
+
 async def test_config_show_masks_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SIPBRIDGE_API__KEY", API_KEY)
     monkeypatch.setenv("SIPBRIDGE_FREESWITCH__PASSWORD", "ClueCon")
@@ -241,6 +247,12 @@ async def test_invalid_settings_exit_2_naming_every_field(
     assert "api.port" in err and "media.audiosocket_port" in err and "Traceback" not in err
     code, _, err = await run(None, "serve")
     assert code == 2
+    monkeypatch.delenv("SIPBRIDGE_API__PORT")
+    monkeypatch.delenv("SIPBRIDGE_MEDIA__AUDIOSOCKET_PORT")
+    monkeypatch.setenv("SIPBRIDGE_SIP__DOMAINS", "notjson")
+    code, out, err = await run(None, "config", "show")
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert "sip.domains: SIPBRIDGE_SIP__DOMAINS must be JSON" in err
 
 
 # ---- serve as a real process ---------------------------------------------------------------------

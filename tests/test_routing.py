@@ -153,11 +153,9 @@ def test_accept_renders_the_first_message_from_headers() -> None:
     )
     assert isinstance(decision, Accept)
     assert decision.assistant["firstMessage"] == "Hello John, you've reached me over SIP."
-    assert decision.variable_values == {
-        "first_name": "John",
-        "account-id": "42",
-        "account_id": "42",
-    }
+    # As Vapi shows them to webhooks: lowercased, dashes kept, no underscore alias.
+    assert decision.variable_values == {"first_name": "John", "account-id": "42"}
+    assert decision.variables["account_id"] == decision.variables["account-id"] == "42"
     assert decision.variables["customer"] == {"number": "+15551230000", "name": "John Doe"}
     assert decision.variables["call"] == {"id": "c1", "type": "inboundPhoneCall"}
     assert decision.pipeline.url == "ws://127.0.0.1:9/pipe"
@@ -396,7 +394,7 @@ def test_named_assistant_with_variable_overrides() -> None:
     assert decision.assistant_id == "a1"
     assert decision.assistant["firstMessage"] == "Hi Ann (gold), account 42"
     assert decision.variable_values["first_name"] == "Ann"
-    assert decision.variable_values["account_id"] == "42"
+    assert decision.variable_values["account-id"] == "42"
 
 
 def test_inline_assistant_with_overrides_of_fields() -> None:
@@ -418,3 +416,16 @@ def test_overrides_that_break_the_assistant_are_an_invalid_assistant() -> None:
     assert isinstance(decision, Reject)
     assert decision.ended_reason is EndedReason.ASSISTANT_REQUEST_RETURNED_INVALID_ASSISTANT
     assert "assistantOverrides.maxDurationSeconds" in decision.message
+
+
+def test_defaults_from_settings_carry_the_secret_pipeline_headers() -> None:
+    from bridge.settings import Settings
+
+    settings = Settings(
+        api={"lab_mode": True},
+        pipeline={"default_url": "ws://127.0.0.1:9/p", "default_headers": {"X-Token": "t0k"}},
+    )
+    defaults = RoutingDefaults.from_settings(settings)
+    assert defaults.pipeline_headers == {"X-Token": "t0k"}
+    target = pipeline_target({}, defaults)
+    assert target is not None and target.headers == {"X-Token": "t0k"}

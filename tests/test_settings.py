@@ -75,6 +75,28 @@ def test_every_bad_field_is_named_at_once(tmp_path: Path, monkeypatch: pytest.Mo
     assert "https://errors.pydantic.dev" not in str(caught.value)
 
 
+def test_a_field_error_does_not_hide_a_rule_that_spans_fields(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No key and a bad port: both are named, not only the port.
+    monkeypatch.setenv("SIPBRIDGE_API__PORT", "x")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    fields = [problem.split(":", 1)[0] for problem in caught.value.problems]
+    assert fields == ["api.port", "api.key"], caught.value.problems
+
+
+def test_a_list_setting_that_is_not_json_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SIPBRIDGE_SIP__DOMAINS", "sip.example.com")
+    monkeypatch.setenv("SIPBRIDGE_PIPELINE__DEFAULT_HEADERS", '{"Authorization": "Bearer t"}')
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert len(caught.value.problems) == 1
+    assert caught.value.problems[0].startswith("sip.domains: SIPBRIDGE_SIP__DOMAINS must be JSON")
+
+
 def test_missing_and_malformed_config_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.toml")
@@ -117,9 +139,11 @@ def test_masked_hides_every_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SIPBRIDGE_API__KEY", KEY)
     monkeypatch.setenv("SIPBRIDGE_ASTERISK__SECRET", "ami-secret")
     monkeypatch.setenv("SIPBRIDGE_WEBHOOKS__SIGNING_SECRET", "hmac-secret")
+    monkeypatch.setenv("SIPBRIDGE_PIPELINE__DEFAULT_HEADERS", '{"Authorization": "Bearer tok"}')
     shown = repr(masked(load_settings()))
     assert KEY not in shown and "ami-secret" not in shown and "hmac-secret" not in shown
-    assert shown.count("**********") == 3
+    assert "Bearer tok" not in shown
+    assert shown.count("**********") == 4
 
 
 def test_loopback_and_base_url() -> None:

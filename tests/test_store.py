@@ -147,6 +147,9 @@ async def test_call_records_upsert_and_filter(store: Store) -> None:
     assert [c["id"] for c in active] == ["c3", "c2"]
     by_assistant = await store.list_calls(ListQuery(), assistant_id="a1")
     assert [c["id"] for c in by_assistant] == ["c2", "c1"]
+    # The id filter applies before the limit: an old call is found past newer ones.
+    only_c1 = await store.list_calls(ListQuery(limit=1), call_id="c1")
+    assert [c["id"] for c in only_c1] == ["c1"]
     assert await store.get_call("nope") is None
 
 

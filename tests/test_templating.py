@@ -36,6 +36,9 @@ def test_dashed_names_are_reachable_both_ways() -> None:
     # An explicit underscore header keeps its own value.
     both = header_variables([("X-A-B", "dash"), ("X-A_B", "underscore")])
     assert both == {"a-b": "dash", "a_b": "underscore"}
+    # What the call shows as variableValues: the lowercased names only.
+    exact = header_variables([("X-Account-Id", "42")], underscore_aliases=False)
+    assert exact == {"account-id": "42"}
 
 
 def test_headers_cannot_forge_identity(caplog: pytest.LogCaptureFixture) -> None:

@@ -82,6 +82,21 @@ def test_headers_with_and_without_secrets() -> None:
     assert {"X-Sig", "X-Ts", "Idempotency-Key"} <= set(renamed)
 
 
+def test_server_headers_never_duplicate_ours_in_another_case() -> None:
+    body = encode_payload({"message": {"type": "x"}})
+    target = WebhookTarget(
+        "https://h",
+        secret="real",
+        headers={"X-Vapi-Secret": "forged", "content-type": "text/plain", "X-Signature": "f"},
+    )
+    headers = request_headers(target, body, "m1", settings(), 9.0)
+    lowered = [name.lower() for name in headers]
+    assert len(lowered) == len(set(lowered)), headers
+    assert headers["x-vapi-secret"] == "real"
+    assert headers["Content-Type"] == "application/json"
+    assert headers["x-signature"] == signature("real", 9, body)
+
+
 async def test_a_receiver_can_verify_what_arrives(
     sink: WebhookSink, session: aiohttp.ClientSession
 ) -> None:
