@@ -155,6 +155,9 @@ class Transcoder:
         self.pbx_rate = pbx_rate
         self._up = Resampler(pbx_rate, self.pipeline_rate)
         self._down = Resampler(self.pipeline_rate, pbx_rate)
+        # A pipeline may split PCM anywhere, even inside a sample (streamed TTS over HTTP):
+        # the odd byte waits for the next chunk instead of shifting every sample after it.
+        self._odd_byte = b""
 
     def to_pipeline(self, pcm: bytes) -> bytes:
         """PBX slin to the pipeline's format."""
@@ -162,16 +165,24 @@ class Transcoder:
         return pcm_to_ulaw(converted) if self.encoding == "mulaw" else converted
 
     def from_pipeline(self, data: bytes) -> bytes:
-        """The pipeline's format to PBX slin (odd trailing bytes of PCM are dropped)."""
+        """The pipeline's format to PBX slin (a sample split across chunks is joined)."""
         if self.encoding == "mulaw":
             pcm = ulaw_to_pcm(data)
         else:
-            pcm = data[: len(data) - len(data) % SAMPLE_WIDTH]
+            if self._odd_byte:
+                data = self._odd_byte + data
+            if len(data) % SAMPLE_WIDTH:
+                self._odd_byte = data[-1:]
+                pcm = data[:-1]
+            else:
+                self._odd_byte = b""
+                pcm = data
         return self._down.convert(pcm)
 
     def clear_from_pipeline(self) -> None:
         """Barge-in: the pipeline's next audio starts afresh (no tail of the cleared reply)."""
         self._down.reset()
+        self._odd_byte = b""
 
 
 class Reframer:
@@ -224,8 +235,12 @@ class PlayoutBuffer:
       so the PBX gets a steady stream (Asterisk neither paces nor fills silence itself).
     - :meth:`clear` (barge-in) drops everything queued; the very next frame is silence.
     - A mark is reported as played only when every frame queued before it has been handed
-      out, or when it is cleared.
-    - At most ``max_frames`` are queued; audio beyond that is dropped and counted.
+      out, or when it is cleared. A mark in the middle of a frame is released with the frame
+      that holds its position: no silence is inserted for it (pipelines that mark every chunk
+      would otherwise sound choppy).
+    - A partial frame is held until more audio completes it; when the queue runs dry it goes
+      out padded with silence (the end of an utterance), never held back behind later audio.
+    - At most ``max_frames`` are queued; audio beyond that (the newest) is dropped and counted.
     """
 
     def __init__(self, frame_size: int, max_frames: int) -> None:
@@ -234,6 +249,8 @@ class PlayoutBuffer:
         self._items: deque[bytes | Mark] = deque()
         self._frames = 0
         self._reframer = Reframer(frame_size)
+        # Marks placed inside the partial frame the reframer holds.
+        self._held_marks: list[str] = []
         self._silence = bytes(frame_size)
         self.dropped_frames = 0
         self.silence_frames = 0
@@ -243,15 +260,24 @@ class PlayoutBuffer:
         """Whole frames waiting to be played."""
         return self._frames
 
+    @property
+    def idle(self) -> bool:
+        """Nothing left to play: no frame, no partial frame, no mark waiting."""
+        return not self._items and not self._reframer.pending_bytes and not self._held_marks
+
     def push(self, pcm: bytes) -> int:
         """Queues audio of any length; returns the frames dropped because the queue was full."""
         dropped = 0
         for frame in self._reframer.push(pcm):
             if self._frames >= self.max_frames:
                 dropped += 1
-                continue
-            self._items.append(frame)
-            self._frames += 1
+            else:
+                self._items.append(frame)
+                self._frames += 1
+            if self._held_marks:
+                # This frame completed the partial one the marks were placed in.
+                self._items.extend(Mark(name) for name in self._held_marks)
+                self._held_marks.clear()
         self.dropped_frames += dropped
         return dropped
 
@@ -261,10 +287,9 @@ class PlayoutBuffer:
         Returns:
             The mark's name if it is already played (nothing was queued before it), else [].
         """
-        tail = self._reframer.flush()
-        if tail is not None and self._frames < self.max_frames:
-            self._items.append(tail)
-            self._frames += 1
+        if self._reframer.pending_bytes:
+            self._held_marks.append(name)
+            return []
         if not self._items:
             return [name]
         self._items.append(Mark(name))
@@ -273,7 +298,9 @@ class PlayoutBuffer:
     def clear(self) -> list[str]:
         """Drops all queued audio; returns the names of the marks that were waiting."""
         marks = [item.name for item in self._items if isinstance(item, Mark)]
+        marks += self._held_marks
         self._items.clear()
+        self._held_marks.clear()
         self._frames = 0
         self._reframer.discard()
         return marks
@@ -284,6 +311,12 @@ class PlayoutBuffer:
         while self._items and isinstance(self._items[0], Mark):
             marks.append(self._items.popleft().name)  # type: ignore[union-attr]
         if not self._items:
+            tail = self._reframer.flush()
+            if tail is not None:
+                # Underrun with a partial frame: it is the end of an utterance, play it now.
+                marks += self._held_marks
+                self._held_marks.clear()
+                return tail, marks
             self.silence_frames += 1
             return self._silence, marks
         frame = self._items.popleft()

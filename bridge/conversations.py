@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from bridge.audio import FRAME_MS, PlayoutBuffer, Transcoder, frame_bytes
 from bridge.calls import EndedReason
 from bridge.media.session import MediaLeg, MediaSession, SessionHooks, SessionResult
+from bridge.models import without_secrets
 from bridge.pipeline import PipelineConnection
 from bridge.protocol.pipeline import Dialect, RawDialect, SessionInfo
 from bridge.protocol.twilio import TwilioDialect
@@ -49,7 +50,8 @@ def session_info(live: LiveCall, stream_id: str) -> SessionInfo:
         called_uri=call.facts.request_uri,
         headers=call.facts.header_map(),
         variables=decision.variables,
-        assistant=decision.assistant,
+        # The pipeline is told the assistant, not the secrets that reach its servers.
+        assistant=without_secrets(decision.assistant) or {},
         phone_number={k: number.get(k) for k in ("id", "sipUri", "name")} if number else None,
         encoding=decision.pipeline.encoding,
         sample_rate=decision.pipeline.sample_rate,

@@ -424,13 +424,19 @@ def apply_patch(existing: Mapping[str, Any], patch: Mapping[str, Any]) -> JsonOb
 
 
 def without_secrets(document: Mapping[str, Any] | None) -> JsonObject | None:
-    """A resource as it may be shown in a call record or a payload: no server secrets."""
+    """A resource as it may be shown in a call record, a payload or to the pipeline.
+
+    No server secret, and no pipeline handshake headers (where a pipeline's bearer token is).
+    """
     if document is None:
         return None
     clean = copy.deepcopy(dict(document))
     clean.pop("serverUrlSecret", None)
     if isinstance(clean.get("server"), dict):
         clean["server"].pop("secret", None)
+    extension = clean.get("sipbridge")
+    if isinstance(extension, dict) and isinstance(extension.get("pipeline"), dict):
+        extension["pipeline"].pop("headers", None)
     return clean
 
 

@@ -56,6 +56,10 @@ class PipelineConnection:
                 compression=None,
                 max_size=settings.max_message_bytes,
                 max_queue=64,
+                # send() waits for the transport to drain above the high-water mark; set it
+                # above MAX_UNSENT_BYTES so that send_audio drops instead (latency must not
+                # grow), while control messages still go through.
+                write_limit=4 * MAX_UNSENT_BYTES,
             )
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             raise PipelineError(

@@ -132,7 +132,9 @@ class MediaSettings(_Section):
         4096, ge=320, le=65535, description="Largest AudioSocket payload accepted from the PBX."
     )
     playout_max_ms: int = Field(
-        60_000, ge=200, description="Most audio queued toward the caller before the oldest drops."
+        60_000,
+        ge=200,
+        description="Most audio queued toward the caller; newer audio beyond it drops (counted).",
     )
     connect_timeout_s: float = Field(
         5.0, gt=0, description="How long an accepted call may take to open its media leg."

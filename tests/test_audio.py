@@ -93,9 +93,24 @@ def test_transcoder_both_directions() -> None:
     assert mulaw.pipeline_rate == 8000
     assert len(mulaw.to_pipeline(frame)) == 160
     assert len(mulaw.from_pipeline(bytes(160))) == 320
-    assert pcm16.from_pipeline(b"\x01") == b""  # an odd trailing byte is dropped, not misread
+    assert pcm16.from_pipeline(b"\x01") == b""  # an odd trailing byte waits for its pair
     with pytest.raises(ValueError):
         Transcoder("opus", 48000)
+
+
+def test_pcm_split_inside_a_sample_is_joined() -> None:
+    tone = sine(1000, 0.1, 16000)
+    whole = Transcoder("pcm_s16le", 16000).from_pipeline(tone)
+    split = Transcoder("pcm_s16le", 16000)
+    pieces = b"".join(
+        split.from_pipeline(tone[a:b]) for a, b in ((0, 161), (161, 1001), (1001, len(tone)))
+    )
+    assert pieces == whole
+    # A clear forgets a held byte: the next reply starts on a sample boundary.
+    split.from_pipeline(b"\x01")
+    split.clear_from_pipeline()
+    fresh = Transcoder("pcm_s16le", 16000)
+    assert split.from_pipeline(tone) == fresh.from_pipeline(tone)
 
 
 def test_reframer_cuts_any_chunking_into_frames() -> None:
@@ -119,6 +134,7 @@ def test_playout_silence_fill_and_order() -> None:
     assert buffer.queued_frames == 2
     assert buffer.next_frame() == (b"aaaa", [])
     assert buffer.next_frame() == (b"bbbb", [])
+    assert buffer.next_frame() == (b"cc\x00\x00", [])  # the utterance's end, padded
     assert buffer.next_frame() == (bytes(4), [])
     assert buffer.silence_frames == 2
 
@@ -127,12 +143,31 @@ def test_marks_are_played_after_their_audio() -> None:
     buffer = PlayoutBuffer(4, max_frames=10)
     assert buffer.mark("first") == ["first"]  # nothing queued: played at once
     buffer.push(b"aaaabb")
-    assert buffer.mark("m1") == []  # the tail "bb" is padded into a frame before the mark
+    assert buffer.mark("m1") == []  # inside a frame: released with the frame that holds "bb"
     buffer.push(b"cccc")
     assert buffer.mark("m2") == []
     assert buffer.next_frame() == (b"aaaa", [])
-    assert buffer.next_frame() == (b"bb\x00\x00", ["m1"])
-    assert buffer.next_frame() == (b"cccc", ["m2"])
+    assert buffer.next_frame() == (b"bbcc", ["m1"])  # no silence inserted for the mark
+    # Underrun with "cc" left: the end of the utterance goes out padded, with its mark.
+    assert buffer.next_frame() == (b"cc\x00\x00", ["m2"])
+    assert buffer.idle and buffer.silence_frames == 0
+
+
+def test_a_mark_after_every_chunk_keeps_the_audio_continuous() -> None:
+    buffer = PlayoutBuffer(320, max_frames=1000)
+    tone = sine(1000, 1.0)
+    names = []
+    for index, offset in enumerate(range(0, len(tone), 1500)):
+        buffer.push(tone[offset : offset + 1500])
+        names.append(f"m{index}")
+        assert buffer.mark(names[-1]) == []
+    frames, echoed = [], []
+    while not buffer.idle:
+        frame, marks = buffer.next_frame()
+        frames.append(frame)
+        echoed += marks
+    assert b"".join(frames) == tone  # 1 s is exactly 50 frames: no padding anywhere
+    assert echoed == names
 
 
 def test_clear_drops_audio_and_reports_waiting_marks() -> None:
@@ -142,7 +177,8 @@ def test_clear_drops_audio_and_reports_waiting_marks() -> None:
     buffer.push(b"cccc")
     buffer.mark("m2")
     buffer.push(b"dd")
-    assert buffer.clear() == ["m1", "m2"]
+    buffer.mark("m3")  # inside the partial frame "dd"
+    assert buffer.clear() == ["m1", "m2", "m3"]
     assert buffer.next_frame() == (bytes(4), [])  # silence on the very next frame
     buffer.push(b"eeee")
     assert buffer.next_frame() == (b"eeee", [])  # the cleared partial frame is gone too

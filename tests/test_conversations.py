@@ -54,6 +54,8 @@ async def test_a_call_from_pipeline_start_to_report(
     start = session.start
     assert start is not None and start["callId"] == call.id
     assert start["assistant"]["firstMessage"] == "Hello John, you've reached me over SIP."
+    # The handshake carried the header; the start message does not repeat it.
+    assert "acme" not in repr(start)
     assert start["headers"] == {"X-First_Name": "John", "X-Account-Id": "42"}
     assert start["variables"]["account_id"] == "42"
     assert start["phoneNumber"]["sipUri"] == "sip:alice@sip.example.com"
@@ -72,6 +74,41 @@ async def test_a_call_from_pipeline_start_to_report(
     assert report.message["endedReason"] == "customer-ended-call"
     assert media["framesFromCaller"] == 25 and media["framesToPipeline"] == 25
     assert "hangup" not in h.pbx.names()  # the caller hung up: nothing to tell the PBX
+
+
+async def test_transcripts_and_messages_reach_the_end_of_call_report(
+    make_harness: Callable[..., Any], pipeline: PipelineServer
+) -> None:
+    async def script(session: PipelineSession) -> None:
+        for message in (
+            {"type": "transcript", "role": "user", "transcriptType": "partial", "transcript": "Hi"},
+            {
+                "type": "transcript",
+                "role": "user",
+                "transcriptType": "final",
+                "transcript": "Hi there",
+            },
+            {"type": "transcript", "role": "assistant", "transcript": "Hello John"},
+            {"type": "conversation-update", "messages": [{"role": "tool", "message": "lookup"}]},
+            {"type": "end-call", "reason": "assistant-ended-call"},
+        ):
+            await session.send_json(message)
+
+    pipeline.script = script
+    h, conversations = await build(make_harness)
+    call = await offered(h, pipeline.url)
+    await h.pbx.wait_for("connect_media")
+    await conversations.attach(call.id, MemoryLeg())
+    report = (await h.sink.wait_for_message("end-of-call-report")).message
+    assert report["endedReason"] == "assistant-ended-call"
+    artifact = report["artifact"]
+    assert [(m["role"], m["message"]) for m in artifact["messages"]] == [
+        ("user", "Hi there"),
+        ("bot", "Hello John"),
+        ("tool", "lookup"),
+    ]
+    assert artifact["transcript"] == "User: Hi there\nAI: Hello John"
+    assert all(m["secondsFromStart"] >= 0 for m in artifact["messages"][:2])
 
 
 async def test_media_for_no_waiting_call_is_hung_up(make_harness: Callable[..., Any]) -> None:

@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 
-from bridge.audio import PlayoutBuffer, Transcoder, silence, sine, tone_share
+from bridge.audio import (
+    PlayoutBuffer,
+    Transcoder,
+    pcm_to_ulaw,
+    silence,
+    sine,
+    tone_share,
+    ulaw_to_pcm,
+)
 from bridge.calls import EndedReason
 from bridge.media.session import (
     LegAudio,
@@ -65,20 +73,31 @@ async def server() -> AsyncIterator[PipelineServer]:
     await running.stop()
 
 
-async def start(server: PipelineServer) -> Rig:
+@dataclass
+class FakeClock:
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def start(
+    server: PipelineServer, clock: Any = None, encoding: str = "pcm_s16le", rate: int = 16000
+) -> Rig:
     index = len(server.sessions)
     stream = await PipelineConnection.open(server.url, {"X-Key": "k"}, PipelineSettings())
-    dialect = RawDialect("pcm_s16le", 16000)
+    dialect = RawDialect(encoding, rate)  # type: ignore[arg-type]
     await stream.send('{"type": "start", "callId": "c1"}')
     leg, hooks, ended = MemoryLeg(), Hooks(), asyncio.Event()
     session = MediaSession(
         leg=leg,
         stream=stream,
         dialect=dialect,
-        transcoder=Transcoder("pcm_s16le", 16000),
+        transcoder=Transcoder(encoding, rate),
         playout=PlayoutBuffer(320, max_frames=3000),
         hooks=hooks.build(),
         ended=ended,
+        **({"clock": clock} if clock is not None else {}),
     )
     task = asyncio.ensure_future(session.run())
     remote = await server.session(index)
@@ -102,6 +121,30 @@ async def test_caller_audio_reaches_the_pipeline_converted(server: PipelineServe
     stop = await rig.remote.wait_control("stop")
     assert stop["reason"] == "customer-ended-call"
     assert rig.leg.hangups == 0
+
+
+@pytest.mark.parametrize(
+    ("encoding", "rate"),
+    [("pcm_s16le", 8000), ("pcm_s16le", 16000), ("pcm_s16le", 24000), ("mulaw", 8000)],
+)
+async def test_every_raw_format_carries_tones_both_ways(
+    server: PipelineServer, encoding: str, rate: int
+) -> None:
+    rig = await start(server, encoding=encoding, rate=rate)
+    tone = sine(700, 0.4)
+    for offset in range(0, len(tone), 320):
+        rig.leg.inbox.put_nowait(LegAudio(tone[offset : offset + 320]))
+    width = 1 if encoding == "mulaw" else 2
+    heard = await rig.remote.wait_audio(int(0.4 * rate) * width)
+    pcm = ulaw_to_pcm(heard) if encoding == "mulaw" else heard
+    assert tone_share(pcm[: int(0.3 * rate) * 2], rate, 700) > 0.95
+    reply = sine(1300, 0.4, rate)
+    await rig.remote.send(pcm_to_ulaw(reply) if encoding == "mulaw" else reply)
+    await rig.remote.send_json({"type": "mark", "name": "said"})
+    await rig.remote.wait_control("mark", name="said")
+    assert rig.leg.tone_frames(1300) >= 18  # 0.4 s is 20 frames
+    rig.ended.set()
+    await rig.task
 
 
 async def test_pipeline_bursts_are_reframed_and_paced_with_silence_between(
@@ -175,6 +218,46 @@ async def test_end_call_plays_out_queued_audio_first(server: PipelineServer) -> 
     assert result.reason is EndedReason.ASSISTANT_SAID_END_CALL_PHRASE and result.message == "Bye"
     assert rig.leg.tone_frames(800) >= 28  # the goodbye was heard before the hang-up
     assert rig.leg.hangups == 1
+
+
+async def test_a_goodbye_then_a_closed_stream_is_heard_whole(server: PipelineServer) -> None:
+    # Pipecat's way: end-call as a message, then its EndFrame closes the websocket at once.
+    rig = await start(server)
+    await rig.remote.send(sine(800, 0.6, 16000))
+    await rig.remote.send_json(
+        {"type": "end-call", "reason": "assistant-ended-call-after-message-spoken"}
+    )
+    await rig.remote.ws.close(1000, "bye")
+    result = await rig.task
+    assert result.reason is EndedReason.ASSISTANT_ENDED_CALL_AFTER_MESSAGE
+    assert rig.leg.tone_frames(800) >= 28 and rig.leg.hangups == 1
+
+
+async def test_a_clean_close_plays_out_what_is_queued(server: PipelineServer) -> None:
+    rig = await start(server)
+    await rig.remote.send(sine(800, 0.4, 16000))
+    await rig.remote.ws.close(1000, "done")
+    result = await rig.task
+    assert result.reason is EndedReason.ASSISTANT_ENDED_CALL
+    assert rig.leg.tone_frames(800) >= 18
+
+
+async def test_audio_after_end_call_cannot_keep_the_call_up(server: PipelineServer) -> None:
+    rig = await start(server)
+    await rig.remote.send_json({"type": "end-call"})
+    result = await rig.task  # nothing queued: ends at once, whatever follows
+    assert result.reason is EndedReason.ASSISTANT_ENDED_CALL
+
+    clock = FakeClock()
+    rig = await start(server, clock=clock)
+    await rig.remote.send(sine(800, 0.1, 16000))
+    await rig.remote.send_json({"type": "end-call"})
+    await rig.remote.wait_for(lambda s: rig.session._ending is not None)
+    clock.now += 60.0  # far past the goodbye's deadline
+    await rig.remote.send(sine(800, 5.0, 16000))  # 250 frames that would keep it up
+    result = await rig.task
+    assert result.reason is EndedReason.ASSISTANT_ENDED_CALL
+    assert rig.leg.tone_frames(800) < 50
 
 
 async def test_pipeline_closing_cleanly_or_breaking(server: PipelineServer) -> None:

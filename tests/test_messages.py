@@ -79,7 +79,11 @@ def test_secrets_never_reach_a_payload() -> None:
             "server": {"url": "https://n", "secret": "s1"},
             "serverUrlSecret": "s1",
         },
-        assistant={"server": {"url": "https://a", "secret": "s2"}, "serverUrlSecret": "s2"},
+        assistant={
+            "server": {"url": "https://a", "secret": "s2"},
+            "serverUrlSecret": "s2",
+            "sipbridge": {"pipeline": {"url": "wss://p", "headers": {"Authorization": "s3"}}},
+        },
     )
     for payload in (
         assistant_request(call, T0),
@@ -87,7 +91,8 @@ def test_secrets_never_reach_a_payload() -> None:
         end_of_call_report(call, T0),
     ):
         text = repr(payload)
-        assert "s1" not in text and "s2" not in text
+        assert "s1" not in text and "s2" not in text and "s3" not in text
+        assert "wss://p" in text
     assert without_secrets(None) is None
 
 

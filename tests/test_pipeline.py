@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import pytest
@@ -70,3 +71,24 @@ async def test_oversized_messages_from_the_pipeline_close_it(pipeline: PipelineS
     await session.send(bytes(4096))
     assert await stream.receive() is None
     assert stream.close_code not in (None, 1000, 1001)  # we failed it (1009), not a clean close
+
+
+async def test_a_pipeline_that_stops_reading_gets_audio_dropped_never_waited_for(
+    pipeline: PipelineServer,
+) -> None:
+    stream = await PipelineConnection.open(pipeline.url, {}, PipelineSettings())
+    await stream.send('{"type": "start", "callId": "c1"}')
+    session = await pipeline.session()
+    session.ws.transport.pause_reading()  # the pipeline's process hangs
+    frame = b"\x01\x02" * 320  # 20 ms at 16 kHz
+    sent = 0
+    # Once the socket buffers are full, audio is dropped; a send that waited for the pipeline
+    # to drain would stall the caller's audio (and time this out).
+    while await asyncio.wait_for(stream.send_audio(frame), 2.0):
+        sent += 1
+        assert sent < 200_000, "never dropped"
+    assert stream.dropped_audio == 1
+    # Control still goes out (queued behind the audio) without waiting.
+    await asyncio.wait_for(stream.send('{"type": "mark", "name": "m"}'), 2.0)
+    session.ws.transport.resume_reading()
+    await stream.aclose()

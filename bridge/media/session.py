@@ -1,6 +1,6 @@
 """One call's conversation: the PBX audio leg and the pipeline stream, pumped both ways.
 
-Three loops run per call and nothing per frame is scheduled separately:
+Four loops (and a watcher of the call) run per call; nothing per frame is scheduled separately:
 
 - PBX reader: caller audio (converted to the pipeline's format) and DTMF go to the pipeline.
   Asterisk sends nothing during gaps in the caller's RTP; that only pauses this loop.
@@ -9,6 +9,11 @@ Three loops run per call and nothing per frame is scheduled separately:
 - paced writer: every 20 ms on an absolute schedule, the next frame from the playout buffer
   (silence when it is empty) goes to the PBX, which neither paces nor fills silence itself.
   Marks are echoed once the frame before them went out.
+- control sender: mark echoes go out through one bounded outbox, so a pipeline that reads
+  slowly can never hold up the paced writer (and the echoes keep their order).
+
+A pipeline that ends the call (``end-call``) or closes its stream cleanly first has its queued
+audio played out (its goodbye), within the time that audio lasts plus a short grace.
 
 The session ends when the caller hangs up, the pipeline ends or fails, the call is transferred,
 or the call flow ends the call (``ended``). The result says why and whether the PBX still has
@@ -25,7 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bridge.audio import Pacer, PlayoutBuffer, Transcoder
+from bridge.audio import FRAME_MS, Pacer, PlayoutBuffer, Transcoder
 from bridge.calls import EndedReason
 from bridge.protocol.pipeline import (
     AudioIn,
@@ -54,6 +59,11 @@ PIPELINE_END_REASONS = frozenset(
 )
 # Close codes of a pipeline that finished on purpose (RFC 6455: normal, going away).
 _CLEAN_CLOSE = (1000, 1001)
+# After end-call, audio still arriving may extend the goodbye by at most this much beyond what
+# was queued then: a pipeline that keeps streaming cannot keep the call up.
+END_CALL_GRACE_S = 3.0
+# Control messages (mark echoes) waiting for a slow pipeline; beyond this it is not reading.
+OUTBOX_MAX_MESSAGES = 256
 
 
 @dataclass(frozen=True)
@@ -190,7 +200,8 @@ class MediaSession:
         self.clock = clock
         self.stats = SessionStats()
         self._ending: SessionResult | None = None
-        self._drained = asyncio.Event()
+        self._ending_deadline = 0.0
+        self._outbox: asyncio.Queue[str | bytes] = asyncio.Queue(OUTBOX_MAX_MESSAGES)
 
     async def run(self) -> SessionResult:
         """Runs until the conversation ends; closes the pipeline stream before returning."""
@@ -198,6 +209,7 @@ class MediaSession:
             asyncio.ensure_future(self._from_pbx()),
             asyncio.ensure_future(self._from_pipeline()),
             asyncio.ensure_future(self._writer()),
+            asyncio.ensure_future(self._send_controls()),
             asyncio.ensure_future(self._watch_call()),
         }
         result = SessionResult(None, hangup=False)
@@ -223,10 +235,17 @@ class MediaSession:
             self.leg.send_hangup()
         reason = result.reason.value if result.reason else "ended"
         with contextlib.suppress(Exception):
-            # Best effort: the pipeline may already be gone.
+            # Best effort: the pipeline may already be gone. Echoes still queued go first.
             async with asyncio.timeout(1.0):
+                while not self._outbox.empty():
+                    await self.stream.send(self._outbox.get_nowait())
                 await self.stream.send(self.dialect.stop(reason))
         await self.stream.aclose(reason)
+
+    async def _send_controls(self) -> SessionResult:
+        while True:
+            message = await self._outbox.get()
+            await self.stream.send(message)
 
     async def _watch_call(self) -> SessionResult:
         await self.ended.wait()
@@ -256,10 +275,19 @@ class MediaSession:
             message = await self.stream.receive()
             if message is None:
                 code = self.stream.close_code
-                if code in _CLEAN_CLOSE:
-                    return SessionResult(
-                        EndedReason.ASSISTANT_ENDED_CALL, "pipeline closed the stream"
+                if self._ending is None and code in _CLEAN_CLOSE:
+                    self._end_after_playout(
+                        SessionResult(
+                            EndedReason.ASSISTANT_ENDED_CALL, "pipeline closed the stream"
+                        )
                     )
+                if self._ending is not None:
+                    # A pipeline that said goodbye and closed (Pipecat's end-call, then its
+                    # EndFrame): the writer plays out what is queued and ends the session with
+                    # the reason the pipeline gave.
+                    if self.playout.idle:
+                        return self._ending
+                    await asyncio.Future()  # the writer finishes the session
                 detail = f"pipeline connection lost (close code {code})"
                 if self.stream.close_detail:
                     detail = f"{detail}: {self.stream.close_detail}"
@@ -271,6 +299,11 @@ class MediaSession:
 
     async def _handle(self, event: object) -> SessionResult | None:
         if isinstance(event, AudioIn):
+            if self._ending is not None and self.clock() >= self._ending_deadline:
+                self.stats.extra["audio_after_end_call"] = (
+                    self.stats.extra.get("audio_after_end_call", 0) + 1
+                )
+                return None
             pcm = self.transcoder.from_pipeline(event.data)
             dropped = self.playout.push(pcm)
             if dropped:
@@ -280,9 +313,9 @@ class MediaSession:
             cleared = self.playout.clear()
             self.transcoder.clear_from_pipeline()
             self.log.debug("clear: dropped queued audio, %d marks", len(cleared))
-            await self._marks_played(cleared)
+            self._marks_played(cleared)
         elif isinstance(event, MarkIn):
-            await self._marks_played(self.playout.mark(event.name))
+            self._marks_played(self.playout.mark(event.name))
         elif isinstance(event, EndCall):
             reason = EndedReason.ASSISTANT_ENDED_CALL
             if event.reason in {r.value for r in PIPELINE_END_REASONS}:
@@ -292,8 +325,8 @@ class MediaSession:
                 reason.value,
                 self.playout.queued_frames,
             )
-            self._ending = SessionResult(reason, event.message)
-            if self.playout.queued_frames == 0:
+            self._end_after_playout(SessionResult(reason, event.message))
+            if self.playout.idle:
                 return self._ending
         elif isinstance(event, TransferCall):
             if await self.hooks.transfer(event.destination):
@@ -308,10 +341,21 @@ class MediaSession:
                 self.log.warning("ignored a pipeline message: %s", event.reason)
         return None
 
-    async def _marks_played(self, names: list[str]) -> None:
+    def _end_after_playout(self, result: SessionResult) -> None:
+        """Ends the session once the queued audio has played (at the latest by a deadline)."""
+        if self._ending is None:
+            self._ending = result
+            queued_s = self.playout.queued_frames * FRAME_MS / 1000
+            self._ending_deadline = self.clock() + queued_s + END_CALL_GRACE_S
+
+    def _marks_played(self, names: list[str]) -> None:
         for name in names:
             self.stats.marks_played += 1
-            await self.stream.send(self.dialect.mark(name))
+            try:
+                self._outbox.put_nowait(self.dialect.mark(name))
+            except asyncio.QueueFull:
+                self.stats.extra["marks_dropped"] = self.stats.extra.get("marks_dropped", 0) + 1
+                self.log.warning("pipeline is not reading: mark %r not echoed", name)
 
     async def _writer(self) -> SessionResult:
         clock, playout, leg, stats = self.clock, self.playout, self.leg, self.stats
@@ -336,6 +380,6 @@ class MediaSession:
                 stats.dropped_to_pbx += 1
             pacer.sent(now)
             if marks:
-                await self._marks_played(marks)
-            if self._ending is not None and playout.queued_frames == 0:
+                self._marks_played(marks)
+            if self._ending is not None and (playout.idle or now >= self._ending_deadline):
                 return self._ending

@@ -107,6 +107,9 @@ def json_object(text: str | bytes) -> dict[str, Any] | Ignored:
         message = json.loads(text)
     except ValueError:
         return Ignored("text frame is not JSON")
+    except RecursionError:
+        # '[[[[…' nested deeper than the parser's stack, small enough to pass max_size.
+        return Ignored("JSON nested too deeply")
     if not isinstance(message, dict):
         return Ignored("JSON message is not an object")
     return message
