@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -13,6 +13,7 @@ from bridge.models import (
     READ_ONLY_FIELDS,
     apply_patch,
     format_timestamp,
+    parse_sip_uri,
     validate_assistant,
     validate_phone_number,
 )
@@ -30,9 +31,12 @@ _VALIDATORS: dict[Kind, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
 class Resources:
     """CRUD over the store with Vapi's semantics (201 bodies, PATCH merging, 404s)."""
 
-    def __init__(self, store: Store, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self, store: Store, clock: Callable[[], datetime], sip_domains: Sequence[str] = ()
+    ) -> None:
         self._store = store
         self._clock = clock
+        self._sip_domains = tuple(d.lower() for d in sip_domains)
         self._org_id: str | None = None
 
     async def org_id(self) -> str:
@@ -44,6 +48,19 @@ class Resources:
     def use_org_id(self, org_id: str) -> None:
         """Overrides the database's orgId (setting ``api.org_id``)."""
         self._org_id = org_id
+
+    def _check_reachable(self, kind: Kind, document: Mapping[str, Any]) -> None:
+        """A number whose host is not a configured SIP domain could never be called."""
+        if kind != "phone_number" or not self._sip_domains:
+            return
+        parsed = parse_sip_uri(str(document.get("sipUri", "")))
+        if parsed is not None and parsed[1] not in self._sip_domains:
+            raise ValidationFailed(
+                [
+                    f"sipUri: host {parsed[1]!r} is not one of this service's SIP domains "
+                    f"({', '.join(self._sip_domains)}); no call could reach it"
+                ]
+            )
 
     async def _check_references(self, kind: Kind, document: Mapping[str, Any]) -> None:
         if kind != "phone_number" or not document.get("assistantId"):
@@ -58,6 +75,7 @@ class Resources:
             ValidationFailed: the body is invalid (or its sipUri is taken).
         """
         document = {k: v for k, v in _VALIDATORS[kind](body).items() if k not in READ_ONLY_FIELDS}
+        self._check_reachable(kind, document)
         await self._check_references(kind, document)
         now = format_timestamp(self._clock())
         document = {
@@ -101,6 +119,8 @@ class Resources:
         """
         existing = await self.get(kind, resource_id)
         merged = _VALIDATORS[kind](apply_patch(existing, patch))
+        if "sipUri" in patch:  # an old number outside changed domains stays editable
+            self._check_reachable(kind, merged)
         await self._check_references(kind, merged)
         document = {
             "id": existing["id"],

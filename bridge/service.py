@@ -72,7 +72,7 @@ class Service:
         self.clock = clock
         self.metrics = Metrics()
         self.store = Store(settings.store.path, settings.store.busy_timeout_s)
-        self.resources = Resources(self.store, clock)
+        self.resources = Resources(self.store, clock, settings.sip.domains)
         self.recorder = CallRecorder(self.store, self.metrics)
         self._http: aiohttp.ClientSession | None = None
         self._dispatcher: WebhookDispatcher | None = None

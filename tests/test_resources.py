@@ -92,3 +92,28 @@ async def test_delete_returns_the_resource_and_warns_about_users(
 async def test_org_id_override(resources: Resources) -> None:
     resources.use_org_id("org-from-settings")
     assert (await resources.create("assistant", {}))["orgId"] == "org-from-settings"
+
+
+async def test_a_number_outside_the_sip_domains_is_refused(tmp_path: Path) -> None:
+    store = Store(tmp_path / "d.sqlite3")
+    await store.open()
+    try:
+        resources = Resources(store, Clock(), sip_domains=["SIP.example.com"])
+        number = await resources.create("phone_number", {"sipUri": "sip:a@sip.example.com:5070"})
+        with pytest.raises(ValidationFailed) as caught:
+            await resources.create("phone_number", {"sipUri": "sip:b@sip.vapi.ai"})
+        assert caught.value.problems[0].startswith("sipUri: host 'sip.vapi.ai' is not one of")
+        with pytest.raises(ValidationFailed):
+            await resources.update("phone_number", number["id"], {"sipUri": "sip:a@other.example"})
+        # Without domains any host is fine (numbers match by user part).
+        anything = Resources(store, Clock())
+        await anything.create("phone_number", {"sipUri": "sip:c@sip.vapi.ai"})
+        # A number from before the domains changed stays editable in its other fields.
+        renamed = await resources.update(
+            "phone_number",
+            (await anything.listing("phone_number", ListQuery()))[0]["id"],
+            {"name": "x"},
+        )
+        assert renamed["name"] == "x"
+    finally:
+        await store.aclose()
