@@ -89,6 +89,12 @@ class AmiPeer:
     channels: list[dict[str, str]] = field(default_factory=list)
     silent: bool = False  # answer nothing, keep the socket open
     unanswered: set[str] = field(default_factory=set)  # action names never answered
+    # Action names that make the peer abort the connection instead of answering, once each:
+    # the link dies exactly while the adapter sends that action.
+    drop_on: set[str] = field(default_factory=set)
+    accepting: bool = True  # False: new connections are aborted before the banner
+    # Accept the login, then abort the connection when the next action arrives.
+    drop_after_login: bool = False
     refused_delay_s: float = 0.05  # Asterisk waits 1 s before refusing a login
     _server: asyncio.Server | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -136,6 +142,9 @@ class AmiPeer:
             await connection.writer.drain()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.accepting:
+            writer.transport.abort()
+            return
         connection = Connection(writer)
         self.connections.append(connection)
         writer.write(BANNER)
@@ -175,6 +184,10 @@ class AmiPeer:
                 return
             connection.logged_in = True
             writer.write(render(TEMPLATES["login-ok"], ActionID=action_id))
+            return
+        if name in self.drop_on or self.drop_after_login:
+            self.drop_on.discard(name)
+            writer.transport.abort()
             return
         if self.silent or name in self.unanswered:
             return

@@ -21,7 +21,12 @@ from typing import Any
 import pytest
 
 from bridge.audio import pcm_to_ulaw, sine, tone_share
-from bridge.lab.asterisk import AsteriskInstance, ensure_root, sipbridge_ami_user
+from bridge.lab.asterisk import (
+    AsteriskInstance,
+    ensure_root,
+    reserve_rtp_block,
+    sipbridge_ami_user,
+)
 from bridge.lab.rtp import RtpCapture
 from bridge.lab.sipp import CallPlan, SippCaller, SippResult, free_port
 from bridge.service import Service
@@ -33,7 +38,6 @@ from tests.webhook_sink import WebhookSink
 API_KEY = "asterisk-test-key-0123456789"
 AMI_SECRET = "ami-test-secret"
 _instances = itertools.count(1)
-_rtp_blocks = itertools.count(0)
 
 
 def lab_unavailable() -> str | None:
@@ -156,6 +160,23 @@ class AsteriskLab:
                 rtp.stop()
         return result, rtp
 
+    @property
+    def asterisk_host(self) -> str:
+        """The host of the request-URI Asterisk sees (SIPp calls 127.0.0.1:<sip port>)."""
+        return "127.0.0.1"
+
+    async def channels_present(self, timeout: float) -> list[str]:
+        """Asterisk's channels, asked until there is one (AMI may be down: the CLI answers).
+
+        Raises:
+            TimeoutError: no channel within ``timeout``.
+        """
+        async with asyncio.timeout(timeout):
+            while True:  # each ask is a subprocess round trip of about 10 ms
+                channels = await asyncio.to_thread(self.asterisk.channels)
+                if channels:
+                    return channels
+
     async def no_channels_left(self) -> list[str]:
         """Asterisk's channels, asked until none are left or a few seconds pass."""
         channels: list[str] = []
@@ -175,35 +196,36 @@ def asterisk_root() -> Path:
 @pytest.fixture
 async def asterisk_lab(asterisk_root: Path, tmp_path: Path) -> AsyncIterator[AsteriskLab]:
     require_lab()
-    name = f"t{os.getpid()}-{next(_instances)}"
-    block = next(_rtp_blocks) % 200
-    asterisk = AsteriskInstance(
-        asterisk_root,
-        name,
-        sip_port=free_port(socket.SOCK_DGRAM),
-        ami_port=free_port(socket.SOCK_STREAM),
-        rtp_start=40000 + block * 100,
-        rtp_end=40000 + block * 100 + 99,
-        ami_users=[sipbridge_ami_user(AMI_SECRET)],
-    )
-    await asyncio.to_thread(asterisk.start)
-    pipeline = PipelineServer()
-    await pipeline.start()
-    sink = WebhookSink()
-    await sink.start()
-    proxy = TcpProxy(asterisk.ami_port)
-    await proxy.start()
-    lab = AsteriskLab(asterisk_root, tmp_path, asterisk, pipeline, sink, proxy)
-    try:
-        yield lab
-    finally:
-        if lab.service is not None:
-            await lab.service.aclose()
-        for extra in lab.extra:
-            await extra.stop()
-        await proxy.stop()
-        await sink.stop()
-        await pipeline.stop()
-        log = asterisk.log_text()
-        await asyncio.to_thread(asterisk.stop)
-        (tmp_path / "asterisk.log").write_text(log)
+    # A port block of its own, outside the ephemeral range, across all test processes.
+    with reserve_rtp_block() as (rtp_start, rtp_end):
+        name = f"t{os.getpid()}-{next(_instances)}"
+        asterisk = AsteriskInstance(
+            asterisk_root,
+            name,
+            sip_port=free_port(socket.SOCK_DGRAM),
+            ami_port=free_port(socket.SOCK_STREAM),
+            rtp_start=rtp_start,
+            rtp_end=rtp_end,
+            ami_users=[sipbridge_ami_user(AMI_SECRET)],
+        )
+        await asyncio.to_thread(asterisk.start)
+        pipeline = PipelineServer()
+        await pipeline.start()
+        sink = WebhookSink()
+        await sink.start()
+        proxy = TcpProxy(asterisk.ami_port)
+        await proxy.start()
+        lab = AsteriskLab(asterisk_root, tmp_path, asterisk, pipeline, sink, proxy)
+        try:
+            yield lab
+        finally:
+            if lab.service is not None:
+                await lab.service.aclose()
+            for extra in lab.extra:
+                await extra.stop()
+            await proxy.stop()
+            await sink.stop()
+            await pipeline.stop()
+            log = asterisk.log_text()
+            await asyncio.to_thread(asterisk.stop)
+            (tmp_path / "asterisk.log").write_text(log)

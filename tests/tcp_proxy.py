@@ -1,4 +1,5 @@
-"""A TCP proxy on 127.0.0.1 that a test can cut (kill live connections) or block (refuse new)."""
+"""A TCP proxy on 127.0.0.1 that a test can cut (kill live connections), block (refuse new) or
+freeze (keep connections open but let nothing through: a half-open link, a NAT that forgot it)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ class TcpProxy:
         self.target_port = target_port
         self.port = 0
         self.blocked = False
+        self.frozen = False
         self.connections = 0
         self._server: asyncio.Server | None = None
         self._pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
@@ -54,6 +56,8 @@ class TcpProxy:
     async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await source.read(65536):
+                if self.frozen:
+                    continue  # lost, as on a dead path; nobody is told
                 sink.write(data)
                 await sink.drain()
         sink.close()

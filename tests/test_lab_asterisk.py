@@ -1,20 +1,28 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from bridge.lab.asterisk import (
+    ASTERISK_MAJOR,
     DIALPLAN_DIR,
     MODULES,
     READY_MARKER,
+    RTP_BLOCK_PORTS,
     AmiUser,
     AsteriskInstance,
     cache_dir,
     ensure_root,
+    installed_version,
+    major_version,
+    reserve_rtp_block,
     root_version,
+    rtp_block_starts,
     sipbridge_ami_user,
 )
+from tests.asterisk_harness import require_lab
 
 
 def test_the_lab_user_is_the_sample_user() -> None:
@@ -79,3 +87,46 @@ def test_the_dialplan_names_only_modules_the_lab_loads() -> None:
     }
     loaded = {module.removesuffix(".so") for module in MODULES}
     assert named and named <= loaded, named - loaded
+
+
+def test_major_version() -> None:
+    assert major_version("Asterisk 22.10.1+dfsg+~cs6.17.60671434-1") == 22
+    assert major_version("Asterisk 20.6.0") == 20
+    assert major_version("asterisk: command not found") is None
+    assert major_version("") is None
+
+
+@pytest.mark.asterisk
+def test_the_lab_root_is_asterisk_22() -> None:
+    """The real-Asterisk tests claim Asterisk 22: the cached root must be it, marker and binary."""
+    require_lab()
+    root = ensure_root()
+    recorded = root_version(root)
+    assert major_version(recorded) == ASTERISK_MAJOR, recorded
+    assert installed_version(root) == recorded
+
+
+def test_rtp_blocks_avoid_the_ephemeral_range() -> None:
+    starts = rtp_block_starts((32768, 60999))
+    assert starts[0] == 20000 and starts[-1] + RTP_BLOCK_PORTS - 1 <= 65535
+    for start in starts:
+        last = start + RTP_BLOCK_PORTS - 1
+        assert last < 32768 or start > 60999, start
+    assert 32600 in starts and 32700 not in starts and 61000 in starts and 60900 not in starts
+
+
+def test_rtp_blocks_are_never_held_twice(tmp_path: Path) -> None:
+    """Two holders (two fds, as two processes would have) get different blocks."""
+    only_two = (20200, 65535)  # leaves 20000-20099 and 20100-20199
+    with reserve_rtp_block(tmp_path, only_two) as first:
+        with reserve_rtp_block(tmp_path, only_two) as second:
+            assert {first, second} == {(20000, 20099), (20100, 20199)}
+            with (
+                pytest.raises(RuntimeError, match="all 2 RTP port blocks are in use"),
+                reserve_rtp_block(tmp_path, only_two),
+            ):
+                pass
+        # Released: the next holder may take it again.
+        with reserve_rtp_block(tmp_path, only_two) as again:
+            assert again == second
+    assert first[0] == 20000 + RTP_BLOCK_PORTS * (os.getpid() % 2)  # the pid picks the start

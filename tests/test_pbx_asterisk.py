@@ -7,17 +7,21 @@ here. The end-to-end behaviour with real Asterisk is in test_asterisk_calls.py.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
+from bridge.callflow import CallFlow
 from bridge.errors import PbxActionError, PbxAuthError, PbxConnectionError
 from bridge.events import InviteFacts, invite_facts
-from bridge.pbx.asterisk import AmiLink, AsteriskAdapter
+from bridge.pbx.asterisk import FIRST_RETRY_DELAY_S, AmiLink, AsteriskAdapter
 from bridge.settings import AsteriskSettings
+from bridge.store import ListQuery
 from tests.ami_peer import HANGUP_EVENT, OFFER_EVENT, AmiPeer, render
+from tests.flow_harness import Harness
 
 
 @dataclass
@@ -25,6 +29,7 @@ class Sink:
     offers: list[InviteFacts] = field(default_factory=list)
     hangups: list[tuple[str, int]] = field(default_factory=list)
     links: list[bool] = field(default_factory=list)
+    link_times: list[float] = field(default_factory=list)
     known: set[str] = field(default_factory=set)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -38,6 +43,7 @@ class Sink:
 
     def link_changed(self, up: bool, detail: str) -> None:
         self.links.append(up)
+        self.link_times.append(time.monotonic())
         self.changed.set()
 
     def known_calls(self) -> set[str]:
@@ -161,13 +167,62 @@ async def test_watchdog_notices_a_silent_link_and_reconnects(
 ) -> None:
     """panoramisk's pings are fire-and-forget: a half-open connection was never noticed."""
     _, sink = adapter
+    interval = 0.3  # settings() above
     await peer.wait_for(lambda p: len(p.actions_named("setvar")) >= 2)  # heartbeats flow
+    silent_since = time.monotonic()
     peer.silent = True
-    interval = 0.3
-    await sink.wait_for(lambda s: False in s.links, timeout=2 * interval + 1.0)
+    await sink.wait_for(lambda s: False in s.links, timeout=5 * interval)
+    noticed_s = sink.link_times[sink.links.index(False)] - silent_since
+    # At most one interval until the next heartbeat, one more for its answer; never sooner
+    # than one interval (a heartbeat is given its whole interval to be answered).
+    assert interval - 0.05 <= noticed_s <= 2 * interval + 0.2, noticed_s
     peer.silent = False
     await sink.wait_for(lambda s: s.links.count(True) >= 1 and s.links[-1] is True)
     assert peer.logins == 2
+
+
+async def test_reconnect_backoff_grows_until_a_link_stays_up(peer: AmiPeer) -> None:
+    """An Asterisk that accepts the login and drops the link must not get a login every 0.5 s."""
+    peer.drop_after_login = True
+    now = 0.0
+    delays: list[float] = []
+    slept = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        nonlocal now
+        delays.append(seconds)
+        now += seconds
+        if len(delays) == 6:
+            peer.drop_after_login = False  # the next link stays up
+        slept.set()
+        await asyncio.sleep(0)
+
+    async def sleeps(count: int) -> None:
+        async with asyncio.timeout(5):
+            while len(delays) < count:
+                slept.clear()
+                await slept.wait()
+
+    sink = Sink()
+    adapter = AsteriskAdapter(
+        settings(peer, reconnect_max_delay_s=4.0),
+        sink,
+        audiosocket_address=lambda: "x:1",
+        clock=lambda: now,
+        sleep=sleep,
+    )
+    await adapter.start()
+    try:
+        await sleeps(6)
+        base = [FIRST_RETRY_DELAY_S, 1.0, 2.0, 4.0, 4.0, 4.0]
+        assert all(0.8 * b <= d <= 1.2 * b for b, d in zip(base, delays, strict=True)), delays
+        await sink.wait_for(lambda s: s.links[-1] is True and adapter.link.up)
+        now += adapter.stable_after_s + 0.1  # this link stayed up long enough
+        peer.drop_all()
+        await sleeps(7)
+        assert 0.8 * FIRST_RETRY_DELAY_S <= delays[6] <= 1.2 * FIRST_RETRY_DELAY_S, delays
+    finally:
+        await adapter.aclose()
 
 
 async def test_pending_actions_fail_when_the_link_drops_and_are_never_resent(
@@ -243,6 +298,12 @@ async def test_resync_after_connecting(peer: AmiPeer) -> None:
             "Context": "from-internal",
             "Application": "Dial",
         },
+        {  # between its UserEvent and Wait() when AMI came back
+            "Channel": "PJSIP/ringing-5",
+            "Uniqueid": "10.5",
+            "Context": "sipbridge-offer",
+            "Application": "Ringing",
+        },
     ]
     sink = Sink(known={"10.3", "10.9"})
     adapter = AsteriskAdapter(settings(peer), sink, audiosocket_address=lambda: "x:1")
@@ -251,7 +312,8 @@ async def test_resync_after_connecting(peer: AmiPeer) -> None:
         assert sink.hangups == [("10.9", 0)]  # ended while AMI was away
         redirects = peer.actions_named("redirect")
         assert [(a["Channel"], a["Context"]) for a in redirects] == [
-            ("PJSIP/waiting-1", "sipbridge-offer")
+            ("PJSIP/waiting-1", "sipbridge-offer"),
+            ("PJSIP/ringing-5", "sipbridge-offer"),
         ]
         hangups = peer.actions_named("hangup")
         assert [a["Channel"] for a in hangups] == ["PJSIP/orphan-2"]
@@ -292,3 +354,112 @@ async def test_call_control_actions(peer: AmiPeer, adapter: tuple[AsteriskAdapte
     await running.hangup(FACTS)  # the channel is already gone: that is what hangup wanted
     with pytest.raises(PbxActionError, match="No such channel"):
         await running.connect_media(FACTS, "c0ffee00-0000-4000-8000-000000000000")
+
+
+def _channel(channel: str, uniqueid: str, context: str, application: str) -> dict[str, str]:
+    return {
+        "Channel": channel,
+        "Uniqueid": uniqueid,
+        "Context": context,
+        "Application": application,
+    }
+
+
+def _offer(channel: str, uniqueid: str) -> bytes:
+    return render(OFFER_EVENT, Channel=channel, Uniqueid=uniqueid, Linkedid=uniqueid)
+
+
+async def test_a_decided_channel_is_finished_not_announced_again_after_reconnecting(
+    peer: AmiPeer,
+) -> None:
+    """A reject or hangup lost with the link is carried out by the resync; never a re-offer."""
+    sink = Sink()
+    adapter = AsteriskAdapter(settings(peer), sink, audiosocket_address=lambda: "x:1")
+    await adapter.start()  # its first resync has run: these channels came afterwards
+    peer.channels = [
+        _channel("PJSIP/rejected-1", "20.1", "sipbridge-offer", "Wait"),
+        _channel("PJSIP/failed-2", "20.2", "sipbridge-media", "AudioSocket"),
+        _channel("PJSIP/forgotten-3", "20.3", "sipbridge-offer", "Wait"),
+        _channel("PJSIP/unseen-4", "20.4", "sipbridge-offer", "Wait"),
+    ]
+    try:
+        for row in peer.channels[:3]:
+            await peer.send(_offer(row["Channel"], row["Uniqueid"]))
+        await sink.wait_for(lambda s: len(s.offers) == 3)
+        rejected, failed, _ = sink.offers
+        # The flow ended all three (sink.known stays empty); AMI dies as the reject goes out,
+        # so the hangup after a failed media connect cannot be sent either.
+        peer.drop_on = {"pjsiphangup"}
+        with pytest.raises(PbxConnectionError):
+            await adapter.reject(rejected, 603)
+        with pytest.raises(PbxConnectionError):
+            await adapter.hangup(failed)
+        await sink.wait_for(lambda s: s.links[-1] is True and peer.logins == 2)
+        await peer.wait_for(lambda p: bool(p.actions_named("redirect")))  # the resync's last
+
+        assert [(a["Channel"], a["Cause"]) for a in peer.actions_named("pjsiphangup")] == [
+            ("PJSIP/rejected-1", "603"),  # the one the link died on
+            ("PJSIP/rejected-1", "603"),  # the decided status, sent again
+            ("PJSIP/forgotten-3", "480"),  # ended without a decision: as the dialplan would
+        ]
+        assert [a["Channel"] for a in peer.actions_named("hangup")] == ["PJSIP/failed-2"]
+        # Only the channel sipbridge never saw is announced again.
+        assert [a["Channel"] for a in peer.actions_named("redirect")] == ["PJSIP/unseen-4"]
+
+        # An announcement racing the resync is not a second offer; the unseen one is offered.
+        await peer.send(_offer("PJSIP/rejected-1", "20.1"))
+        await peer.send(_offer("PJSIP/unseen-4", "20.4"))
+        await peer.send(render(HANGUP_EVENT, Uniqueid="20.1", Channel="PJSIP/rejected-1"))
+        await sink.wait_for(lambda s: s.hangups)
+        assert [f.pbx_call_id for f in sink.offers] == ["20.1", "20.2", "20.3", "20.4"]
+    finally:
+        await adapter.aclose()
+
+
+@dataclass
+class FlowEvents:
+    """The adapter's events into a real call flow, as the service wires them."""
+
+    flow: CallFlow
+    adapter: AsteriskAdapter | None = None
+    links: list[bool] = field(default_factory=list)
+
+    def offered(self, facts: InviteFacts, truncated: bool) -> None:
+        assert self.adapter is not None
+        self.flow.offer(facts, self.adapter)
+
+    def hung_up(self, pbx_call_id: str, cause: int) -> None:
+        self.flow.hung_up("asterisk", pbx_call_id)
+
+    def link_changed(self, up: bool, detail: str) -> None:
+        self.links.append(up)
+
+    def known_calls(self) -> set[str]:
+        return {call.facts.pbx_call_id for call in self.flow.active()}
+
+
+async def test_a_reject_lost_with_the_link_leaves_one_call_record(
+    peer: AmiPeer, make_harness: Callable[..., Any]
+) -> None:
+    h: Harness = await make_harness()
+    events = FlowEvents(h.flow)
+    adapter = AsteriskAdapter(settings(peer), events, audiosocket_address=lambda: "x:1")
+    events.adapter = adapter
+    await adapter.start()
+    peer.channels = [_channel("PJSIP/anonymous-00000001", "30.1", "sipbridge-offer", "Wait")]
+    peer.drop_on = {"pjsiphangup"}  # AMI dies as the 404 goes out
+    try:
+        await peer.send(_offer("PJSIP/anonymous-00000001", "30.1"))  # nobody's number
+        report = (await h.sink.wait_for_message("end-of-call-report")).message
+        assert report["endedReason"] == "call.start.error-get-phone-number"
+        await peer.wait_for(lambda p: len(p.actions_named("pjsiphangup")) == 2)
+        assert peer.logins == 2 and events.links == [True, False, True]
+        assert [a["Cause"] for a in peer.actions_named("pjsiphangup")] == ["404", "404"]
+        assert peer.actions_named("redirect") == []
+        assert h.flow.active() == []
+        assert await h.recorder.flush()
+        calls = await h.store.list_calls(ListQuery())
+        assert [c["id"] for c in calls] == [report["call"]["id"]]
+        assert len(h.sink.messages("end-of-call-report")) == 1
+    finally:
+        await adapter.aclose()

@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,11 @@ READY_MARKER = ".sipbridge-root-ready"
 DIALPLAN_DIR = Path(__file__).resolve().parents[2] / "dialplan"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
+ASTERISK_MAJOR = 22
+# RTP port blocks for instances (rtp.conf): 50 RTP/RTCP pairs each.
+RTP_BLOCK_PORTS = 100
+RTP_FLOOR = 20000
+RTP_CEILING = 65535
 
 # autoload=no with exactly what sipbridge's dialplan and the lab use (asterisk-lab.md section 3:
 # 0.3 s boot, 57 MB, no surprise listeners).
@@ -152,6 +158,10 @@ def ensure_root(directory: Path | None = None) -> Path:
             text=True,
             check=True,
         ).stdout.strip()
+        if major_version(version) != ASTERISK_MAJOR:
+            raise RuntimeError(
+                f"the root has {version!r}, not Asterisk {ASTERISK_MAJOR}; see {log_path}"
+            )
         (staging / READY_MARKER).write_text(version + "\n")
         staging.rename(root)
         log.info("built %s in %.1f s at %s", version, time.monotonic() - started, root)
@@ -161,6 +171,77 @@ def ensure_root(directory: Path | None = None) -> Path:
 def root_version(root: Path) -> str:
     """``Asterisk 22.10.1+dfsg...`` as recorded when the root was built."""
     return (root / READY_MARKER).read_text().strip()
+
+
+def installed_version(root: Path) -> str:
+    """What the root's ``asterisk -V`` says now (needs root: chroot)."""
+    return subprocess.run(
+        ["chroot", str(root), "/usr/sbin/asterisk", "-V"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=15,
+    ).stdout.strip()
+
+
+def major_version(version: str) -> int | None:
+    """22 for ``Asterisk 22.10.1+dfsg...``; None if it is not an Asterisk version line."""
+    words = version.split()
+    if len(words) < 2 or words[0] != "Asterisk":
+        return None
+    major = words[1].split(".", 1)[0]
+    return int(major) if major.isdigit() else None
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for port-0 binds (``ip_local_port_range``)."""
+    low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    return int(low), int(high)
+
+
+def rtp_block_starts(ephemeral: tuple[int, int]) -> list[int]:
+    """First ports of the RTP blocks that lie wholly outside the ephemeral range, where no
+    socket bound to port 0 (SIPp, a pipeline, an AMI proxy) can land."""
+    low, high = ephemeral
+    return [
+        start
+        for start in range(RTP_FLOOR, RTP_CEILING - RTP_BLOCK_PORTS + 2, RTP_BLOCK_PORTS)
+        if start + RTP_BLOCK_PORTS - 1 < low or start > high
+    ]
+
+
+@contextlib.contextmanager
+def reserve_rtp_block(
+    lock_dir: Path | None = None, ephemeral: tuple[int, int] | None = None
+) -> Iterator[tuple[int, int]]:
+    """An RTP port block (first, last) that no other holder, in any process, has meanwhile.
+
+    Each block has a lock file (``flock``, which the kernel releases when the holder exits,
+    even by a crash). The search starts at an offset from the pid, so concurrent test
+    processes rarely even try the same block.
+
+    Raises:
+        RuntimeError: every block is held.
+    """
+    starts = rtp_block_starts(ephemeral or ephemeral_port_range())
+    locks = lock_dir or Path(tempfile.gettempdir()) / "sipbridge-rtp-blocks"
+    locks.mkdir(parents=True, exist_ok=True)
+    offset = os.getpid() % len(starts) if starts else 0
+    for index in range(len(starts)):
+        start = starts[(offset + index) % len(starts)]
+        handle = (locks / f"{start}.lock").open("w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        try:
+            yield start, start + RTP_BLOCK_PORTS - 1
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+        return
+    raise RuntimeError(f"all {len(starts)} RTP port blocks are in use")
 
 
 @dataclass
@@ -371,7 +452,11 @@ write = {user.write}
     def channels(self) -> list[str]:
         """Names of the channels that exist right now."""
         output = self.rx("core show channels concise") or ""
-        return [line.split("!", 1)[0] for line in output.splitlines() if "!" in line]
+        # A channel's line can appear twice in one listing (seen while a channel moved to
+        # another context); names are unique, so each is listed once.
+        return list(
+            dict.fromkeys(line.split("!", 1)[0] for line in output.splitlines() if "!" in line)
+        )
 
     def log_text(self) -> str:
         """Asterisk's log so far (messages.log: notices, warnings, errors, verbose)."""

@@ -15,9 +15,15 @@ What panoramisk 1.4 does and what this module does instead (libraries.md section
 - Its actions have no timeout: every action here has one.
 
 After each (re)connect the live calls are resynchronised with ``CoreShowChannels``: calls that
-ended meanwhile are ended, calls still waiting in the offer context are announced again, and
-AudioSocket channels nobody owns are hung up. Calls already in AudioSocket keep their audio
-while AMI is down (the media path does not use AMI).
+ended meanwhile are ended, calls that waited in the offer context unseen are announced again,
+and AudioSocket channels nobody owns are hung up. A channel is announced to the call flow at
+most once: one whose call was already decided (a reject or hangup that could not be sent while
+AMI was down) gets that decision carried out now, never a second call record. Calls already in
+AudioSocket keep their audio while AMI is down (the media path does not use AMI).
+
+The reconnect backoff doubles from 0.5 s up to ``reconnect_max_delay_s`` and starts again from
+0.5 s only after a link that stayed up for a ping interval (at least ``STABLE_LINK_MIN_S``): an
+Asterisk that accepts logins and then drops them is not hammered every 0.5 s.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from panoramisk import Manager
@@ -45,8 +52,24 @@ log = logging.getLogger(__name__)
 OFFER_CONTEXT = "sipbridge-offer"
 CONNECT_TIMEOUT_S = 5.0
 FIRST_RETRY_DELAY_S = 0.5
+# A link must stay up this long (or one ping interval, if longer) to reset the backoff.
+STABLE_LINK_MIN_S = 2.0
+# What the dialplan itself answers when nobody decides in time (sipbridge.conf, after Wait()).
+UNDECIDED_SIP_STATUS = 480
 # Responses that mean "the channel is already gone": the goal of a hangup is reached.
 _GONE = ("no such channel", "channel does not exist", "channel not found")
+
+
+def _is_gone(exc: PbxActionError) -> bool:
+    return any(marker in str(exc).lower() for marker in _GONE)
+
+
+@dataclass
+class _Announced:
+    """A channel announced to the call flow, and the final action decided for it (if any)."""
+
+    channel: str
+    final: ami.Action | None = None
 
 
 class _Utf8Protocol(AMIProtocol):  # type: ignore[misc]
@@ -180,6 +203,10 @@ class AmiLink:
             raise PbxAuthError(
                 f"Asterisk refused AMI login as {settings.username!r}: {response.message}"
             )
+        if lost.is_set():
+            # Answered and closed in one read: the session is dead before it is ours.
+            manager.close()
+            raise PbxConnectionError("the AMI connection closed right after the login")
         self._manager, self._lost = manager, lost
         self.up = True
         self.connects += 1
@@ -285,13 +312,23 @@ class AsteriskAdapter:
         *,
         audiosocket_address: Callable[[], str],
         wall_clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.settings = settings
         self._sink = sink
         self._audiosocket_address = audiosocket_address
         self._wall_clock = wall_clock
+        self._clock = clock
+        self._sleep = sleep
         self.link = AmiLink(settings, self._on_event)
         self._supervisor: asyncio.Task[None] | None = None
+        # A session that was opened and reported up, and when: the supervisor watches it next.
+        self._session_since: float | None = None
+        # Channels announced to the flow, by Uniqueid, until Asterisk says they are gone: a
+        # channel is never announced twice, and a final action that could not be sent is
+        # carried out by the next resync.
+        self._announced: dict[str, _Announced] = {}
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -308,6 +345,11 @@ class AsteriskAdapter:
         else:
             await self._connected()
         self._supervisor = asyncio.create_task(self._supervise(), name="ami-supervisor")
+
+    @property
+    def stable_after_s(self) -> float:
+        """How long a link must stay up before the reconnect backoff starts again from 0.5 s."""
+        return max(self.settings.ping_interval_s, STABLE_LINK_MIN_S)
 
     async def aclose(self) -> None:
         """Stops supervising and closes the link."""
@@ -330,26 +372,37 @@ class AsteriskAdapter:
                 delay = self.settings.reconnect_max_delay_s
 
     async def _supervise_once(self, delay: float) -> float:
-        """One round: watch a live link until it drops, or try to reconnect. The next delay."""
-        if self.link.up:
+        """One round: watch the live session until it drops, then try to reconnect once.
+
+        Returns the delay before the next try if this one fails or its link drops quickly.
+        """
+        since, self._session_since = self._session_since, None
+        if since is not None:
             await self._watch()
             self._sink.link_changed(False, "AMI link lost")
+            up_s = self._clock() - since
             log.error(
-                "AMI link to %s:%s lost; reconnecting", self.settings.host, self.settings.port
+                "AMI link to %s:%s lost after %.1f s; reconnecting",
+                self.settings.host,
+                self.settings.port,
+                up_s,
             )
-            delay = FIRST_RETRY_DELAY_S
+            if up_s >= self.stable_after_s:
+                delay = FIRST_RETRY_DELAY_S
         # Jitter keeps many sipbridges from reconnecting to one Asterisk in lockstep.
-        await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - not security
+        await self._sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - not security
+        next_delay = min(delay * 2, self.settings.reconnect_max_delay_s)
         try:
             await self.link.open()
         except PbxAuthError as exc:
             log.error("%s (check asterisk.username/asterisk.secret)", exc)
             return self.settings.reconnect_max_delay_s
         except PbxConnectionError as exc:
-            log.warning("%s; next try in %.1f s", exc, delay)
-            return min(delay * 2, self.settings.reconnect_max_delay_s)
+            log.warning("%s; next try in %.1f s", exc, next_delay)
+            return next_delay
         await self._connected()
-        return FIRST_RETRY_DELAY_S
+        # Not reset yet: only a link that stays up a while earns the short delay again.
+        return next_delay
 
     async def _connected(self) -> None:
         log.info(
@@ -358,6 +411,7 @@ class AsteriskAdapter:
             self.settings.port,
             self.link.connects,
         )
+        self._session_since = self._clock()
         self._sink.link_changed(True, "AMI link up")
         try:
             await self.link.action(ami.heartbeat(int(self._wall_clock())))
@@ -391,6 +445,8 @@ class AsteriskAdapter:
         rows = await self.link.list_action({"Action": "CoreShowChannels"})
         states = [state for state in map(ami.channel_state, rows) if state is not None]
         present = {state.uniqueid for state in states}
+        for uniqueid in [u for u in self._announced if u not in present]:
+            del self._announced[uniqueid]  # gone while AMI was away; its Hangup was missed
         known = self._sink.known_calls()
         for uniqueid in sorted(known - present):
             log.info("call %s ended while AMI was away", uniqueid)
@@ -398,12 +454,47 @@ class AsteriskAdapter:
         for state in states:
             if state.uniqueid in known:
                 continue
-            if state.context == OFFER_CONTEXT and state.application == "Wait":
+            announced = self._announced.get(state.uniqueid)
+            if announced is not None:
+                await self._settle_again(state, announced)
+            elif state.context == OFFER_CONTEXT:
+                # Any step of the offer context, not only Wait(): a channel caught between its
+                # UserEvent and Wait() would otherwise ring unseen until the dialplan's 480.
+                # The redirect restarts it at s,1, so it announces itself exactly once more.
                 log.info("announcing again %s, which waited while AMI was away", state.channel)
                 await self._attempt(ami.redirect(state.channel, OFFER_CONTEXT))
             elif state.context == self.settings.media_context:
                 log.warning("hanging up %s: its AudioSocket belongs to no live call", state.channel)
                 await self._attempt(ami.hangup(state.channel))
+
+    async def _settle_again(self, state: ami.ChannelState, announced: _Announced) -> None:
+        """A channel whose call has ended in the flow is still there: finish it, once."""
+        if announced.final is not None:
+            action = {**announced.final, "Channel": state.channel}
+            log.warning(
+                "%s outlived its call: sending the %s that AMI missed",
+                state.channel,
+                action["Action"],
+            )
+        else:
+            # Announced, ended in the flow, never told to the PBX (should not happen): what the
+            # dialplan would do if nobody answered, rather than a second call record.
+            action = (
+                ami.reject(state.channel, UNDECIDED_SIP_STATUS)
+                if state.context == OFFER_CONTEXT
+                else ami.hangup(state.channel)
+            )
+            log.warning("%s outlived its call: ending it", state.channel)
+        announced.final = action
+        try:
+            await self.link.action(action)
+        except PbxActionError as exc:
+            if _is_gone(exc) or action["Action"] == "Hangup":
+                log.warning("%s", exc)
+                return
+            # PJSIPHangup refuses a channel that is no longer ringing: a plain hangup ends it.
+            log.warning("%s; hanging up instead", exc)
+            await self._attempt(ami.hangup(state.channel))
 
     async def _attempt(self, action: Mapping[str, str]) -> None:
         try:
@@ -422,17 +513,25 @@ class AsteriskAdapter:
                     "call %s: X- headers beyond 3000 encoded bytes were left out by the dialplan",
                     offer.facts.pbx_call_id,
                 )
-            self._sink.offered(offer.facts, offer.truncated)
+            facts = offer.facts
+            if facts.pbx_call_id in self._announced:
+                # Announced again by a resync racing the first announcement, or after its call
+                # ended: one channel is one call record.
+                log.info("%s was announced before; not offering it again", facts.channel)
+                return
+            self._sink.offered(facts, offer.truncated)
+            self._announced[facts.pbx_call_id] = _Announced(facts.channel)
         elif name == "Hangup":
             uniqueid = str(event.get("Uniqueid", ""))
             if uniqueid:
+                self._announced.pop(uniqueid, None)
                 self._sink.hung_up(uniqueid, ami.hangup_cause(event))
 
     # ---- PbxControl -----------------------------------------------------------------------------
 
     async def reject(self, facts: InviteFacts, sip_status: int) -> None:
         """``PJSIPHangup`` with the exact SIP status (the call was never answered)."""
-        await self.link.action(ami.reject(facts.channel, sip_status))
+        await self._final(facts, ami.reject(facts.channel, sip_status))
 
     async def connect_media(self, facts: InviteFacts, call_id: str) -> None:
         """Answer and run AudioSocket toward our server, tagged with the call id."""
@@ -457,10 +556,22 @@ class AsteriskAdapter:
     async def hangup(self, facts: InviteFacts) -> None:
         """Hang up; a channel that is already gone counts as done."""
         try:
-            await self.link.action(ami.hangup(facts.channel))
+            await self._final(facts, ami.hangup(facts.channel))
         except PbxActionError as exc:
-            if not any(marker in str(exc).lower() for marker in _GONE):
+            if not _is_gone(exc):
                 raise
+
+    async def _final(self, facts: InviteFacts, action: ami.Action) -> None:
+        """Sends the action that ends a call, remembered first: if it fails (AMI down, no
+        answer), the next resync carries it out instead of announcing the channel again."""
+        announced = self._announced.setdefault(facts.pbx_call_id, _Announced(facts.channel))
+        announced.final = action
+        try:
+            await self.link.action(action)
+        except PbxActionError as exc:
+            if _is_gone(exc):
+                self._announced.pop(facts.pbx_call_id, None)
+            raise
 
     async def send_dtmf(self, facts: InviteFacts, digits: str) -> None:
         """Play DTMF to the caller (``PlayDTMF``, one action per digit)."""

@@ -7,18 +7,30 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import pytest
 
-from bridge.audio import sine
+from bridge.audio import sine, ulaw_to_pcm
 from bridge.lab.sipp import CallPlan, SippCallee, free_port
+from bridge.store import ListQuery
 from tests.asterisk_harness import AsteriskLab, share_of_windows
 from tests.pipeline_server import PipelineSession
 
 pytestmark = [pytest.mark.asterisk, pytest.mark.integration]
 
 HOSTILE = "a,b;c\"d'e)f}g${SHELL}%0Ah|i?j:k\\l&m=n(o{p$(1+1)q%25r~"
+# What a SIP URI user part and a phone number's sipUri both allow, with the characters that
+# split or evaluate dialplan arguments (, ( ) $ & ').
+HOSTILE_USER = "+1(555)$(1+1),Hangup()&a=b'c!~*/-_."
+# A quoted display name: everything but [ and ] (SIPp keywords); \" is an escaped quote.
+HOSTILE_NAME_SIP = 'Ev\\"il, ${SHELL} $(1+1);Hangup() (o{p%0A|i\\\\'
+HOSTILE_NAME = 'Ev"il, ${SHELL} $(1+1);Hangup() (o{p%0A|i\\'
+# Asterisk complaining about a dialplan expression, function or application argument.
+DIALPLAN_WARNING = re.compile(
+    r"WARNING\[[^\]]*\](?:\[[^\]]*\])? (?:pbx\w*|func_\w+|ast_expr\w*)\.(?:c|fl|y):"
+)
 
 
 def reply_tone(frequency: float, seconds: float) -> object:
@@ -33,7 +45,7 @@ def reply_tone(frequency: float, seconds: float) -> object:
 async def test_fixed_assistant_call_audio_both_ways(asterisk_lab: AsteriskLab) -> None:
     lab = asterisk_lab
     lab.pipeline.script = reply_tone(1200, 8.0)  # type: ignore[assignment]
-    await lab.start_service()
+    service = await lab.start_service()
     assistant = await lab.assistant()
     number = await lab.number(assistantId=assistant["id"])
     started = time.monotonic()
@@ -56,6 +68,9 @@ async def test_fixed_assistant_call_audio_both_ways(asterisk_lab: AsteriskLab) -
     assert session.start["variables"]["first_name"] == "John"
     assert session.start["headers"] == {"X-First_Name": "John"}
     assert session.start["customer"]["number"] == "+15551230000"
+    assert session.start["calledUri"] == f"sip:demo@{lab.asterisk_host}"
+    assert re.fullmatch(r"\d+\.\d+", session.start["pbxCallId"])  # Asterisk's Uniqueid
+    call_id = session.start["callId"]
     await session.closed.wait()
     # The caller's 700 Hz tone, as the pipeline received it (16 kHz PCM).
     fraction, count = share_of_windows(bytes(session.audio), 16000, 700)
@@ -70,9 +85,18 @@ async def test_fixed_assistant_call_audio_both_ways(asterisk_lab: AsteriskLab) -
     assert message["endedReason"] == "customer-ended-call"
     assert 4.0 <= message["durationSeconds"] <= elapsed + 1.0
     assert message["phoneNumber"]["id"] == number["id"]
+    assert message["call"]["id"] == call_id
     assert message["call"]["sipbridge"]["media"]["framesFromCaller"] >= 200
     statuses = [m["status"] for m in lab.sink.messages("status-update")]
     assert statuses == ["ringing", "in-progress", "ended"]
+    # The stored call record, as GET /call/{id} serves it.
+    assert await service.recorder.flush()
+    stored = await service.store.get_call(call_id)
+    assert stored is not None
+    assert (stored["status"], stored["endedReason"]) == ("ended", "customer-ended-call")
+    assert stored["assistantId"] == assistant["id"] and stored["phoneNumberId"] == number["id"]
+    assert stored["customer"]["number"] == "+15551230000"
+    assert [c["id"] for c in await service.store.list_calls(ListQuery())] == [call_id]
     assert await lab.no_channels_left() == []
 
 
@@ -107,16 +131,31 @@ async def test_pipeline_unreachable_refuses_the_call_cleanly(asterisk_lab: Aster
 
 async def test_hostile_header_values_change_nothing(asterisk_lab: AsteriskLab) -> None:
     lab = asterisk_lab
-    await lab.serve_assistant(firstMessage="Note: {{note}}")
+    await lab.serve_assistant(firstMessage="Note: {{note}}", number={"user": HOSTILE_USER})
     headers = [("X-Evil", HOSTILE), ("X-Note", "hello, world"), ("X-Semi", 'x";Hangup()')]
-    result, _ = await lab.call(CallPlan(user="demo", headers=headers, talk_ms=500, listen_ms=500))
+    plan = CallPlan(
+        user=HOSTILE_USER,
+        display_name=HOSTILE_NAME_SIP,
+        headers=headers,
+        talk_ms=500,
+        listen_ms=500,
+    )
+    result, _ = await lab.call(plan)
     assert result.answered and result.bye_from_caller
     session = await lab.pipeline.session()
     assert session.start is not None
     assert session.start["headers"] == dict(headers)
     assert session.start["assistant"]["firstMessage"] == "Note: hello, world"
+    assert session.start["calledUri"] == f"sip:{HOSTILE_USER}@{lab.asterisk_host}"
+    assert session.start["customer"]["name"] == HOSTILE_NAME
     report = await lab.sink.wait_for_message("end-of-call-report")
     assert report.message["endedReason"] == "customer-ended-call"
+    assert await lab.no_channels_left() == []
+    # Nothing the caller sent made the dialplan misparse an expression or an argument.
+    warnings = [
+        line for line in lab.asterisk.log_text().splitlines() if DIALPLAN_WARNING.search(line)
+    ]
+    assert warnings == []
 
 
 async def test_dtmf_reaches_the_pipeline_and_the_pipeline_hangs_up(
@@ -190,6 +229,10 @@ async def test_assistant_request_with_an_assistant_id(asterisk_lab: AsteriskLab)
     session = await lab.pipeline.session()
     assert session.start is not None
     assert session.start["assistant"]["firstMessage"] == "Hi John, plan gold"
+    report = await lab.sink.wait_for_message("end-of-call-report")
+    assert report.message["endedReason"] == "customer-ended-call"
+    assert report.message["call"]["assistantId"] == assistant["id"]
+    assert await lab.no_channels_left() == []
 
 
 async def test_assistant_request_with_an_inline_assistant(asterisk_lab: AsteriskLab) -> None:
@@ -206,6 +249,9 @@ async def test_assistant_request_with_an_inline_assistant(asterisk_lab: Asterisk
     assert result.answered
     session = await lab.pipeline.session()
     assert session.start is not None and session.start["assistant"]["firstMessage"] == "Hey Ryan"
+    report = await lab.sink.wait_for_message("end-of-call-report")
+    assert report.message["endedReason"] == "customer-ended-call"
+    assert await lab.no_channels_left() == []
 
 
 async def test_assistant_request_error_is_603(asterisk_lab: AsteriskLab) -> None:
@@ -266,8 +312,9 @@ async def test_silent_server_goes_to_the_fallback_within_the_budget(
     assert code == 0
     report = await lab.sink.wait_for_message("end-of-call-report")
     assert report.message["endedReason"] == "assistant-request-failed"
-    # The 7.5 s budget, plus Asterisk dialling the fallback and the short call itself.
-    assert time.monotonic() - started < 7.5 + 3.0
+    # The 7.5 s budget (not cut short), plus Asterisk dialling the fallback and the short call.
+    assert 7.0 <= time.monotonic() - started < 7.5 + 3.0
+    assert await lab.no_channels_left() == []
 
 
 async def test_silent_server_without_fallback_is_480(asterisk_lab: AsteriskLab) -> None:
@@ -290,7 +337,59 @@ async def test_ami_killed_mid_call_keeps_audio_and_the_next_call_works(
     asterisk_lab: AsteriskLab,
 ) -> None:
     lab = asterisk_lab
+    lab.pipeline.script = reply_tone(1200, 8.0)  # type: ignore[assignment]
     service = await lab.start_service()
+    assistant = await lab.assistant()
+    await lab.number(assistantId=assistant["id"])
+    call = asyncio.ensure_future(
+        lab.call(
+            CallPlan(user="demo", tone_file=lab.tone_file(600), talk_ms=6000, listen_ms=0),
+            capture=True,
+        )
+    )
+    session = await lab.pipeline.session()
+    await session.wait_audio(32000)  # a second of the caller
+    lab.ami_proxy.blocked = True
+    lab.ami_proxy.cut()
+    await asyncio.wait_for(service.wait_link("asterisk", up=False), 5)
+    down_since = time.monotonic()
+    heard_before_cut = len(session.audio)
+    await session.wait_audio(heard_before_cut + 48000)  # 1.5 s more after AMI is gone
+    # ... and the pipeline's reply keeps reaching the caller: 2 s of RTP while AMI is down.
+    rtp = lab.listening
+    assert rtp is not None
+    async with asyncio.timeout(5):
+        await rtp.wait_until(lambda r: sum(p.arrival >= down_since for p in r.packets) >= 100)
+    up_again = time.monotonic()
+    lab.ami_proxy.blocked = False
+    await asyncio.wait_for(service.wait_link("asterisk", up=True), 10)
+    result, _ = await call
+    assert result.answered and result.bye_from_caller
+    fraction, count = share_of_windows(bytes(session.audio), 16000, 600)
+    assert count >= 4 and fraction >= 0.95
+    during = sorted(
+        (p for p in rtp.packets if down_since <= p.arrival < up_again and p.payload_type == 0),
+        key=lambda p: p.sequence,
+    )
+    reply_while_down = b"".join(ulaw_to_pcm(p.payload) for p in during)
+    fraction, count = share_of_windows(reply_while_down, 8000, 1200)
+    assert count >= 2 and fraction >= 0.95, (fraction, count)
+    report = await lab.sink.wait_for_message("end-of-call-report", timeout=15)
+    assert report.message["endedReason"] == "customer-ended-call"
+    assert lab.ami_proxy.connections >= 2  # control came back on a new connection
+    second, _ = await lab.call(CallPlan(user="demo", talk_ms=300, listen_ms=300), name="second")
+    assert second.answered
+    assert await lab.no_channels_left() == []
+
+
+async def test_a_frozen_ami_link_is_dropped_by_the_watchdog_and_audio_goes_on(
+    asterisk_lab: AsteriskLab,
+) -> None:
+    """Half-open AMI (nothing gets through, nothing is closed): noticed within two heartbeat
+    intervals, while the call's AudioSocket keeps carrying the caller."""
+    lab = asterisk_lab
+    service = await lab.start_service()  # ping_interval_s 1.0
+    interval = service.settings.asterisk.ping_interval_s
     assistant = await lab.assistant()
     await lab.number(assistantId=assistant["id"])
     call = asyncio.ensure_future(
@@ -298,11 +397,14 @@ async def test_ami_killed_mid_call_keeps_audio_and_the_next_call_works(
     )
     session = await lab.pipeline.session()
     await session.wait_audio(32000)  # a second of the caller
-    lab.ami_proxy.blocked = True
-    lab.ami_proxy.cut()
-    await asyncio.wait_for(service.wait_link("asterisk", up=False), 5)
-    heard_before_cut = len(session.audio)
-    await session.wait_audio(heard_before_cut + 48000)  # 1.5 s more after AMI is gone
+    lab.ami_proxy.blocked = True  # the reconnect must wait until the link thaws
+    frozen_since = time.monotonic()
+    lab.ami_proxy.frozen = True
+    await asyncio.wait_for(service.wait_link("asterisk", up=False), 4 * interval)
+    assert time.monotonic() - frozen_since <= 2 * interval + 0.5
+    heard_at_drop = len(session.audio)
+    await session.wait_audio(heard_at_drop + 32000)  # a second more without AMI
+    lab.ami_proxy.frozen = False
     lab.ami_proxy.blocked = False
     await asyncio.wait_for(service.wait_link("asterisk", up=True), 10)
     result, _ = await call
@@ -311,9 +413,7 @@ async def test_ami_killed_mid_call_keeps_audio_and_the_next_call_works(
     assert count >= 4 and fraction >= 0.95
     report = await lab.sink.wait_for_message("end-of-call-report", timeout=15)
     assert report.message["endedReason"] == "customer-ended-call"
-    assert lab.ami_proxy.connections >= 2  # control came back on a new connection
-    second, _ = await lab.call(CallPlan(user="demo", talk_ms=300, listen_ms=300), name="second")
-    assert second.answered
+    assert await lab.no_channels_left() == []
 
 
 async def test_a_call_waiting_while_ami_is_down_is_taken_after_reconnecting(
@@ -325,16 +425,53 @@ async def test_a_call_waiting_while_ami_is_down_is_taken_after_reconnecting(
     await lab.number(assistantId=assistant["id"])
     lab.ami_proxy.blocked = True
     lab.ami_proxy.cut()
+    await asyncio.wait_for(service.wait_link("asterisk", up=False), 5)
     # The dialplan holds the call (the heartbeat is fresh) and announces it while nobody listens.
     call = asyncio.ensure_future(lab.call(CallPlan(user="demo", talk_ms=300, listen_ms=300)))
-    while not await asyncio.to_thread(lab.asterisk.channels):
-        pass  # each look is a CLI round trip
+    assert len(await lab.channels_present(timeout=10)) == 1
     assert service.callflow.active() == []
     lab.ami_proxy.blocked = False
     result, _ = await call
     assert result.answered  # the resync after reconnecting announced it again
     session = await lab.pipeline.session()
     assert session.start is not None
+    report = await lab.sink.wait_for_message("end-of-call-report")
+    assert report.message["endedReason"] == "customer-ended-call"
+    assert len(lab.sink.messages("end-of-call-report")) == 1
+    assert await lab.no_channels_left() == []
+
+
+async def test_a_reject_decided_while_ami_is_down_is_carried_out_after_reconnecting(
+    asterisk_lab: AsteriskLab,
+) -> None:
+    """The flow ends the call, its PJSIPHangup cannot be sent, the channel keeps ringing in
+    Wait(): after reconnecting it gets the decided 480, not a second call record."""
+    lab = asterisk_lab
+    service = await lab.start_service()
+    await lab.number()  # the default server is asked ...
+    lab.sink.answer(hang=True)  # ... and never answers: 480 after the 7.5 s budget
+    started = time.monotonic()
+    call = asyncio.ensure_future(lab.call(CallPlan(user="demo")))
+    await lab.sink.wait_for_message("assistant-request")
+    lab.ami_proxy.blocked = True
+    lab.ami_proxy.cut()
+    await asyncio.wait_for(service.wait_link("asterisk", up=False), 5)
+    report = await lab.sink.wait_for_message("end-of-call-report", timeout=15)
+    assert report.message["endedReason"] == "assistant-request-failed"
+    assert service.callflow.active() == []
+    assert len(await lab.channels_present(timeout=1)) == 1  # still ringing in Wait(20)
+    lab.ami_proxy.blocked = False
+    result, _ = await call
+    assert result.final_status == 480
+    # The budget and a reconnect, well before the dialplan's own 480 after Wait(20) and
+    # before a second assistant-request could have run out.
+    assert 7.0 <= time.monotonic() - started < 7.5 + 4.0
+    assert len(lab.sink.messages("assistant-request")) == 1
+    assert len(lab.sink.messages("end-of-call-report")) == 1
+    assert await service.recorder.flush()
+    stored = await service.store.list_calls(ListQuery())
+    assert [c["id"] for c in stored] == [report.message["call"]["id"]]
+    assert await lab.no_channels_left() == []
 
 
 # ---- capacity and isolation -------------------------------------------------------------------
