@@ -330,6 +330,9 @@ debug = 0
             "modules.conf": "[modules]\nautoload = no\n"
             + "".join(f"load => {module}\n" for module in MODULES),
             "logger.conf": "[general]\n[logfiles]\nmessages.log => notice,warning,error,verbose\n",
+            # The endpoints are dialplan/pjsip.conf.sample itself, as an admin installs it;
+            # the lab only adds its transport and keeps media on loopback ("(+)" appends to a
+            # section the sample defined).
             "pjsip.conf": f"""[global]
 type = global
 user_agent = sipbridge-lab
@@ -339,30 +342,17 @@ type = transport
 protocol = udp
 bind = 127.0.0.1:{self.sip_port}
 
-; Calls from anywhere, no registration or authentication, like a Vapi SIP URI.
-[anonymous]
-type = endpoint
+#include "pjsip.sipbridge.conf"
+"""
+            + "".join(
+                f"""
+[{endpoint}](+)
 transport = transport-udp
-context = sipbridge-inbound
-disallow = all
-allow = ulaw,alaw
-direct_media = no
-dtmf_mode = auto
-rtp_symmetric = yes
 media_address = 127.0.0.1
 bind_rtp_to_media_address = yes
-
-; Where blind transfers are dialled from (Dial(PJSIP/sipbridge-transfer/sip:...)).
-[sipbridge-transfer]
-type = endpoint
-transport = transport-udp
-context = sipbridge-inbound
-disallow = all
-allow = ulaw,alaw
-direct_media = no
-media_address = 127.0.0.1
-bind_rtp_to_media_address = yes
-""",
+"""
+                for endpoint in ("anonymous", "sipbridge-transfer")
+            ),
             "rtp.conf": f"[general]\nrtpstart = {self.rtp_start}\nrtpend = {self.rtp_end}\n",
             "manager.conf": f"""[general]
 enabled = yes
@@ -390,6 +380,7 @@ write = {user.write}
         for filename, text in files.items():
             (etc / filename).write_text(text)
         shutil.copy(DIALPLAN_DIR / "sipbridge.conf", etc / "sipbridge.conf")
+        shutil.copy(DIALPLAN_DIR / "pjsip.conf.sample", etc / "pjsip.sipbridge.conf")
 
     def start(self) -> None:
         """Writes the config, starts Asterisk and waits until it is fully booted.

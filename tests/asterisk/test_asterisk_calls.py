@@ -129,6 +129,31 @@ async def test_pipeline_unreachable_refuses_the_call_cleanly(asterisk_lab: Aster
     assert await lab.no_channels_left() == []
 
 
+async def test_the_shipped_pjsip_sample_loads_as_an_admin_installs_it(
+    asterisk_lab: AsteriskLab,
+) -> None:
+    """The lab's endpoints are dialplan/pjsip.conf.sample (every call test here goes through
+    its public endpoint); the authenticated variant loads with its auth and aor too."""
+    lab = asterisk_lab
+    endpoints = await asyncio.to_thread(lab.asterisk.rx, "pjsip show endpoints")
+    assert endpoints is not None
+    for name in ("anonymous", "ai-trunk", "sipbridge-transfer"):
+        assert re.search(rf"Endpoint:\s+{re.escape(name)}\s", endpoints), (name, endpoints)
+    trunk = await asyncio.to_thread(lab.asterisk.rx, "pjsip show endpoint ai-trunk")
+    assert trunk is not None and "ai-trunk-auth" in trunk and "sipbridge-inbound" in trunk
+    public = await asyncio.to_thread(lab.asterisk.rx, "pjsip show endpoint anonymous")
+    assert public is not None
+    assert re.search(r"dtmf_mode\s*:\s*auto", public) and re.search(
+        r"context\s*:\s*sipbridge-inbound", public
+    )
+    problems = [
+        line
+        for line in lab.asterisk.log_text().splitlines()
+        if re.search(r"(WARNING|ERROR)\[.*(res_pjsip|config)", line)
+    ]
+    assert problems == []
+
+
 async def test_hostile_header_values_change_nothing(asterisk_lab: AsteriskLab) -> None:
     lab = asterisk_lab
     await lab.serve_assistant(firstMessage="Note: {{note}}", number={"user": HOSTILE_USER})
