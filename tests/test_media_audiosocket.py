@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 import uuid
 from collections.abc import AsyncIterator
 
@@ -45,6 +47,17 @@ async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter
     return await asyncio.open_connection("127.0.0.1", port)
 
 
+async def started_call(
+    server: tuple[AudioSocketServer, Handler],
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection that has sent its UUID, once the server has handed the leg over."""
+    running, handler = server
+    reader, writer = await connect(running.port)
+    writer.write(wire.encode_call_id(uuid.uuid4()))
+    await asyncio.wait_for(handler.arrived.wait(), 5)
+    return reader, writer
+
+
 async def test_a_call_arrives_with_its_id_and_audio(
     server: tuple[AudioSocketServer, Handler],
 ) -> None:
@@ -71,13 +84,26 @@ async def test_a_call_arrives_with_its_id_and_audio(
     ]
 
 
+async def test_a_reset_as_asterisk_hangs_up_is_the_callers_hangup(
+    server: tuple[AudioSocketServer, Handler],
+) -> None:
+    handler = server[1]
+    reader, writer = await started_call(server)
+    # Asterisk ends the channel with our frames unread: its close becomes a TCP reset.
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+    await asyncio.wait_for(handler.done.wait(), 5)
+    assert handler.events[-1] == LegClosed(
+        by_caller=True, detail="connection reset as the call ended"
+    )
+
+
 async def test_garbage_closes_the_leg_with_a_reason(
     server: tuple[AudioSocketServer, Handler],
 ) -> None:
-    running, handler = server
-    reader, writer = await connect(running.port)
-    writer.write(wire.encode_call_id(uuid.uuid4()))
-    await asyncio.wait_for(handler.arrived.wait(), 5)
+    handler = server[1]
+    reader, writer = await started_call(server)
     writer.write(b"\x42\x00\x01x")
     await asyncio.wait_for(handler.done.wait(), 5)
     closed = handler.events[-1]

@@ -61,6 +61,12 @@ class AudioSocketLeg:
         while True:
             try:
                 data = await self._reader.read(READ_BYTES)
+            except ConnectionResetError:
+                # Asterisk closes the socket as the channel ends; when our next frames were
+                # still unread there, the kernel answers with a reset instead of a FIN (seen
+                # under load with 20 calls hanging up at once). It is the same hangup.
+                self.closed = True
+                return [LegClosed(by_caller=True, detail="connection reset as the call ended")]
             except (ConnectionError, OSError) as exc:
                 self.closed = True
                 return [LegClosed(by_caller=False, detail=f"AudioSocket read failed: {exc}")]
