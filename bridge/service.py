@@ -19,18 +19,21 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.api import create_app
-from bridge.callflow import CallFlow
+from bridge.callflow import CallFlow, PbxControl
 from bridge.conversations import Conversations
-from bridge.errors import StoreError
-from bridge.events import InviteFacts
+from bridge.errors import PbxError, StoreError
+from bridge.events import InviteFacts, PbxKind
 from bridge.media.audiosocket import AudioSocketServer
+from bridge.media.unicast import UnicastMedia
 from bridge.metrics import Metrics
 from bridge.pbx.asterisk import AsteriskAdapter
+from bridge.pbx.freeswitch import FreeswitchAdapter
 from bridge.records import CallRecorder
 from bridge.resources import Resources
 from bridge.routing import RoutingDefaults
 from bridge.settings import Settings, is_loopback
 from bridge.store import ListQuery, Store
+from bridge.tasks import TaskSet
 from bridge.webhooks import WebhookClient, WebhookDispatcher
 
 log = logging.getLogger(__name__)
@@ -40,27 +43,42 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class _AsteriskEvents:
-    """Where the Asterisk adapter's events go: the call flow, the link state, the metrics."""
+class _PbxEvents:
+    """Where a PBX adapter's events go: the call flow, the link state, the media legs."""
 
-    def __init__(self, service: Service, adapter: Callable[[], AsteriskAdapter]) -> None:
+    def __init__(
+        self,
+        service: Service,
+        kind: PbxKind,
+        adapter: Callable[[], PbxControl],
+        unicast: UnicastMedia | None = None,
+    ) -> None:
         self._service = service
+        self._kind = kind
         self._adapter = adapter
+        self._unicast = unicast
 
     def offered(self, facts: InviteFacts, truncated: bool) -> None:
         self._service.callflow.offer(facts, self._adapter())
 
     def hung_up(self, pbx_call_id: str, cause: int) -> None:
-        self._service.callflow.hung_up("asterisk", pbx_call_id)
+        self._service.callflow.hung_up(self._kind, pbx_call_id)
+        if self._unicast is not None:
+            self._unicast.hung_up(pbx_call_id)
+
+    def dtmf(self, pbx_call_id: str, digit: str) -> None:
+        # FreeSWITCH reports keys as events; they join the call's audio leg like AudioSocket's.
+        if self._unicast is not None:
+            self._unicast.dtmf(pbx_call_id, digit)
 
     def link_changed(self, up: bool, detail: str) -> None:
-        self._service.set_link("asterisk", up)
+        self._service.set_link(self._kind, up)
 
     def known_calls(self) -> set[str]:
         return {
             call.facts.pbx_call_id
             for call in self._service.callflow.active()
-            if call.facts.pbx == "asterisk"
+            if call.facts.pbx == self._kind
         }
 
 
@@ -81,6 +99,9 @@ class Service:
         self.conversations = Conversations(settings.pipeline, settings.media)
         self.audiosocket: AudioSocketServer | None = None
         self.asterisk: AsteriskAdapter | None = None
+        self.unicast: UnicastMedia | None = None
+        self.freeswitch: FreeswitchAdapter | None = None
+        self._pbx_tasks = TaskSet("pbx")
         self.api_port: int | None = None
         self.pbx_links: dict[str, bool] = {}
         # Set and replaced on every change of a PBX link, so waiters wake up and look again.
@@ -139,6 +160,8 @@ class Service:
         self.conversations.bind(self._callflow)
         if settings.asterisk.enabled:
             await self._start_asterisk()
+        if settings.freeswitch.enabled:
+            await self._start_freeswitch()
         app = create_app(self, settings.api)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=5.0
@@ -175,12 +198,48 @@ class Service:
         await self.audiosocket.start()
         adapter = AsteriskAdapter(
             self.settings.asterisk,
-            _AsteriskEvents(self, lambda: adapter),
+            _PbxEvents(self, "asterisk", lambda: adapter),
             audiosocket_address=self.audiosocket_address,
         )
         self.asterisk = adapter
         self.set_link("asterisk", False)
         await adapter.start()
+
+    async def _start_freeswitch(self) -> None:
+        freeswitch, media = self.settings.freeswitch, self.settings.media
+        self.unicast = UnicastMedia(
+            media.unicast_host,
+            media.unicast_advertise,
+            freeswitch.unicast_host,
+            on_leg=self.conversations.attach,
+            hangup=self._hang_up_freeswitch_channel,
+            start_timeout_s=media.connect_timeout_s,
+        )
+        unicast = self.unicast
+
+        async def media_endpoint(facts: InviteFacts, call_id: str) -> tuple[str, int]:
+            return await unicast.open(call_id, facts.channel)
+
+        adapter = FreeswitchAdapter(
+            freeswitch, _PbxEvents(self, "freeswitch", lambda: adapter, unicast), media_endpoint
+        )
+        self.freeswitch = adapter
+        self.set_link("freeswitch", False)
+        await adapter.start()
+
+    def _hang_up_freeswitch_channel(self, channel: str) -> None:
+        """A unicast conversation ended: the channel is hung up over the event socket."""
+        adapter = self.freeswitch
+        if adapter is None:
+            return
+
+        async def hang_up() -> None:
+            try:
+                await adapter.hang_up_channel(channel)
+            except PbxError as exc:
+                log.warning("could not hang up FreeSWITCH channel %s: %s", channel, exc)
+
+        self._pbx_tasks.spawn(hang_up(), f"hangup-{channel}")
 
     def set_link(self, pbx: str, up: bool) -> None:
         """Records a PBX control link's state (health, metrics, waiters)."""
@@ -233,6 +292,13 @@ class Service:
         if self.asterisk is not None:
             await self.asterisk.aclose()
             self.asterisk = None
+        if self.unicast is not None:
+            await self.unicast.aclose()
+            self.unicast = None
+        await self._pbx_tasks.aclose()
+        if self.freeswitch is not None:
+            await self.freeswitch.aclose()
+            self.freeswitch = None
         self._callflow = None
         if self._dispatcher is not None:
             await self._dispatcher.aclose()

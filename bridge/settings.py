@@ -115,6 +115,36 @@ class FreeswitchSettings(_Section):
     port: int = Field(8021, ge=1, le=65535, description="Event Socket port.")
     password: SecretStr | None = Field(None, description="Event Socket password.")
     action_timeout_s: float = Field(5.0, gt=0, description="How long any api command may take.")
+    ping_interval_s: float = Field(
+        5.0,
+        gt=0,
+        le=15,
+        description=(
+            "Watchdog and heartbeat period; a dead link is noticed within two. At most 15 s: "
+            "freeswitch_conf/sipbridge.xml refuses calls when the heartbeat is 20 s old."
+        ),
+    )
+    reconnect_max_delay_s: float = Field(30.0, gt=0, description="Cap of the reconnect backoff.")
+    offer_variable: str = Field(
+        "sipbridge_offer",
+        pattern=r"^[A-Za-z0-9_]{1,64}$",
+        description="Channel variable freeswitch_conf/ sets on calls parked for sipbridge.",
+    )
+    transfer_context: str = Field(
+        "sipbridge",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="XML dialplan context holding the sipbridge_transfer extension.",
+    )
+    unicast_host: str = Field(
+        "127.0.0.1",
+        description="Address on the FreeSWITCH host it binds for a call's unicast audio.",
+    )
+    unicast_port_min: int = Field(
+        32000, ge=1024, le=65535, description="First FreeSWITCH-side unicast UDP port."
+    )
+    unicast_port_max: int = Field(
+        32999, ge=1024, le=65535, description="Last FreeSWITCH-side unicast UDP port."
+    )
 
 
 class MediaSettings(_Section):
@@ -124,6 +154,12 @@ class MediaSettings(_Section):
         "127.0.0.1", description="Address the AudioSocket server listens on."
     )
     audiosocket_port: int = Field(9092, ge=0, le=65535, description="AudioSocket TCP port.")
+    unicast_host: str = Field(
+        "127.0.0.1", description="Address sipbridge's per-call UDP sockets for FreeSWITCH bind."
+    )
+    unicast_advertise: str | None = Field(
+        None, description="Address FreeSWITCH sends unicast audio to. Default: unicast_host."
+    )
     audiosocket_advertise: str | None = Field(
         None,
         description="host:port Asterisk dials for AudioSocket. Default: audiosocket_host:port.",

@@ -22,40 +22,7 @@ from bridge.settings import AsteriskSettings
 from bridge.store import ListQuery
 from tests.ami_peer import HANGUP_EVENT, OFFER_EVENT, AmiPeer, render
 from tests.flow_harness import Harness
-
-
-@dataclass
-class Sink:
-    offers: list[InviteFacts] = field(default_factory=list)
-    hangups: list[tuple[str, int]] = field(default_factory=list)
-    links: list[bool] = field(default_factory=list)
-    link_times: list[float] = field(default_factory=list)
-    known: set[str] = field(default_factory=set)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def offered(self, facts: InviteFacts, truncated: bool) -> None:
-        self.offers.append(facts)
-        self.changed.set()
-
-    def hung_up(self, pbx_call_id: str, cause: int) -> None:
-        self.hangups.append((pbx_call_id, cause))
-        self.changed.set()
-
-    def link_changed(self, up: bool, detail: str) -> None:
-        self.links.append(up)
-        self.link_times.append(time.monotonic())
-        self.changed.set()
-
-    def known_calls(self) -> set[str]:
-        return set(self.known)
-
-    async def wait_for(self, predicate: Any, timeout: float = 5.0) -> None:
-        async def wait() -> None:
-            while not predicate(self):
-                self.changed.clear()
-                await self.changed.wait()
-
-        await asyncio.wait_for(wait(), timeout)
+from tests.pbx_sink import RecordingSink
 
 
 def settings(peer: AmiPeer, **values: Any) -> AsteriskSettings:
@@ -80,8 +47,8 @@ async def peer() -> AsyncIterator[AmiPeer]:
 
 
 @pytest.fixture
-async def adapter(peer: AmiPeer) -> AsyncIterator[tuple[AsteriskAdapter, Sink]]:
-    sink = Sink()
+async def adapter(peer: AmiPeer) -> AsyncIterator[tuple[AsteriskAdapter, RecordingSink]]:
+    sink = RecordingSink()
     running = AsteriskAdapter(settings(peer), sink, audiosocket_address=lambda: "127.0.0.1:9092")
     await running.start()
     yield running, sink
@@ -98,7 +65,7 @@ FACTS = invite_facts(
 
 
 async def test_offer_events_become_invite_facts(
-    peer: AmiPeer, adapter: tuple[AsteriskAdapter, Sink]
+    peer: AmiPeer, adapter: tuple[AsteriskAdapter, RecordingSink]
 ) -> None:
     _, sink = adapter
     await peer.send(render(OFFER_EVENT))
@@ -132,7 +99,7 @@ async def test_utf8_split_across_reads_survives(peer: AmiPeer) -> None:
 
 async def test_a_refused_login_is_an_error_not_a_retry_loop(peer: AmiPeer) -> None:
     """panoramisk resolves a refused login quietly and retries the same secret forever."""
-    sink = Sink()
+    sink = RecordingSink()
     adapter = AsteriskAdapter(
         settings(peer, secret="wrong"), sink, audiosocket_address=lambda: "x:1"
     )
@@ -148,7 +115,7 @@ async def test_unreachable_asterisk_is_retried_in_the_background() -> None:
     await server.start()
     port = server.port
     await server.stop()  # nothing listens on the port for now
-    sink = Sink()
+    sink = RecordingSink()
     adapter = AsteriskAdapter(settings(server, port=port), sink, audiosocket_address=lambda: "x:1")
     await adapter.start()
     assert not adapter.link.up
@@ -163,7 +130,7 @@ async def test_unreachable_asterisk_is_retried_in_the_background() -> None:
 
 
 async def test_watchdog_notices_a_silent_link_and_reconnects(
-    peer: AmiPeer, adapter: tuple[AsteriskAdapter, Sink]
+    peer: AmiPeer, adapter: tuple[AsteriskAdapter, RecordingSink]
 ) -> None:
     """panoramisk's pings are fire-and-forget: a half-open connection was never noticed."""
     _, sink = adapter
@@ -203,7 +170,7 @@ async def test_reconnect_backoff_grows_until_a_link_stays_up(peer: AmiPeer) -> N
                 slept.clear()
                 await slept.wait()
 
-    sink = Sink()
+    sink = RecordingSink()
     adapter = AsteriskAdapter(
         settings(peer, reconnect_max_delay_s=4.0),
         sink,
@@ -226,7 +193,7 @@ async def test_reconnect_backoff_grows_until_a_link_stays_up(peer: AmiPeer) -> N
 
 
 async def test_pending_actions_fail_when_the_link_drops_and_are_never_resent(
-    peer: AmiPeer, adapter: tuple[AsteriskAdapter, Sink]
+    peer: AmiPeer, adapter: tuple[AsteriskAdapter, RecordingSink]
 ) -> None:
     """panoramisk re-sends unanswered actions after reconnecting: a Redirect could run twice."""
     running, sink = adapter
@@ -254,7 +221,7 @@ async def test_pending_actions_fail_when_the_link_drops_and_are_never_resent(
 
 
 async def test_every_action_has_a_timeout(
-    peer: AmiPeer, adapter: tuple[AsteriskAdapter, Sink]
+    peer: AmiPeer, adapter: tuple[AsteriskAdapter, RecordingSink]
 ) -> None:
     running, _ = adapter
     peer.unanswered = {"pjsiphangup"}
@@ -263,7 +230,7 @@ async def test_every_action_has_a_timeout(
 
 
 async def test_actions_fail_fast_while_the_link_is_down(
-    peer: AmiPeer, adapter: tuple[AsteriskAdapter, Sink]
+    peer: AmiPeer, adapter: tuple[AsteriskAdapter, RecordingSink]
 ) -> None:
     running, sink = adapter
     await peer.stop()
@@ -305,7 +272,7 @@ async def test_resync_after_connecting(peer: AmiPeer) -> None:
             "Application": "Ringing",
         },
     ]
-    sink = Sink(known={"10.3", "10.9"})
+    sink = RecordingSink(known={"10.3", "10.9"})
     adapter = AsteriskAdapter(settings(peer), sink, audiosocket_address=lambda: "x:1")
     await adapter.start()
     try:
@@ -321,7 +288,9 @@ async def test_resync_after_connecting(peer: AmiPeer) -> None:
         await adapter.aclose()
 
 
-async def test_call_control_actions(peer: AmiPeer, adapter: tuple[AsteriskAdapter, Sink]) -> None:
+async def test_call_control_actions(
+    peer: AmiPeer, adapter: tuple[AsteriskAdapter, RecordingSink]
+) -> None:
     running, _ = adapter
     peer.channels = [
         {
@@ -373,7 +342,7 @@ async def test_a_decided_channel_is_finished_not_announced_again_after_reconnect
     peer: AmiPeer,
 ) -> None:
     """A reject or hangup lost with the link is carried out by the resync; never a re-offer."""
-    sink = Sink()
+    sink = RecordingSink()
     adapter = AsteriskAdapter(settings(peer), sink, audiosocket_address=lambda: "x:1")
     await adapter.start()  # its first resync has run: these channels came afterwards
     peer.channels = [

@@ -3,14 +3,18 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
+from typing import cast
 
 import pytest
 
+from bridge.audio import sine, tone_share
 from bridge.events import invite_facts
 from bridge.service import Service
 from bridge.settings import Settings
+from tests.esl_peer import CALL_ANSWERED, PASSWORD, EslPeer
 from tests.fake_pbx import FakePbx
-from tests.pipeline_server import PipelineServer
+from tests.pipeline_server import PipelineServer, PipelineSession
+from tests.webhook_sink import WebhookSink
 
 
 async def test_health_reports_the_store_and_pbx_links(service: Service) -> None:
@@ -79,3 +83,110 @@ async def test_org_id_from_settings(make_settings: Callable[..., Settings]) -> N
         assert (await service.resources.create("assistant", {}))["orgId"] == "org-42"
     finally:
         await service.aclose()
+
+
+class FreeswitchAudio(asyncio.DatagramProtocol):
+    """FreeSWITCH's side of a call's unicast stream: sends the caller, keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.changed = asyncio.Event()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.received.append(data)
+        self.changed.set()
+
+    async def play(self, pcm: bytes, to: tuple[str, int]) -> None:
+        """20 ms datagrams on an absolute schedule, as FreeSWITCH sends them."""
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for index, offset in enumerate(range(0, len(pcm), 320)):
+            self.transport.sendto(pcm[offset : offset + 320], to)
+            delay = start + (index + 1) * 0.02 - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    async def wait_frames(self, count: int, timeout: float = 10.0) -> None:
+        async def wait() -> None:
+            while len(self.received) < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(wait(), timeout)
+
+
+async def test_a_call_through_freeswitch_from_park_to_report(
+    make_settings: Callable[..., Settings], pipeline: PipelineServer, sink: WebhookSink
+) -> None:
+    """The whole FreeSWITCH path: a parked INVITE over the (capture-built) event socket,
+    routing, the pipeline, unicast audio both ways, DTMF events, the caller's hangup."""
+    peer = EslPeer()
+    await peer.start()
+    loop = asyncio.get_running_loop()
+    transport, freeswitch_audio = await loop.create_datagram_endpoint(
+        FreeswitchAudio, local_addr=("127.0.0.1", 0)
+    )
+
+    async def script(session: PipelineSession) -> None:
+        await session.send(sine(1300, 1.0, 16000))
+
+    pipeline.script = script
+    service = Service(
+        make_settings(
+            freeswitch={"enabled": True, "port": peer.port, "password": PASSWORD},
+            webhooks={"default_server_url": sink.url},
+        )
+    )
+    await service.start()
+    try:
+        await service.wait_link("freeswitch", up=True)
+        assistant = await service.resources.create(
+            "assistant",
+            {"firstMessage": "Hi {{first_name}}", "sipbridge": {"pipeline": {"url": pipeline.url}}},
+        )
+        await service.resources.create(
+            "phone_number", {"sipUri": "sip:alice@127.0.0.1", "assistantId": assistant["id"]}
+        )
+        peer.park(CALL_ANSWERED)
+        unicast = await peer.wait_command(f"sendmsg {CALL_ANSWERED}\ncall-command: unicast")
+        assert f"api uuid_answer {CALL_ANSWERED}" in peer.commands
+        fields = dict(line.split(": ", 1) for line in unicast.splitlines()[1:])
+        ours = (fields["remote-ip"], int(fields["remote-port"]))
+        assert fields["local-port"] == "32000" and fields["transport"] == "udp"
+        session = await pipeline.session()
+        assert session.start is not None
+        assert session.start["assistant"]["firstMessage"] == "Hi John"
+        assert session.start["headers"]["X-Account-Id"] == "42"
+        # The caller's 700 Hz, from FreeSWITCH's side of the unicast pair.
+        await freeswitch_audio.play(sine(700, 0.6), ours)
+        heard = await session.wait_audio(16000)  # 0.5 s at 16 kHz
+        assert tone_share(heard[3200:16000], 16000, 700) > 0.9
+        # The pipeline's 1300 Hz reply comes back to where FreeSWITCH sent from, paced.
+        await freeswitch_audio.wait_frames(30)
+        replies = [f for f in freeswitch_audio.received if tone_share(f, 8000, 1300) > 0.9]
+        assert len(replies) >= 20 and {len(f) for f in freeswitch_audio.received} == {320}
+        # The caller's keys arrive as FreeSWITCH DTMF events.
+        peer.send(*peer.captured.dtmf_events(CALL_ANSWERED))
+        await session.wait_for(
+            lambda s: len([m for m in s.controls if m.get("type") == "dtmf"]) == 3
+        )
+        assert [m["digit"] for m in session.controls if m.get("type") == "dtmf"] == ["1", "2", "#"]
+        # The caller hangs up.
+        peer.hang_up(CALL_ANSWERED)
+        report = await sink.wait_for_message("end-of-call-report")
+        assert report.message["endedReason"] == "customer-ended-call"
+        assert (
+            report.message["call"]["phoneCallProviderDetails"]["sip"]["headers"]["X-Lang"]
+            == "en-US"
+        )
+        await session.closed.wait()
+        assert service.unicast is not None and len(service.unicast) == 0
+    finally:
+        await service.aclose()
+        transport.close()
+        await peer.stop()

@@ -1,0 +1,219 @@
+"""FreeSWITCH's unicast audio: one UDP socket per accepted call.
+
+The adapter tells FreeSWITCH (``call-command: unicast``) to send the call's audio to the socket
+:meth:`UnicastMedia.open` bound; the first datagram from FreeSWITCH starts the call's
+conversation (as the UUID frame does for AudioSocket), and audio toward the caller goes back
+to where FreeSWITCH sends from. FreeSWITCH neither paces nor fills what it is sent, like
+Asterisk: the session's paced writer does. DTMF does not travel in unicast audio: the adapter
+reports DTMF events and :meth:`UnicastMedia.dtmf` puts them in the call's leg. A datagram from
+anyone but FreeSWITCH is refused (:mod:`bridge.protocol.unicast`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+from bridge.media.session import LegAudio, LegClosed, LegDtmf, LegEvent
+from bridge.protocol import unicast as wire
+from bridge.tasks import TaskSet
+
+log = logging.getLogger(__name__)
+
+# Caller audio waiting for the session (5 s): beyond it the oldest is not kept.
+MAX_QUEUED_EVENTS = 250
+_LOGGED_REFUSALS = 5
+
+
+class UnicastLeg(asyncio.DatagramProtocol):
+    """One call's unicast socket, as a ``MediaLeg``."""
+
+    rate = 8000
+
+    def __init__(
+        self,
+        call_id: str,
+        decoder: wire.UnicastDecoder,
+        on_first_audio: Callable[[UnicastLeg], None],
+        hangup: Callable[[], None],
+    ) -> None:
+        self.call_id = call_id
+        self._decoder = decoder
+        self._on_first_audio = on_first_audio
+        self._hangup = hangup
+        self._events: asyncio.Queue[LegEvent] = asyncio.Queue(MAX_QUEUED_EVENTS)
+        self._transport: asyncio.DatagramTransport | None = None
+        self.started = False
+        self.closed = False
+        self.dropped_frames = 0
+
+    # ---- asyncio.DatagramProtocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # asyncio's selector datagram transport is not a DatagramTransport subclass (3.11).
+        self._transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        verdict = self._decoder.datagram_received(data, (str(addr[0]), int(addr[1])))
+        if isinstance(verdict, wire.Refused):
+            if self._decoder.refused <= _LOGGED_REFUSALS:
+                log.warning("call %s: refused a unicast datagram: %s", self.call_id, verdict.reason)
+            return
+        if self.closed:
+            return
+        if not self.started:
+            self.started = True
+            self._on_first_audio(self)
+        self._put(LegAudio(verdict.pcm))
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable and the like: FreeSWITCH's side went away; its hangup follows.
+        log.debug("call %s: unicast socket error: %s", self.call_id, exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self.closed = True
+            self._put(LegClosed(by_caller=False, detail=f"unicast socket closed: {exc}"))
+
+    def _put(self, event: LegEvent) -> None:
+        if self._events.full():
+            self._events.get_nowait()  # the oldest audio: the session is not keeping up
+            self.dropped_frames += 1
+        self._events.put_nowait(event)
+
+    # ---- MediaLeg ------------------------------------------------------------------------------
+
+    async def receive(self) -> list[LegEvent]:
+        """The next events; the last one is a :class:`LegClosed`."""
+        events = [await self._events.get()]
+        while not self._events.empty():
+            events.append(self._events.get_nowait())
+        return events
+
+    def send_audio(self, pcm: bytes) -> bool:
+        """Sends one frame to FreeSWITCH (dropped until its first datagram says from where)."""
+        source = self._decoder.source
+        if self.closed or source is None or self._transport is None:
+            return False
+        self._transport.sendto(pcm, source)
+        return True
+
+    def send_hangup(self) -> None:
+        """Unicast has no hangup of its own: the adapter hangs the channel up over ESL."""
+        self._hangup()
+
+    # ---- from the adapter ----------------------------------------------------------------------
+
+    def dtmf(self, digit: str) -> None:
+        """The caller pressed a key (a FreeSWITCH DTMF event)."""
+        if not self.closed:
+            self._put(LegDtmf(digit))
+
+    def close(self, *, by_caller: bool, detail: str = "") -> None:
+        """Ends the leg: the session sees :class:`LegClosed`; the socket is freed."""
+        if not self.closed:
+            self.closed = True
+            self._put(LegClosed(by_caller=by_caller, detail=detail))
+        if self._transport is not None:
+            self._transport.close()
+
+
+LegHandler = Callable[[str, UnicastLeg], Awaitable[None]]
+
+
+class UnicastMedia:
+    """The unicast sockets of the FreeSWITCH calls, by FreeSWITCH channel uuid.
+
+    Args:
+        host: the address sipbridge's sockets bind.
+        advertise: the address FreeSWITCH is told to send to (default: ``host``).
+        freeswitch_host: the address FreeSWITCH sends from (``freeswitch.unicast_host``).
+        on_leg: runs a call's conversation over its leg (``Conversations.attach``).
+        hangup: hangs up a FreeSWITCH channel (by uuid) when a conversation ends.
+        start_timeout_s: a socket that gets no audio within this is closed.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        advertise: str | None,
+        freeswitch_host: str,
+        *,
+        on_leg: LegHandler,
+        hangup: Callable[[str], None],
+        start_timeout_s: float,
+    ) -> None:
+        self.host = host
+        self.advertise = advertise or host
+        self.freeswitch_host = freeswitch_host
+        self._on_leg = on_leg
+        self._hangup = hangup
+        self._start_timeout_s = start_timeout_s
+        self._legs: dict[str, UnicastLeg] = {}
+        self._tasks = TaskSet("unicast")
+
+    def __len__(self) -> int:
+        return len(self._legs)
+
+    async def open(self, call_id: str, channel: str) -> tuple[str, int]:
+        """Binds the call's socket; returns where FreeSWITCH should send (host, port)."""
+        old = self._legs.pop(channel, None)
+        if old is not None:
+            old.close(by_caller=False, detail="replaced")
+        loop = asyncio.get_running_loop()
+        transport, leg = await loop.create_datagram_endpoint(
+            lambda: UnicastLeg(
+                call_id,
+                wire.UnicastDecoder(self.freeswitch_host),
+                lambda started: self._started(channel, started),
+                lambda: self._hangup(channel),
+            ),
+            local_addr=(self.host, 0),
+        )
+        self._legs[channel] = leg
+        loop.call_later(self._start_timeout_s, self._check_started, channel, leg)
+        port = transport.get_extra_info("sockname")[1]
+        log.info("call %s: unicast socket %s:%d for FreeSWITCH", call_id, self.host, port)
+        return self.advertise, int(port)
+
+    def _started(self, channel: str, leg: UnicastLeg) -> None:
+        self._tasks.spawn(self._converse(channel, leg), f"leg-{leg.call_id}")
+
+    async def _converse(self, channel: str, leg: UnicastLeg) -> None:
+        try:
+            await self._on_leg(leg.call_id, leg)
+        finally:
+            leg.close(by_caller=False, detail="conversation over")
+            if self._legs.get(channel) is leg:
+                del self._legs[channel]
+
+    def _check_started(self, channel: str, leg: UnicastLeg) -> None:
+        if not leg.started and self._legs.get(channel) is leg:
+            log.warning(
+                "call %s: no unicast audio from FreeSWITCH within %.0f s",
+                leg.call_id,
+                self._start_timeout_s,
+            )
+            del self._legs[channel]
+            leg.close(by_caller=False, detail="no audio from FreeSWITCH")
+
+    def dtmf(self, channel: str, digit: str) -> None:
+        """A DTMF event for the channel's leg."""
+        leg = self._legs.get(channel)
+        if leg is not None:
+            leg.dtmf(digit)
+
+    def hung_up(self, channel: str) -> None:
+        """FreeSWITCH reports the channel gone: its leg ends as the caller's hangup."""
+        leg = self._legs.pop(channel, None)
+        if leg is not None:
+            leg.close(by_caller=True)
+
+    async def aclose(self) -> None:
+        """Closes every socket and ends the conversations."""
+        for leg in list(self._legs.values()):
+            leg.close(by_caller=False, detail="sipbridge is stopping")
+        self._legs.clear()
+        await self._tasks.aclose()

@@ -1,0 +1,110 @@
+"""Unicast legs over real loopback UDP sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+
+from bridge.audio import sine, tone_share
+from bridge.media.session import LegAudio, LegClosed, LegDtmf, LegEvent
+from bridge.media.unicast import UnicastLeg, UnicastMedia
+
+
+class Peer(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[bytes] = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.received.put_nowait(data)
+
+
+async def open_peer(host: str = "127.0.0.1") -> Peer:
+    _, peer = await asyncio.get_running_loop().create_datagram_endpoint(Peer, local_addr=(host, 0))
+    return peer
+
+
+async def events_until(leg: UnicastLeg, count: int) -> list[LegEvent]:
+    events: list[LegEvent] = []
+    while len(events) < count:
+        events += await asyncio.wait_for(leg.receive(), 5)
+    return events
+
+
+async def test_first_audio_starts_the_conversation_and_audio_goes_back() -> None:
+    started: asyncio.Queue[UnicastLeg] = asyncio.Queue()
+    hangups: list[str] = []
+    release = asyncio.Event()
+
+    async def on_leg(call_id: str, leg: UnicastLeg) -> None:
+        started.put_nowait(leg)
+        await release.wait()
+
+    media = UnicastMedia(
+        "127.0.0.1", None, "127.0.0.1", on_leg=on_leg, hangup=hangups.append, start_timeout_s=5
+    )
+    address = await media.open("call-1", "chan-1")
+    assert address[0] == "127.0.0.1" and len(media) == 1
+    freeswitch = await open_peer()
+    assert freeswitch.transport is not None
+    tone = sine(700, 0.04)
+    freeswitch.transport.sendto(tone[:320], address)
+    freeswitch.transport.sendto(tone[320:], address)
+    leg = await asyncio.wait_for(started.get(), 5)
+    media.dtmf("chan-1", "5")
+    events = await events_until(leg, 3)
+    assert events == [LegAudio(tone[:320]), LegAudio(tone[320:]), LegDtmf("5")]
+    reply = sine(1300, 0.02)
+    assert leg.send_audio(reply)
+    back = await asyncio.wait_for(freeswitch.received.get(), 5)
+    assert back == reply and tone_share(back, 8000, 1300) > 0.9
+    leg.send_hangup()
+    assert hangups == ["chan-1"]
+    media.hung_up("chan-1")  # FreeSWITCH's CHANNEL_HANGUP_COMPLETE
+    assert (await leg.receive())[-1] == LegClosed(by_caller=True)
+    assert not leg.send_audio(reply) and len(media) == 0
+    release.set()
+    await media.aclose()
+    freeswitch.transport.close()
+
+
+async def test_a_socket_that_hears_nothing_is_closed() -> None:
+    async def on_leg(call_id: str, leg: UnicastLeg) -> None:
+        raise AssertionError("never started")
+
+    media = UnicastMedia(
+        "127.0.0.1", "192.0.2.7", "127.0.0.1", on_leg=on_leg, hangup=print, start_timeout_s=0.05
+    )
+    address = await media.open("call-1", "chan-1")
+    assert address[0] == "192.0.2.7"  # what FreeSWITCH is told (media.unicast_advertise)
+    leg = media._legs["chan-1"]
+    closed = await asyncio.wait_for(leg.receive(), 5)
+    assert closed == [LegClosed(by_caller=False, detail="no audio from FreeSWITCH")]
+    assert len(media) == 0
+    await media.aclose()
+
+
+async def test_audio_from_a_stranger_never_reaches_the_call() -> None:
+    started: asyncio.Queue[UnicastLeg] = asyncio.Queue()
+
+    async def on_leg(call_id: str, leg: UnicastLeg) -> None:
+        started.put_nowait(leg)
+        await asyncio.Event().wait()
+
+    media = UnicastMedia(
+        "127.0.0.1", None, "127.0.0.2", on_leg=on_leg, hangup=print, start_timeout_s=5
+    )
+    address = await media.open("call-1", "chan-1")
+    stranger, freeswitch = await open_peer("127.0.0.1"), await open_peer("127.0.0.2")
+    assert stranger.transport is not None and freeswitch.transport is not None
+    stranger.transport.sendto(b"\x11" * 320, address)  # first, from the wrong host
+    freeswitch.transport.sendto(b"\x22" * 320, address)
+    leg = await asyncio.wait_for(started.get(), 5)
+    assert await leg.receive() == [LegAudio(b"\x22" * 320)]
+    assert leg._decoder.refused == 1
+    await media.aclose()
+    stranger.transport.close()
+    freeswitch.transport.close()

@@ -1,0 +1,264 @@
+"""The FreeSWITCH adapter (greenswitch in its own thread) against the capture-built ESL peer."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from bridge.errors import PbxActionError, PbxAuthError, PbxConnectionError
+from bridge.events import InviteFacts
+from bridge.pbx.freeswitch import (
+    HEARTBEAT_VARIABLE,
+    SUBSCRIPTION,
+    FreeswitchAdapter,
+    UnicastPorts,
+)
+from bridge.protocol import esl
+from bridge.settings import FreeswitchSettings
+from tests.esl_peer import CALL_ANSWERED, CALL_RINGING, PASSWORD, EslPeer
+from tests.pbx_sink import RecordingSink
+
+INTERVAL_S = 0.3
+
+
+def settings(port: int, **values: Any) -> FreeswitchSettings:
+    base: dict[str, Any] = {
+        "enabled": True,
+        "port": port,
+        "password": PASSWORD,
+        "ping_interval_s": INTERVAL_S,
+        "action_timeout_s": 1.0,
+        "reconnect_max_delay_s": 0.5,
+        "unicast_port_min": 32000,
+        "unicast_port_max": 32001,
+    }
+    base.update(values)
+    return FreeswitchSettings(**base)
+
+
+@dataclass
+class Rig:
+    peer: EslPeer
+    sink: RecordingSink
+    adapter: FreeswitchAdapter
+    media: list[tuple[str, str]]
+
+
+@pytest.fixture
+async def peer() -> AsyncIterator[EslPeer]:
+    running = EslPeer()
+    await running.start()
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def rig(peer: EslPeer) -> AsyncIterator[Rig]:
+    sink = RecordingSink()
+    media: list[tuple[str, str]] = []
+
+    async def media_endpoint(facts: InviteFacts, call_id: str) -> tuple[str, int]:
+        media.append((facts.pbx_call_id, call_id))
+        return ("127.0.0.1", 40100)
+
+    adapter = FreeswitchAdapter(settings(peer.port), sink, media_endpoint)
+    await adapter.start()
+    await sink.wait_for(lambda s: s.links == [True])
+    yield Rig(peer, sink, adapter, media)
+    await adapter.aclose()
+    assert not [t for t in threading.enumerate() if t.name == "freeswitch-esl"]
+
+
+async def test_it_logs_in_subscribes_and_offers_a_parked_call_once(rig: Rig) -> None:
+    peer, sink = rig.peer, rig.sink
+    assert peer.commands[:2] == [f"auth {PASSWORD}", SUBSCRIPTION]
+    # A call parked by another part of the dialplan (no sipbridge variable) is not ours.
+    peer.send(peer.captured.event("CHANNEL_PARK", CALL_RINGING))
+    peer.park(CALL_RINGING)
+    peer.park(CALL_RINGING)  # parked again (a re-park after a transfer): still one call
+    await sink.wait_for(lambda s: len(s.offers) >= 1)
+    await rig.adapter.link.command(esl.command("api status"))  # every event before it is in
+    assert len(sink.offers) == 1
+    facts = sink.offers[0]
+    assert (facts.pbx, facts.pbx_call_id, facts.channel) == (
+        "freeswitch",
+        CALL_RINGING,
+        CALL_RINGING,
+    )
+    assert (facts.request_user, facts.from_name) == ("ringing", "Ann Example")
+    assert facts.headers == (("X-First_Name", "John"), ("X-Account-Id", "42"), ("X-Lang", "en-US"))
+
+
+async def test_accepting_answers_and_streams_to_our_leg(rig: Rig) -> None:
+    peer, adapter = rig.peer, rig.adapter
+    peer.park(CALL_RINGING)
+    await rig.sink.wait_for(lambda s: s.offers)
+    await adapter.connect_media(rig.sink.offers[0], "call-1")
+    assert rig.media == [(CALL_RINGING, "call-1")]
+    answer = peer.commands.index(f"api uuid_answer {CALL_RINGING}")
+    unicast = peer.commands[answer + 1]
+    assert unicast == (
+        f"sendmsg {CALL_RINGING}\ncall-command: unicast\nlocal-ip: 127.0.0.1\nlocal-port: 32000\n"
+        "remote-ip: 127.0.0.1\nremote-port: 40100\ntransport: udp"
+    )
+    # The caller hangs up: the captured hangup events end the call, with its Q.850 cause.
+    peer.hang_up(CALL_RINGING)
+    await rig.sink.wait_for(lambda s: s.hangups)
+    assert rig.sink.hangups == [(CALL_RINGING, 16)]
+
+
+async def test_reject_transfer_hangup_and_dtmf(rig: Rig) -> None:
+    peer, adapter, sink = rig.peer, rig.adapter, rig.sink
+    peer.park(CALL_RINGING)
+    peer.park(CALL_ANSWERED)
+    await sink.wait_for(lambda s: len(s.offers) == 2)
+    ringing, answered = sink.offers
+    await adapter.reject(ringing, 404)
+    assert peer.commands[-2:] == [
+        f"sendmsg {CALL_RINGING}\ncall-command: execute\nexecute-app-name: respond\nexecute-app-arg: 404",
+        f"sendmsg {CALL_RINGING}\ncall-command: hangup\nhangup-cause: UNALLOCATED_NUMBER",
+    ]
+    await adapter.transfer(
+        answered,
+        {"type": "sip", "sipUri": "sip:agent@pbx.example.com", "sipHeaders": {"X-Reason": "vip"}},
+    )
+    assert peer.commands[-3:] == [
+        f"api uuid_setvar {CALL_ANSWERED} sip_h_X-Reason vip",
+        f"api uuid_setvar {CALL_ANSWERED} sipbridge_transfer_target sip:agent@pbx.example.com",
+        f"api uuid_transfer {CALL_ANSWERED} sipbridge_transfer XML sipbridge",
+    ]
+    for hostile in (
+        {"number": "1,2"},
+        {"sipUri": "sip:a@b x"},
+        {"number": "+1555", "sipHeaders": {"Via": "x"}},
+    ):
+        with pytest.raises(PbxActionError):
+            await adapter.transfer(answered, hostile)
+    with pytest.raises(PbxActionError):
+        await adapter.transfer(answered, {"number": "+1555", "sipHeaders": {"X-A": "1\nexit"}})
+    # The caller's keys, as FreeSWITCH reports them (DTMF events).
+    peer.send(*peer.captured.dtmf_events(CALL_ANSWERED))
+    await sink.wait_for(lambda s: len(s.digits) == 3)
+    assert [d for _, d in sink.digits] == ["1", "2", "#"]
+    await adapter.send_dtmf(answered, "7#")
+    assert peer.commands[-1] == f"api uuid_send_dtmf {CALL_ANSWERED} 7#"
+    with pytest.raises(PbxActionError):
+        await adapter.send_dtmf(answered, "7 exit")
+    await adapter.hangup(answered)
+    assert peer.commands[-1] == f"api uuid_kill {CALL_ANSWERED}"
+    await sink.wait_for(lambda s: s.hangups)
+    assert sink.hangups == [(CALL_ANSWERED, 16)]
+    await adapter.hangup(answered)  # already gone ("-ERR No such channel!"): done
+
+
+async def test_a_refused_password_is_an_error_not_a_retry_loop(peer: EslPeer) -> None:
+    adapter = FreeswitchAdapter(settings(peer.port, password="wrong"), RecordingSink(), _no_media)
+    with pytest.raises(PbxAuthError, match="refused the event socket password"):
+        await adapter.start()
+    assert peer.connections == 1 and peer.commands == ["auth wrong"]
+    assert not [t for t in threading.enumerate() if t.name == "freeswitch-esl"]
+
+
+async def test_freeswitch_down_at_start_is_retried_until_it_is_up(peer: EslPeer) -> None:
+    peer.refuse = True
+    sink = RecordingSink()
+    adapter = FreeswitchAdapter(settings(peer.port), sink, _no_media)
+    await adapter.start()  # not an error: FreeSWITCH may start after sipbridge
+    assert sink.links == []
+    peer.refuse = False
+    await sink.wait_for(lambda s: s.links == [True])
+    await adapter.aclose()
+
+
+async def test_the_watchdog_ping_is_the_dialplans_heartbeat(rig: Rig) -> None:
+    before = int(time.time())
+    command = await rig.peer.wait_command("api global_setvar sipbridge_heartbeat=")
+    assert before <= int(command.rpartition("=")[2]) <= int(time.time())
+    assert rig.peer.globals["sipbridge_heartbeat"] == command.rpartition("=")[2]
+
+
+async def test_a_silent_link_is_dropped_within_two_intervals_and_comes_back(rig: Rig) -> None:
+    peer, sink = rig.peer, rig.sink
+    peer.silent = True
+    silent_since = time.monotonic()
+    await sink.wait_for(lambda s: s.links == [True, False], timeout=5 * INTERVAL_S)
+    noticed_s = time.monotonic() - silent_since
+    assert noticed_s <= 2 * INTERVAL_S + 0.3, noticed_s
+    with pytest.raises(PbxConnectionError):
+        await rig.adapter.link.command(esl.command("api status"))
+    peer.silent = False
+    await sink.wait_for(lambda s: s.links == [True, False, True])
+    assert peer.connections == 2
+    second_login = len(peer.commands) - peer.commands[::-1].index(f"auth {PASSWORD}") - 1
+    assert peer.commands[second_login + 1] == SUBSCRIPTION
+
+
+async def test_a_command_in_flight_fails_at_once_when_the_link_drops(rig: Rig) -> None:
+    peer = rig.peer
+    peer.silent = True
+    pending = asyncio.ensure_future(rig.adapter.link.command(esl.command("api status")))
+    await peer.wait_command("api status")
+    peer.cut()
+    with pytest.raises(PbxConnectionError):
+        await asyncio.wait_for(pending, 2.0)  # not the 1 s action timeout plus more: at once
+    peer.silent = False
+    await rig.sink.wait_for(lambda s: s.links[-1] is True and len(s.links) == 3)
+    # Nothing is re-sent on the new connection.
+    after = peer.commands[peer.commands.index("api status") + 1 :]
+    assert "api status" not in after[:2]
+
+
+async def test_calls_that_ended_while_the_link_was_down_are_ended_after_it(rig: Rig) -> None:
+    peer, sink = rig.peer, rig.sink
+    sink.known = {CALL_RINGING, "00000000-0000-0000-0000-000000000000"}
+    peer.cut()
+    await sink.wait_for(lambda s: s.links == [True, False, True])
+    await peer.wait_command(f"api uuid_dump {CALL_RINGING}")
+    await rig.adapter.link.command(esl.command("api status"))  # the dump's answer is in
+    await sink.wait_for(lambda s: s.hangups)
+    assert sink.hangups == [("00000000-0000-0000-0000-000000000000", 0)]
+
+
+def test_unicast_ports_are_one_per_call_and_reused_last() -> None:
+    ports = UnicastPorts(32000, 32001)
+    assert ports.take("a") == 32000 and ports.take("a") == 32000
+    assert ports.take("b") == 32001
+    with pytest.raises(PbxActionError):
+        ports.take("c")
+    ports.release("a")
+    assert ports.take("c") == 32000
+
+
+async def _no_media(facts: InviteFacts, call_id: str) -> tuple[str, int]:
+    raise AssertionError("no media expected")
+
+
+def test_the_shipped_dialplan_speaks_the_adapters_names() -> None:
+    """freeswitch_conf/ and the adapter must agree on every name they share."""
+    from pathlib import Path
+    from xml.etree import ElementTree
+
+    conf = Path(__file__).parent.parent / "freeswitch_conf"
+    defaults = FreeswitchSettings()
+    offer = ElementTree.parse(conf / "sipbridge.xml").getroot()
+    condition = offer.find("extension/condition")
+    assert condition is not None
+    assert f"${{{HEARTBEAT_VARIABLE}}}" in condition.get("field", "")
+    actions = [(a.get("application"), a.get("data")) for a in condition.findall("action")]
+    assert actions == [
+        ("set", f"{defaults.offer_variable}=true"),
+        ("ring_ready", None),
+        ("park", None),
+    ]
+    context = ElementTree.parse(conf / "sipbridge_context.xml").getroot().find("context")
+    assert context is not None and context.get("name") == defaults.transfer_context
+    for extension in context.findall("extension"):
+        first = extension.find("condition")
+        assert first is not None and first.get("expression") == "^sipbridge_transfer$"
+    assert "${sipbridge_transfer_target}" in (conf / "sipbridge_context.xml").read_text()
