@@ -210,18 +210,22 @@ class Service:
         self.unicast = UnicastMedia(
             media.unicast_host,
             media.unicast_advertise,
-            freeswitch.unicast_host,
             on_leg=self.conversations.attach,
             hangup=self._hang_up_freeswitch_channel,
             start_timeout_s=media.connect_timeout_s,
         )
         unicast = self.unicast
 
-        async def media_endpoint(facts: InviteFacts, call_id: str) -> tuple[str, int]:
-            return await unicast.open(call_id, facts.channel)
+        async def media_endpoint(
+            facts: InviteFacts, call_id: str, source: tuple[str, int]
+        ) -> tuple[str, int]:
+            return await unicast.open(call_id, facts.channel, source)
 
         adapter = FreeswitchAdapter(
-            freeswitch, _PbxEvents(self, "freeswitch", lambda: adapter, unicast), media_endpoint
+            freeswitch,
+            _PbxEvents(self, "freeswitch", lambda: adapter, unicast),
+            media_endpoint,
+            on_transferred=unicast.transferred,
         )
         self.freeswitch = adapter
         self.set_link("freeswitch", False)

@@ -118,9 +118,9 @@ class FreeswitchSettings(_Section):
     ping_interval_s: float = Field(
         5.0,
         gt=0,
-        le=15,
+        le=10,
         description=(
-            "Watchdog and heartbeat period; a dead link is noticed within two. At most 15 s: "
+            "Watchdog and heartbeat period; a dead link is noticed within two. At most 10 s: "
             "freeswitch_conf/sipbridge.xml refuses calls when the heartbeat is 20 s old."
         ),
     )
@@ -139,11 +139,13 @@ class FreeswitchSettings(_Section):
         "127.0.0.1",
         description="Address on the FreeSWITCH host it binds for a call's unicast audio.",
     )
+    # Below FreeSWITCH's default RTP range (16384-32768) and Linux's ephemeral ports (32768-),
+    # where sipbridge's own sockets come from.
     unicast_port_min: int = Field(
-        32000, ge=1024, le=65535, description="First FreeSWITCH-side unicast UDP port."
+        12000, ge=1024, le=65535, description="First FreeSWITCH-side unicast UDP port."
     )
     unicast_port_max: int = Field(
-        32999, ge=1024, le=65535, description="Last FreeSWITCH-side unicast UDP port."
+        12999, ge=1024, le=65535, description="Last FreeSWITCH-side unicast UDP port."
     )
 
 

@@ -14,8 +14,8 @@ What it answers to a command (FreeSWITCH's behaviour in the captures):
 - ``api uuid_answer|uuid_kill|uuid_dump|uuid_transfer|uuid_setvar|uuid_send_dtmf <uuid> …``: for
   a channel it has, ``+OK\\n`` (uuid_dump: the captured CHANNEL_DATA); for any other,
   ``-ERR No such channel!\\n``; a uuid_kill also sends that call's hangup events;
-- ``api uptime``/``api status``: the captured ``api status`` answer; ``api global_setvar``:
-  ``+OK\n`` (the value is kept in ``globals``);
+- ``api uptime``/``api status``: the captured ``api status`` answer; ``api [expand]
+  global_setvar``: ``+OK\n`` (the value is kept, unexpanded, in ``globals``);
 - ``sendmsg``: ``+OK``; ``exit``: ``+OK bye``, the disconnect notice, a close.
 """
 
@@ -163,6 +163,11 @@ class EslPeer:
         self.channels.discard(uniqueid)
         self.send(*self.captured.hangup_events(uniqueid))
 
+    @property
+    def requests(self) -> list[str]:
+        """The commands received, less the watchdog's heartbeats (they come at any time)."""
+        return [c for c in self.commands if "global_setvar sipbridge_heartbeat" not in c]
+
     async def wait_command(self, prefix: str, timeout: float = 10.0) -> str:
         """The first command received that starts with ``prefix`` (waiting for it)."""
 
@@ -238,6 +243,8 @@ class EslPeer:
         name = words[0] if words else ""
         if name in ("uptime", "status"):
             return captured.status
+        if name == "expand":  # expands ${...} then runs the rest; kept unexpanded here
+            name, words = words[1], words[1:]
         if name == "global_setvar":
             self.globals.update([" ".join(words[1:]).partition("=")[::2]])
             return captured.ok_api

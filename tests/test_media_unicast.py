@@ -11,12 +11,20 @@ from bridge.media.unicast import UnicastLeg, UnicastMedia
 
 
 class Peer(asyncio.DatagramProtocol):
+    """A UDP socket standing in for FreeSWITCH's side (or a stranger)."""
+
     def __init__(self) -> None:
         self.received: asyncio.Queue[bytes] = asyncio.Queue()
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.transport is not None
+        host, port = self.transport.get_extra_info("sockname")[:2]
+        return str(host), int(port)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.received.put_nowait(data)
@@ -43,13 +51,11 @@ async def test_first_audio_starts_the_conversation_and_audio_goes_back() -> None
         started.put_nowait(leg)
         await release.wait()
 
-    media = UnicastMedia(
-        "127.0.0.1", None, "127.0.0.1", on_leg=on_leg, hangup=hangups.append, start_timeout_s=5
-    )
-    address = await media.open("call-1", "chan-1")
-    assert address[0] == "127.0.0.1" and len(media) == 1
+    media = UnicastMedia("127.0.0.1", None, on_leg=on_leg, hangup=hangups.append, start_timeout_s=5)
     freeswitch = await open_peer()
     assert freeswitch.transport is not None
+    address = await media.open("call-1", "chan-1", freeswitch.address)
+    assert address[0] == "127.0.0.1" and len(media) == 1
     tone = sine(700, 0.04)
     freeswitch.transport.sendto(tone[:320], address)
     freeswitch.transport.sendto(tone[320:], address)
@@ -76,9 +82,9 @@ async def test_a_socket_that_hears_nothing_is_closed() -> None:
         raise AssertionError("never started")
 
     media = UnicastMedia(
-        "127.0.0.1", "192.0.2.7", "127.0.0.1", on_leg=on_leg, hangup=print, start_timeout_s=0.05
+        "127.0.0.1", "192.0.2.7", on_leg=on_leg, hangup=print, start_timeout_s=0.05
     )
-    address = await media.open("call-1", "chan-1")
+    address = await media.open("call-1", "chan-1", ("127.0.0.1", 12000))
     assert address[0] == "192.0.2.7"  # what FreeSWITCH is told (media.unicast_advertise)
     leg = media._legs["chan-1"]
     closed = await asyncio.wait_for(leg.receive(), 5)
@@ -94,17 +100,38 @@ async def test_audio_from_a_stranger_never_reaches_the_call() -> None:
         started.put_nowait(leg)
         await asyncio.Event().wait()
 
-    media = UnicastMedia(
-        "127.0.0.1", None, "127.0.0.2", on_leg=on_leg, hangup=print, start_timeout_s=5
-    )
-    address = await media.open("call-1", "chan-1")
-    stranger, freeswitch = await open_peer("127.0.0.1"), await open_peer("127.0.0.2")
-    assert stranger.transport is not None and freeswitch.transport is not None
-    stranger.transport.sendto(b"\x11" * 320, address)  # first, from the wrong host
+    media = UnicastMedia("127.0.0.1", None, on_leg=on_leg, hangup=print, start_timeout_s=5)
+    freeswitch = await open_peer()
+    # Another host, and FreeSWITCH's own host from another port.
+    strangers = [await open_peer("127.0.0.2"), await open_peer()]
+    address = await media.open("call-1", "chan-1", freeswitch.address)
+    for stranger in strangers:
+        assert stranger.transport is not None
+        stranger.transport.sendto(b"\x11" * 320, address)  # first, from the wrong source
+    assert freeswitch.transport is not None
     freeswitch.transport.sendto(b"\x22" * 320, address)
     leg = await asyncio.wait_for(started.get(), 5)
     assert await leg.receive() == [LegAudio(b"\x22" * 320)]
-    assert leg._decoder.refused == 1
+    assert leg._decoder.refused == 2
+    # Audio toward the caller goes to FreeSWITCH's port only.
+    assert leg.send_audio(b"\x33" * 320)
+    assert await asyncio.wait_for(freeswitch.received.get(), 5) == b"\x33" * 320
     await media.aclose()
-    stranger.transport.close()
-    freeswitch.transport.close()
+    for peer in (freeswitch, *strangers):
+        assert peer.transport is not None
+        peer.transport.close()
+
+
+async def test_a_transferred_channel_is_not_hung_up_when_its_conversation_ends() -> None:
+    hangups: list[str] = []
+
+    async def on_leg(call_id: str, leg: UnicastLeg) -> None:
+        await asyncio.Event().wait()
+
+    media = UnicastMedia("127.0.0.1", None, on_leg=on_leg, hangup=hangups.append, start_timeout_s=5)
+    await media.open("call-1", "chan-1", ("127.0.0.1", 12000))
+    leg = media._legs["chan-1"]
+    media.transferred("chan-1")
+    leg.send_hangup()  # the session ends after the transfer
+    assert hangups == []
+    await media.aclose()

@@ -47,7 +47,8 @@ class Rig:
     peer: EslPeer
     sink: RecordingSink
     adapter: FreeswitchAdapter
-    media: list[tuple[str, str]]
+    media: list[tuple[str, str, tuple[str, int]]]
+    transferred: list[str]
 
 
 @pytest.fixture
@@ -59,19 +60,29 @@ async def peer() -> AsyncIterator[EslPeer]:
 
 
 @pytest.fixture
-async def rig(peer: EslPeer) -> AsyncIterator[Rig]:
+async def rig(peer: EslPeer, request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
+    """An adapter connected to the peer; ``indirect`` parameters are settings."""
     sink = RecordingSink()
-    media: list[tuple[str, str]] = []
+    media: list[tuple[str, str, tuple[str, int]]] = []
+    transferred: list[str] = []
 
-    async def media_endpoint(facts: InviteFacts, call_id: str) -> tuple[str, int]:
-        media.append((facts.pbx_call_id, call_id))
+    async def media_endpoint(
+        facts: InviteFacts, call_id: str, source: tuple[str, int]
+    ) -> tuple[str, int]:
+        media.append((facts.pbx_call_id, call_id, source))
         return ("127.0.0.1", 40100)
 
-    adapter = FreeswitchAdapter(settings(peer.port), sink, media_endpoint)
+    adapter = FreeswitchAdapter(
+        settings(peer.port, **getattr(request, "param", {})),
+        sink,
+        media_endpoint,
+        on_transferred=transferred.append,
+    )
     await adapter.start()
     await sink.wait_for(lambda s: s.links == [True])
-    yield Rig(peer, sink, adapter, media)
+    yield Rig(peer, sink, adapter, media, transferred)
     await adapter.aclose()
+    await adapter.aclose()  # a second close is harmless (Service.start's cleanup may repeat it)
     assert not [t for t in threading.enumerate() if t.name == "freeswitch-esl"]
 
 
@@ -100,9 +111,9 @@ async def test_accepting_answers_and_streams_to_our_leg(rig: Rig) -> None:
     peer.park(CALL_RINGING)
     await rig.sink.wait_for(lambda s: s.offers)
     await adapter.connect_media(rig.sink.offers[0], "call-1")
-    assert rig.media == [(CALL_RINGING, "call-1")]
-    answer = peer.commands.index(f"api uuid_answer {CALL_RINGING}")
-    unicast = peer.commands[answer + 1]
+    assert rig.media == [(CALL_RINGING, "call-1", ("127.0.0.1", 32000))]
+    answer = peer.requests.index(f"api uuid_answer {CALL_RINGING}")
+    unicast = peer.requests[answer + 1]
     assert unicast == (
         f"sendmsg {CALL_RINGING}\ncall-command: unicast\nlocal-ip: 127.0.0.1\nlocal-port: 32000\n"
         "remote-ip: 127.0.0.1\nremote-port: 40100\ntransport: udp"
@@ -120,7 +131,7 @@ async def test_reject_transfer_hangup_and_dtmf(rig: Rig) -> None:
     await sink.wait_for(lambda s: len(s.offers) == 2)
     ringing, answered = sink.offers
     await adapter.reject(ringing, 404)
-    assert peer.commands[-2:] == [
+    assert peer.requests[-2:] == [
         f"sendmsg {CALL_RINGING}\ncall-command: execute\nexecute-app-name: respond\nexecute-app-arg: 404",
         f"sendmsg {CALL_RINGING}\ncall-command: hangup\nhangup-cause: UNALLOCATED_NUMBER",
     ]
@@ -128,30 +139,42 @@ async def test_reject_transfer_hangup_and_dtmf(rig: Rig) -> None:
         answered,
         {"type": "sip", "sipUri": "sip:agent@pbx.example.com", "sipHeaders": {"X-Reason": "vip"}},
     )
-    assert peer.commands[-3:] == [
+    assert peer.requests[-7:] == [
+        # The caller's own X- headers would go out too: unset first.
+        f"api uuid_setvar {CALL_ANSWERED} sip_h_X-First_Name",
+        f"api uuid_setvar {CALL_ANSWERED} sip_h_X-Account-Id",
+        f"api uuid_setvar {CALL_ANSWERED} sip_h_X-Lang",
         f"api uuid_setvar {CALL_ANSWERED} sip_h_X-Reason vip",
         f"api uuid_setvar {CALL_ANSWERED} sipbridge_transfer_target sip:agent@pbx.example.com",
+        f"api uuid_setvar {CALL_ANSWERED} sipbridge_offer",
         f"api uuid_transfer {CALL_ANSWERED} sipbridge_transfer XML sipbridge",
     ]
+    assert rig.transferred == [CALL_ANSWERED]
+    # Quotes and backslashes survive FreeSWITCH's argument splitting.
+    await adapter.transfer(answered, {"number": "+1555", "sipHeaders": {"X-Q": "it's a\\b"}})
+    assert f"api uuid_setvar {CALL_ANSWERED} sip_h_X-Q it\\'s a\\\\b" in peer.requests
+    sent = len(peer.requests)
     for hostile in (
         {"number": "1,2"},
         {"sipUri": "sip:a@b x"},
+        {"sipUri": "sip:a@b:_:sofia/gateway/carrier/1900"},  # a second, enterprise-originate leg
+        {"sipUri": "sip:x@loopback/9999/default"},  # another endpoint
         {"number": "+1555", "sipHeaders": {"Via": "x"}},
+        {"number": "+1555", "sipHeaders": {"X-A": "1\nexit"}},
     ):
         with pytest.raises(PbxActionError):
             await adapter.transfer(answered, hostile)
-    with pytest.raises(PbxActionError):
-        await adapter.transfer(answered, {"number": "+1555", "sipHeaders": {"X-A": "1\nexit"}})
+    assert len(peer.requests) == sent  # refused before anything was sent
     # The caller's keys, as FreeSWITCH reports them (DTMF events).
     peer.send(*peer.captured.dtmf_events(CALL_ANSWERED))
     await sink.wait_for(lambda s: len(s.digits) == 3)
     assert [d for _, d in sink.digits] == ["1", "2", "#"]
     await adapter.send_dtmf(answered, "7#")
-    assert peer.commands[-1] == f"api uuid_send_dtmf {CALL_ANSWERED} 7#"
+    assert peer.requests[-1] == f"api uuid_send_dtmf {CALL_ANSWERED} 7#"
     with pytest.raises(PbxActionError):
         await adapter.send_dtmf(answered, "7 exit")
     await adapter.hangup(answered)
-    assert peer.commands[-1] == f"api uuid_kill {CALL_ANSWERED}"
+    assert peer.requests[-1] == f"api uuid_kill {CALL_ANSWERED}"
     await sink.wait_for(lambda s: s.hangups)
     assert sink.hangups == [(CALL_ANSWERED, 16)]
     await adapter.hangup(answered)  # already gone ("-ERR No such channel!"): done
@@ -177,19 +200,21 @@ async def test_freeswitch_down_at_start_is_retried_until_it_is_up(peer: EslPeer)
 
 
 async def test_the_watchdog_ping_is_the_dialplans_heartbeat(rig: Rig) -> None:
-    before = int(time.time())
-    command = await rig.peer.wait_command("api global_setvar sipbridge_heartbeat=")
-    assert before <= int(command.rpartition("=")[2]) <= int(time.time())
-    assert rig.peer.globals["sipbridge_heartbeat"] == command.rpartition("=")[2]
+    # FreeSWITCH stamps it with its own clock (expand ... ${strepoch()}): no skew to matter.
+    command = await rig.peer.wait_command("api expand global_setvar")
+    assert command == "api expand global_setvar sipbridge_heartbeat=${strepoch()}"
+    assert rig.peer.globals["sipbridge_heartbeat"] == "${strepoch()}"
 
 
+@pytest.mark.parametrize("rig", [{"ping_interval_s": 0.5}], indirect=True)
 async def test_a_silent_link_is_dropped_within_two_intervals_and_comes_back(rig: Rig) -> None:
     peer, sink = rig.peer, rig.sink
+    interval = rig.adapter.settings.ping_interval_s
     peer.silent = True
     silent_since = time.monotonic()
-    await sink.wait_for(lambda s: s.links == [True, False], timeout=5 * INTERVAL_S)
+    await sink.wait_for(lambda s: s.links == [True, False], timeout=5 * interval)
     noticed_s = time.monotonic() - silent_since
-    assert noticed_s <= 2 * INTERVAL_S + 0.3, noticed_s
+    assert noticed_s <= 2 * interval + 0.4, noticed_s  # three intervals would be a regression
     with pytest.raises(PbxConnectionError):
         await rig.adapter.link.command(esl.command("api status"))
     peer.silent = False
@@ -199,6 +224,8 @@ async def test_a_silent_link_is_dropped_within_two_intervals_and_comes_back(rig:
     assert peer.commands[second_login + 1] == SUBSCRIPTION
 
 
+# A long ping interval: here the drop itself must be noticed, not the watchdog's silence.
+@pytest.mark.parametrize("rig", [{"ping_interval_s": 10.0, "action_timeout_s": 5.0}], indirect=True)
 async def test_a_command_in_flight_fails_at_once_when_the_link_drops(rig: Rig) -> None:
     peer = rig.peer
     peer.silent = True
@@ -206,7 +233,7 @@ async def test_a_command_in_flight_fails_at_once_when_the_link_drops(rig: Rig) -
     await peer.wait_command("api status")
     peer.cut()
     with pytest.raises(PbxConnectionError):
-        await asyncio.wait_for(pending, 2.0)  # not the 1 s action timeout plus more: at once
+        await asyncio.wait_for(pending, 2.0)  # far sooner than the 5 s action timeout
     peer.silent = False
     await rig.sink.wait_for(lambda s: s.links[-1] is True and len(s.links) == 3)
     # Nothing is re-sent on the new connection.
@@ -225,6 +252,22 @@ async def test_calls_that_ended_while_the_link_was_down_are_ended_after_it(rig: 
     assert sink.hangups == [("00000000-0000-0000-0000-000000000000", 0)]
 
 
+async def test_a_hangup_lost_with_the_link_is_sent_after_it(rig: Rig) -> None:
+    peer, adapter, sink = rig.peer, rig.adapter, rig.sink
+    peer.park(CALL_ANSWERED)
+    await sink.wait_for(lambda s: s.offers)
+    peer.refuse = True
+    peer.cut()
+    await sink.wait_for(lambda s: s.links == [True, False])
+    with pytest.raises(PbxConnectionError):
+        await adapter.hangup(sink.offers[0])
+    peer.refuse = False
+    await sink.wait_for(lambda s: s.links == [True, False, True])
+    await peer.wait_command(f"api uuid_kill {CALL_ANSWERED}")  # the resync carried it out
+    await sink.wait_for(lambda s: s.hangups)
+    assert sink.hangups == [(CALL_ANSWERED, 16)]
+
+
 def test_unicast_ports_are_one_per_call_and_reused_last() -> None:
     ports = UnicastPorts(32000, 32001)
     assert ports.take("a") == 32000 and ports.take("a") == 32000
@@ -235,7 +278,7 @@ def test_unicast_ports_are_one_per_call_and_reused_last() -> None:
     assert ports.take("c") == 32000
 
 
-async def _no_media(facts: InviteFacts, call_id: str) -> tuple[str, int]:
+async def _no_media(facts: InviteFacts, call_id: str, source: tuple[str, int]) -> tuple[str, int]:
     raise AssertionError("no media expected")
 
 
@@ -252,6 +295,7 @@ def test_the_shipped_dialplan_speaks_the_adapters_names() -> None:
     assert f"${{{HEARTBEAT_VARIABLE}}}" in condition.get("field", "")
     actions = [(a.get("application"), a.get("data")) for a in condition.findall("action")]
     assert actions == [
+        ("set", "absolute_codec_string=PCMU,PCMA"),  # unicast is at the codec's rate: 8 kHz
         ("set", f"{defaults.offer_variable}=true"),
         ("ring_ready", None),
         ("park", None),

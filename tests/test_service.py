@@ -8,7 +8,9 @@ from typing import cast
 import pytest
 
 from bridge.audio import sine, tone_share
+from bridge.errors import PbxAuthError
 from bridge.events import invite_facts
+from bridge.protocol import esl
 from bridge.service import Service
 from bridge.settings import Settings
 from tests.esl_peer import CALL_ANSWERED, PASSWORD, EslPeer
@@ -136,9 +138,17 @@ async def test_a_call_through_freeswitch_from_park_to_report(
         await session.send(sine(1300, 1.0, 16000))
 
     pipeline.script = script
+    freeswitch_port = transport.get_extra_info("sockname")[1]
     service = Service(
         make_settings(
-            freeswitch={"enabled": True, "port": peer.port, "password": PASSWORD},
+            freeswitch={
+                "enabled": True,
+                "port": peer.port,
+                "password": PASSWORD,
+                # FreeSWITCH's side of the unicast pair is this test's socket.
+                "unicast_port_min": freeswitch_port,
+                "unicast_port_max": freeswitch_port,
+            },
             webhooks={"default_server_url": sink.url},
         )
     )
@@ -157,7 +167,7 @@ async def test_a_call_through_freeswitch_from_park_to_report(
         assert f"api uuid_answer {CALL_ANSWERED}" in peer.commands
         fields = dict(line.split(": ", 1) for line in unicast.splitlines()[1:])
         ours = (fields["remote-ip"], int(fields["remote-port"]))
-        assert fields["local-port"] == "32000" and fields["transport"] == "udp"
+        assert fields["local-port"] == str(freeswitch_port) and fields["transport"] == "udp"
         session = await pipeline.session()
         assert session.start is not None
         assert session.start["assistant"]["firstMessage"] == "Hi John"
@@ -186,6 +196,88 @@ async def test_a_call_through_freeswitch_from_park_to_report(
         )
         await session.closed.wait()
         assert service.unicast is not None and len(service.unicast) == 0
+    finally:
+        await service.aclose()
+        transport.close()
+        await peer.stop()
+
+
+async def freeswitch_service(
+    make_settings: Callable[..., Settings], peer: EslPeer, **freeswitch: object
+) -> Service:
+    return Service(
+        make_settings(
+            freeswitch={"enabled": True, "port": peer.port, "password": PASSWORD, **freeswitch}
+        )
+    )
+
+
+async def test_a_wrong_freeswitch_password_fails_start_cleanly(
+    make_settings: Callable[..., Settings],
+) -> None:
+    peer = EslPeer()
+    await peer.start()
+    try:
+        service = await freeswitch_service(make_settings, peer, password="wrong")
+        with pytest.raises(PbxAuthError, match="refused the event socket password"):
+            await service.start()
+        assert service._runner is None and service.freeswitch is None
+        with pytest.raises(Exception, match="not open"):
+            await service.store.ping()  # the rest was stopped too
+        await service.aclose()  # and a second stop is harmless
+    finally:
+        await peer.stop()
+
+
+async def test_a_transfer_asked_by_the_pipeline_leaves_the_freeswitch_channel_up(
+    make_settings: Callable[..., Settings], pipeline: PipelineServer
+) -> None:
+    peer = EslPeer()
+    await peer.start()
+    loop = asyncio.get_running_loop()
+    transport, freeswitch_audio = await loop.create_datagram_endpoint(
+        FreeswitchAudio, local_addr=("127.0.0.1", 0)
+    )
+    freeswitch_port = transport.get_extra_info("sockname")[1]
+
+    async def script(session: PipelineSession) -> None:
+        await session.send_json(
+            {
+                "type": "transfer",
+                "destination": {"type": "sip", "sipUri": "sip:agent@pbx.example.com"},
+            }
+        )
+
+    pipeline.script = script
+    service = await freeswitch_service(
+        make_settings, peer, unicast_port_min=freeswitch_port, unicast_port_max=freeswitch_port
+    )
+    await service.start()
+    try:
+        await service.wait_link("freeswitch", up=True)
+        assistant = await service.resources.create(
+            "assistant", {"sipbridge": {"pipeline": {"url": pipeline.url}}}
+        )
+        await service.resources.create(
+            "phone_number", {"sipUri": "sip:alice@127.0.0.1", "assistantId": assistant["id"]}
+        )
+        peer.park(CALL_ANSWERED)
+        unicast = await peer.wait_command(f"sendmsg {CALL_ANSWERED}\ncall-command: unicast")
+        fields = dict(line.split(": ", 1) for line in unicast.splitlines()[1:])
+        await freeswitch_audio.play(
+            sine(700, 0.1), (fields["remote-ip"], int(fields["remote-port"]))
+        )
+        await peer.wait_command(
+            f"api uuid_transfer {CALL_ANSWERED} sipbridge_transfer XML sipbridge"
+        )
+        session = await pipeline.session()
+        await session.closed.wait()
+        call = service.callflow.find_pbx_call("freeswitch", CALL_ANSWERED)
+        assert call is None or call.ended_reason is not None
+        # Everything the session's end could send has been answered by now.
+        assert service.freeswitch is not None
+        await service.freeswitch.link.command(esl.command("api status"))
+        assert not [c for c in peer.requests if c.startswith("api uuid_kill")]
     finally:
         await service.aclose()
         transport.close()

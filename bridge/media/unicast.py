@@ -104,6 +104,10 @@ class UnicastLeg(asyncio.DatagramProtocol):
         """Unicast has no hangup of its own: the adapter hangs the channel up over ESL."""
         self._hangup()
 
+    def detach(self) -> None:
+        """The channel is no longer this conversation's (transferred): never hang it up."""
+        self._hangup = lambda: None
+
     # ---- from the adapter ----------------------------------------------------------------------
 
     def dtmf(self, digit: str) -> None:
@@ -129,7 +133,6 @@ class UnicastMedia:
     Args:
         host: the address sipbridge's sockets bind.
         advertise: the address FreeSWITCH is told to send to (default: ``host``).
-        freeswitch_host: the address FreeSWITCH sends from (``freeswitch.unicast_host``).
         on_leg: runs a call's conversation over its leg (``Conversations.attach``).
         hangup: hangs up a FreeSWITCH channel (by uuid) when a conversation ends.
         start_timeout_s: a socket that gets no audio within this is closed.
@@ -139,7 +142,6 @@ class UnicastMedia:
         self,
         host: str,
         advertise: str | None,
-        freeswitch_host: str,
         *,
         on_leg: LegHandler,
         hangup: Callable[[str], None],
@@ -147,7 +149,6 @@ class UnicastMedia:
     ) -> None:
         self.host = host
         self.advertise = advertise or host
-        self.freeswitch_host = freeswitch_host
         self._on_leg = on_leg
         self._hangup = hangup
         self._start_timeout_s = start_timeout_s
@@ -157,8 +158,11 @@ class UnicastMedia:
     def __len__(self) -> int:
         return len(self._legs)
 
-    async def open(self, call_id: str, channel: str) -> tuple[str, int]:
-        """Binds the call's socket; returns where FreeSWITCH should send (host, port)."""
+    async def open(
+        self, call_id: str, channel: str, freeswitch: tuple[str, int]
+    ) -> tuple[str, int]:
+        """Binds the call's socket for audio from ``freeswitch`` (its unicast host and port);
+        returns where FreeSWITCH should send (host, port)."""
         old = self._legs.pop(channel, None)
         if old is not None:
             old.close(by_caller=False, detail="replaced")
@@ -166,7 +170,7 @@ class UnicastMedia:
         transport, leg = await loop.create_datagram_endpoint(
             lambda: UnicastLeg(
                 call_id,
-                wire.UnicastDecoder(self.freeswitch_host),
+                wire.UnicastDecoder(freeswitch[0], freeswitch[1]),
                 lambda started: self._started(channel, started),
                 lambda: self._hangup(channel),
             ),
@@ -198,6 +202,12 @@ class UnicastMedia:
             )
             del self._legs[channel]
             leg.close(by_caller=False, detail="no audio from FreeSWITCH")
+
+    def transferred(self, channel: str) -> None:
+        """The channel went on to a transfer: the end of its conversation must not hang it up."""
+        leg = self._legs.get(channel)
+        if leg is not None:
+            leg.detach()
 
     def dtmf(self, channel: str, digit: str) -> None:
         """A DTMF event for the channel's leg."""

@@ -31,7 +31,6 @@ import logging
 import re
 import socket
 import threading
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
@@ -61,6 +60,7 @@ FIRST_RETRY_DELAY_S = 0.5
 SUBSCRIPTION = "event plain CHANNEL_PARK CHANNEL_HANGUP_COMPLETE DTMF BACKGROUND_JOB"
 # Set by every watchdog ping; freeswitch_conf/sipbridge.xml checks that it is fresh.
 HEARTBEAT_VARIABLE = "sipbridge_heartbeat"
+HEARTBEAT_COMMAND = f"api expand global_setvar {HEARTBEAT_VARIABLE}=${{strepoch()}}"
 
 EventHandler = Callable[[esl.EslEvent], None]
 LinkHandler = Callable[[bool, str], None]
@@ -225,7 +225,11 @@ class EslLink:
         self._thread.start()
         await asyncio.to_thread(self._ready.wait, 5.0)
         try:
-            await self._first
+            # The supervisor settles it within its connect timeout; the margin is for a bug.
+            async with asyncio.timeout(2 * CONNECT_TIMEOUT_S):
+                await self._first
+        except TimeoutError:
+            log.error("the FreeSWITCH event socket thread gave no first answer; retrying")
         except PbxAuthError:
             await self.aclose()
             raise
@@ -243,7 +247,10 @@ class EslLink:
             raise PbxConnectionError("the FreeSWITCH event socket is not connected")
         text = framed.decode()
         future: asyncio.Future[esl.EslMessage] = self._loop.create_future()
-        self._hub.loop.run_callback_threadsafe(gevent.spawn, self._send_in_thread, text, future)
+        try:
+            self._hub.loop.run_callback_threadsafe(gevent.spawn, self._send_in_thread, text, future)
+        except (ValueError, AttributeError):  # the thread stopped meanwhile
+            raise PbxConnectionError("the FreeSWITCH event socket is closed") from None
         try:
             async with asyncio.timeout(self.settings.action_timeout_s + 1.0):
                 return await future
@@ -252,19 +259,24 @@ class EslLink:
 
     def drop(self) -> None:
         """Drops the current connection (the watchdog's verdict); the supervisor reconnects."""
-        if self._hub is not None:
-            self._hub.loop.run_callback_threadsafe(self._drop_in_thread)
+        hub = self._hub
+        if hub is not None:
+            with contextlib.suppress(ValueError, AttributeError):  # stopped meanwhile
+                hub.loop.run_callback_threadsafe(self._drop_in_thread)
 
     async def aclose(self) -> None:
-        """Stops the thread (closing the connection)."""
+        """Stops the thread (closing the connection); a second call does nothing."""
         self._stopping.set()
-        if self._stop_watcher is not None:
-            self._stop_watcher.send()
+        watcher, self._stop_watcher = self._stop_watcher, None
+        if watcher is not None:
+            with contextlib.suppress(ValueError):  # the hub is already gone
+                watcher.send()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5.0)
             if self._thread.is_alive():
                 log.error("the FreeSWITCH event socket thread did not stop")
             self._thread = None
+        self._hub = None
         self.up = False
 
     def _to_loop(self, callback: Callable[..., None], *args: Any) -> None:
@@ -349,6 +361,8 @@ class EslLink:
             except (
                 OSError,
                 TimeoutError,
+                KeyError,  # greenswitch reading a reply without the header it expects
+                RemoteProtocolError,
                 PbxConnectionError,
                 NotConnectedError,
             ) as exc:
@@ -434,9 +448,13 @@ _CAUSE_FOR_STATUS = {
     486: "USER_BUSY",
     603: "CALL_REJECTED",
 }
-_SIP_TARGET = re.compile(r"^sips?:[A-Za-z0-9.\-_~+!*'%:@;=?/]{3,300}$")
+# user@host[:port][;params]: no ":_:" (FreeSWITCH's enterprise-originate separator), no "/"
+# (another endpoint), no "," "|" or spaces (more dial strings).
+_SIP_TARGET = re.compile(
+    r"^sips?:[A-Za-z0-9._~+!*'%=-]{1,128}@[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?(;[A-Za-z0-9=._-]{1,64})*$"
+)
 _NUMBER_TARGET = re.compile(r"^\+?[0-9*#]{1,32}$")
-_SIP_HEADER_NAME = re.compile(r"^X-[A-Za-z0-9-]{1,60}$")
+_SIP_HEADER_NAME = re.compile(r"^X-[A-Za-z0-9_-]{1,60}$")
 
 
 class FreeswitchSink(Protocol):
@@ -458,7 +476,14 @@ class FreeswitchSink(Protocol):
         """Unique ids of the calls the flow still considers live."""
 
 
-MediaEndpoint = Callable[[InviteFacts, str], Awaitable[tuple[str, int]]]
+# (facts, call id, FreeSWITCH's unicast address) -> the address FreeSWITCH should send to.
+MediaEndpoint = Callable[[InviteFacts, str, tuple[str, int]], Awaitable[tuple[str, int]]]
+
+
+def _argument(value: str) -> str:
+    """A value as the last argument of an api command (switch_separate_string strips quotes and
+    backslashes unless they are escaped)."""
+    return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
 class FreeswitchAdapter:
@@ -480,7 +505,7 @@ class FreeswitchAdapter:
         settings: FreeswitchSettings,
         sink: FreeswitchSink,
         media_endpoint: MediaEndpoint,
-        wall_clock: Callable[[], float] = time.time,
+        on_transferred: Callable[[str], None] = lambda channel: None,
     ) -> None:
         self.settings = settings
         self._sink = sink
@@ -490,7 +515,8 @@ class FreeswitchAdapter:
         self._ports = UnicastPorts(settings.unicast_port_min, settings.unicast_port_max)
         self._tasks = TaskSet("freeswitch")
         self._watchdog: asyncio.Task[None] | None = None
-        self._wall_clock = wall_clock
+        self._on_transferred = on_transferred
+        self._kills_pending: set[str] = set()
 
     async def start(self) -> None:
         """Connects (a refused password is an error at once), then watches the link.
@@ -519,10 +545,8 @@ class FreeswitchAdapter:
                 async with asyncio.timeout(interval):
                     # The ping is the heartbeat: freeswitch_conf's dialplan refuses calls at once
                     # (480) when it is stale, instead of parking them for a sipbridge that is gone.
-                    now = int(self._wall_clock())
-                    await self.link.command(
-                        esl.command(f"api global_setvar {HEARTBEAT_VARIABLE}={now}")
-                    )
+                    # FreeSWITCH stamps it with its own clock (expand), so no clock skew matters.
+                    await self.link.command(esl.command(HEARTBEAT_COMMAND))
             except (TimeoutError, PbxActionError):
                 log.error("FreeSWITCH answered no ping in %.1f s: dropping the link", interval)
                 self.link.drop()
@@ -537,7 +561,15 @@ class FreeswitchAdapter:
             self._tasks.spawn(self._resync(), "resync")
 
     async def _resync(self) -> None:
-        """Ends the calls whose channels went away while the event socket was down."""
+        """Ends the calls whose channels went away while the event socket was down, and the
+        channels whose hangup could not be sent then."""
+        for channel in sorted(self._kills_pending):
+            log.info("hanging up %s, which could not be hung up while the link was down", channel)
+            try:
+                await self.hang_up_channel(channel)
+            except PbxError as exc:
+                log.warning("resync: %s", exc)
+                return
         for uniqueid in sorted(self._sink.known_calls()):
             try:
                 reply = await self.link.command(esl.command(f"api uuid_dump {uniqueid}"))
@@ -595,20 +627,24 @@ class FreeswitchAdapter:
 
     async def reject(self, facts: InviteFacts, sip_status: int) -> None:
         """Answers the INVITE with ``sip_status`` (``respond``), then hangs the channel up."""
-        await self._sendmsg(esl.execute(facts.channel, "respond", str(sip_status)), "respond")
         cause = _CAUSE_FOR_STATUS.get(sip_status, "CALL_REJECTED")
-        with contextlib.suppress(PbxActionError):
-            await self._sendmsg(esl.hangup(facts.channel, cause), "hangup")
+        try:
+            await self._sendmsg(esl.execute(facts.channel, "respond", str(sip_status)), "respond")
+        finally:
+            # Even when respond failed: a caller must not ring on for nobody.
+            with contextlib.suppress(PbxActionError):
+                await self._sendmsg(esl.hangup(facts.channel, cause), "hangup")
 
     async def connect_media(self, facts: InviteFacts, call_id: str) -> None:
-        """Answers, then has FreeSWITCH stream the call as L16 8 kHz to our UDP leg."""
-        remote = await self._media_endpoint(facts, call_id)
-        local_port = self._ports.take(facts.pbx_call_id)
+        """Answers, then has FreeSWITCH stream the call as L16 8 kHz to our UDP leg.
+
+        FreeSWITCH sends from the address and port it binds (``local-ip``/``local-port``), so
+        the leg accepts audio from exactly there.
+        """
+        freeswitch = (self.settings.unicast_host, self._ports.take(facts.pbx_call_id))
+        ours = await self._media_endpoint(facts, call_id, freeswitch)
         await self._api(f"uuid_answer {facts.channel}")
-        await self._sendmsg(
-            esl.unicast(facts.channel, (self.settings.unicast_host, local_port), remote),
-            "unicast",
-        )
+        await self._sendmsg(esl.unicast(facts.channel, freeswitch, ours), "unicast")
 
     async def transfer(self, facts: InviteFacts, destination: Mapping[str, Any]) -> None:
         """Blind transfer through ``freeswitch_conf``'s ``sipbridge_transfer`` extension.
@@ -619,15 +655,30 @@ class FreeswitchAdapter:
         target = str(destination.get("sipUri") or destination.get("number") or "")
         if not (_SIP_TARGET.match(target) or _NUMBER_TARGET.match(target)):
             raise PbxActionError(f"cannot transfer to {target[:80]!r}")
-        headers = destination.get("sipHeaders") or {}
+        headers = {str(k): str(v) for k, v in (destination.get("sipHeaders") or {}).items()}
         for name, value in headers.items():
-            if not _SIP_HEADER_NAME.match(str(name)):
-                raise PbxActionError(f"cannot send SIP header {str(name)[:60]!r}")
-            await self._api(f"uuid_setvar {facts.channel} sip_h_{name} {value}")
+            if not _SIP_HEADER_NAME.match(name):
+                raise PbxActionError(f"cannot send SIP header {name[:60]!r}")
+            if any(c in value for c in "\r\n\x00"):
+                raise PbxActionError(f"SIP header {name} has a line break in its value")
+        # FreeSWITCH copies a channel's sip_h_X-* variables into the INVITE it sends out, and
+        # the caller's own X- headers are such variables: only the destination's go, as with
+        # Asterisk.
+        asked = {name.lower() for name in headers}
+        for name, _ in facts.headers:
+            if name.lower() not in asked and _SIP_HEADER_NAME.match(name):
+                await self._api(f"uuid_setvar {facts.channel} sip_h_{name}")
+        for name, value in headers.items():
+            await self._api(f"uuid_setvar {facts.channel} sip_h_{name} {_argument(value)}")
         await self._api(f"uuid_setvar {facts.channel} sipbridge_transfer_target {target}")
+        # Not an offer any more, should the transfer's dialplan park it again.
+        await self._api(f"uuid_setvar {facts.channel} {self.settings.offer_variable}")
         await self._api(
             f"uuid_transfer {facts.channel} sipbridge_transfer XML {self.settings.transfer_context}"
         )
+        # The channel now belongs to the transfer: the end of the conversation must not kill it.
+        self._ports.release(facts.pbx_call_id)
+        self._on_transferred(facts.channel)
 
     async def hangup(self, facts: InviteFacts) -> None:
         """Hangs up; a channel that is already gone counts as done."""
@@ -641,9 +692,14 @@ class FreeswitchAdapter:
         """
         try:
             await self._api(f"uuid_kill {channel}")
+        except PbxConnectionError:
+            # Carried out by the next resync: a channel must not stay answered in silence.
+            self._kills_pending.add(channel)
+            raise
         except PbxActionError as exc:
             if "no such channel" not in str(exc).lower():
                 raise
+        self._kills_pending.discard(channel)
 
     async def send_dtmf(self, facts: InviteFacts, digits: str) -> None:
         """Plays DTMF to the caller (``uuid_send_dtmf``)."""
