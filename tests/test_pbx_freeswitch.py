@@ -268,6 +268,18 @@ async def test_a_hangup_lost_with_the_link_is_sent_after_it(rig: Rig) -> None:
     assert sink.hangups == [(CALL_ANSWERED, 16)]
 
 
+async def test_a_stream_cut_in_the_middle_of_an_event_is_a_lost_link(rig: Rig) -> None:
+    """greenswitch would spin on the short read (100 % CPU); here the link just drops."""
+    peer, sink = rig.peer, rig.sink
+    park = peer.captured.event("CHANNEL_PARK", CALL_RINGING)
+    peer.send(park[: len(park) // 2])
+    peer.cut()
+    await sink.wait_for(lambda s: s.links == [True, False, True])
+    assert sink.offers == []
+    peer.park(CALL_RINGING)  # the new connection works
+    await sink.wait_for(lambda s: len(s.offers) == 1)
+
+
 def test_unicast_ports_are_one_per_call_and_reused_last() -> None:
     ports = UnicastPorts(32000, 32001)
     assert ports.take("a") == 32000 and ports.take("a") == 32000
