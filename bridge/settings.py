@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -392,11 +393,7 @@ def _rules_beside(
         location = error["loc"]
         if len(location) < 2 or not isinstance(location[0], str):
             return []
-        section_field = Settings.model_fields.get(location[0])
-        section = section_field.annotation if section_field else None
-        if not (isinstance(section, type) and issubclass(section, BaseModel)):
-            return []
-        info = section.model_fields.get(str(location[1]))
+        info = _section_field(location[0], str(location[1]))
         if info is None:  # an unknown key: no default to put back
             return []
         repaired.setdefault(location[0], {})[str(location[1])] = info.get_default(
@@ -412,6 +409,15 @@ def _rules_beside(
     return []
 
 
+def _section_field(section_name: str, field_name: str) -> FieldInfo | None:
+    """The field ``section_name.field_name`` of the settings, or None if there is none."""
+    section_field = Settings.model_fields.get(section_name)
+    section = section_field.annotation if section_field else None
+    if not (isinstance(section, type) and issubclass(section, BaseModel)):
+        return None
+    return section.model_fields.get(field_name)
+
+
 def describe_settings_error(exc: SettingsError) -> list[str]:
     """Names the variables behind a source error: a list or table value that is not JSON."""
     problems = []
@@ -421,11 +427,7 @@ def describe_settings_error(exc: SettingsError) -> list[str]:
         parts = name[len(ENV_PREFIX) :].lower().split("__")
         if len(parts) != 2:
             continue
-        section_field = Settings.model_fields.get(parts[0])
-        section = section_field.annotation if section_field else None
-        if not (isinstance(section, type) and issubclass(section, BaseModel)):
-            continue
-        info = section.model_fields.get(parts[1])
+        info = _section_field(parts[0], parts[1])
         if info is None or not _is_complex(info.annotation):
             continue
         try:

@@ -110,10 +110,7 @@ class _EslConnection(greenswitch.InboundESL):  # type: ignore[misc]
     def _handle(self, event: Any) -> None:
         headers: dict[str, str] = event.headers
         kind = headers.get("Content-Type", "")
-        length_text = headers.get("Content-Length", "0") or "0"
-        if not length_text.isdigit() or int(length_text) > esl.MAX_BODY_BYTES:
-            raise RemoteProtocolError(f"bad ESL Content-Length {length_text[:20]!r}")
-        length = int(length_text)
+        length = esl.content_length(headers.items())
         if kind in (esl.EVENT_PLAIN, esl.EVENT_JSON):
             body = self._read_exact(length)
             try:

@@ -176,7 +176,7 @@ class EslDecoder:
                 )
             headers = tuple(parse_header_block(bytes(self._buffer[:end])))
             del self._buffer[: end + 2]
-            self._body_length = _content_length(headers, self.max_body_bytes)
+            self._body_length = content_length(headers, self.max_body_bytes)
             self._headers = headers
         if len(self._buffer) < self._body_length:
             return None
@@ -194,7 +194,12 @@ class EslDecoder:
         return found
 
 
-def _content_length(headers: Iterable[tuple[str, str]], limit: int) -> int:
+def content_length(headers: Iterable[tuple[str, str]], limit: int = MAX_BODY_BYTES) -> int:
+    """A header block's ``Content-Length`` (0 without one).
+
+    Raises:
+        RemoteProtocolError: not a number, over ``limit``, or given twice with two values.
+    """
     values = {value for name, value in headers if name.lower() == "content-length"}
     if not values:
         return 0
@@ -259,7 +264,7 @@ def parse_event(message: EslMessage) -> EslEvent:
         headers = _first_values(pairs)
         inner: str | None = None
         if separator and rest:
-            length = _content_length(pairs, MAX_BODY_BYTES)
+            length = content_length(pairs, MAX_BODY_BYTES)
             inner = rest[:length].decode("utf-8", errors="replace") if length else None
         return EslEvent(headers, inner)
     if message.content_type == EVENT_JSON:

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from bridge.audio import sine, ulaw_to_pcm
-from bridge.lab.sipp import CallPlan, SippCallee, free_port
+from bridge.lab.rtp import RtpCapture
+from bridge.lab.sipp import CallPlan, SippCallee, SippResult, free_port
 from bridge.store import ListQuery
 from tests.asterisk_harness import AsteriskLab, share_of_windows
 from tests.pipeline_server import PipelineSession
@@ -358,6 +359,16 @@ async def test_silent_server_without_fallback_is_480(asterisk_lab: AsteriskLab) 
 # ---- the AMI link -----------------------------------------------------------------------------
 
 
+async def caller_heard_whole(
+    call: asyncio.Future[tuple[SippResult, RtpCapture | None]], session: PipelineSession
+) -> None:
+    """The call ran to its caller's BYE, and the pipeline heard its 600 Hz tone throughout."""
+    result, _ = await call
+    assert result.answered and result.bye_from_caller
+    fraction, count = share_of_windows(bytes(session.audio), 16000, 600)
+    assert count >= 4 and fraction >= 0.95
+
+
 async def test_ami_killed_mid_call_keeps_audio_and_the_next_call_works(
     asterisk_lab: AsteriskLab,
 ) -> None:
@@ -388,10 +399,7 @@ async def test_ami_killed_mid_call_keeps_audio_and_the_next_call_works(
     up_again = time.monotonic()
     lab.ami_proxy.blocked = False
     await asyncio.wait_for(service.wait_link("asterisk", up=True), 10)
-    result, _ = await call
-    assert result.answered and result.bye_from_caller
-    fraction, count = share_of_windows(bytes(session.audio), 16000, 600)
-    assert count >= 4 and fraction >= 0.95
+    await caller_heard_whole(call, session)
     during = sorted(
         (p for p in rtp.packets if down_since <= p.arrival < up_again and p.payload_type == 0),
         key=lambda p: p.sequence,
@@ -432,10 +440,7 @@ async def test_a_frozen_ami_link_is_dropped_by_the_watchdog_and_audio_goes_on(
     lab.ami_proxy.frozen = False
     lab.ami_proxy.blocked = False
     await asyncio.wait_for(service.wait_link("asterisk", up=True), 10)
-    result, _ = await call
-    assert result.answered and result.bye_from_caller
-    fraction, count = share_of_windows(bytes(session.audio), 16000, 600)
-    assert count >= 4 and fraction >= 0.95
+    await caller_heard_whole(call, session)
     report = await lab.sink.wait_for_message("end-of-call-report", timeout=15)
     assert report.message["endedReason"] == "customer-ended-call"
     assert await lab.no_channels_left() == []
