@@ -17,6 +17,13 @@ What it answers to a command (FreeSWITCH's behaviour in the captures):
 - ``api uptime``/``api status``: the captured ``api status`` answer; ``api [expand]
   global_setvar``: ``+OK\n`` (the value is kept, unexpanded, in ``globals``);
 - ``sendmsg``: ``+OK``; ``exit``: ``+OK bye``, the disconnect notice, a close.
+
+What FreeSWITCH did live that a replay must not hide (``faults/01`` and ``faults/02``): a
+``sendmsg … call-command: unicast`` to a parked channel that was not answered by its own thread
+(``sendmsg … execute answer``, or the dialplan's ``answer`` before ``park``) but by
+``api uuid_answer`` from outside it, or not answered at all, aborts FreeSWITCH: the unicast's
+``+OK`` is the last byte sent, every connection closes and nothing answers any more
+(:attr:`EslPeer.crashed`).
 """
 
 from __future__ import annotations
@@ -29,8 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CAPTURES = Path(__file__).parent / "data" / "freeswitch"
+FAULTS = CAPTURES / "faults"
 PASSWORD = "ClueCon"
+# Parked by the dialplan after its own "answer" (answered in the channel's thread).
 CALL_ANSWERED = "b3c872c2-6bbe-4ccf-81fa-c71492244ae0"
+# Parked ringing ("ring_ready", "park"), as sipbridge's dialplan parks its offers.
 CALL_RINGING = "e7a8cd40-30a1-49c6-9b9d-a178235bb063"
 _LENGTH = re.compile(rb"^Content-Length: (\d+)$", re.M)
 
@@ -81,6 +91,12 @@ class Captured:
             m for m in transfer if b"api/response" in m and _body(m) == b"+OK\n"
         )
         self.ok_command = next(m for m in session if m.endswith(b"Reply-Text: +OK\n\n"))
+        # global_setvar answers "+OK" with no newline (faults/01: the heartbeat's replies).
+        crash = split_capture(
+            (FAULTS / "01-fs-crash-unicast-after-uuid_answer/conn-1.s2c.bin").read_bytes()
+        )
+        self.ok_setvar = crash[3]
+        assert _body(self.ok_setvar) == b"+OK"
         self.bye = next(m for m in session if m.endswith(b"Reply-Text: +OK bye\n\n"))
         self.disconnect = session[-1]
         self.events = [m for m in session if b"text/event-plain" in m.split(b"\n\n", 1)[0]]
@@ -91,6 +107,8 @@ class Captured:
     def hangup_events(self, uniqueid: str) -> list[bytes]:
         """The captured events from the call's CHANNEL_HANGUP to its CHANNEL_HANGUP_COMPLETE."""
         mine = [m for m in self.events if f"\nUnique-ID: {uniqueid}\n".encode() in m]
+        if not any(_is_event(m, "CHANNEL_HANGUP") for m in mine):
+            return []  # a channel whose hangup no capture holds: the peer cannot tell it
         first = next(i for i, m in enumerate(mine) if _is_event(m, "CHANNEL_HANGUP"))
         last = next(i for i, m in enumerate(mine) if _is_event(m, "CHANNEL_HANGUP_COMPLETE"))
         return mine[first : last + 1]
@@ -121,10 +139,15 @@ class EslPeer:
     silent: bool = False
     refuse: bool = False
     channels: set[str] = field(default_factory=lambda: {CALL_ANSWERED, CALL_RINGING})
+    # Channels whose own thread answered them (see the module docstring).
+    answered_in_thread: set[str] = field(default_factory=lambda: {CALL_ANSWERED})
+    # FreeSWITCH aborted (a unicast on a channel not answered in its own thread).
+    crashed: bool = False
     globals: dict[str, str] = field(default_factory=dict)
     on_command: Callable[[str], None] | None = None
     _server: asyncio.Server | None = None
     _writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    _subscriptions: dict[asyncio.StreamWriter, set[str]] = field(default_factory=dict)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -148,10 +171,19 @@ class EslPeer:
         self._writers.clear()
 
     def send(self, *messages: bytes) -> None:
-        """Sends captured messages to every connected client."""
+        """Sends captured messages to every connected client (an event only to those that
+        subscribed to it, as FreeSWITCH does)."""
         for writer in self._writers:
             for message in messages:
-                writer.write(message)
+                if self._wants(writer, message):
+                    writer.write(message)
+
+    def _wants(self, writer: asyncio.StreamWriter, message: bytes) -> bool:
+        if b"Content-Type: text/event-plain" not in message.split(b"\n\n", 1)[0]:
+            return True
+        subscribed = self._subscriptions.get(writer, set())
+        name = _body(message).split(b"\n", 1)[0].removeprefix(b"Event-Name: ").decode()
+        return "ALL" in subscribed or name in subscribed
 
     def park(self, uniqueid: str, offer_variable: str = "sipbridge_offer") -> None:
         """FreeSWITCH parks a captured call, with sipbridge's dialplan variable set on it."""
@@ -189,8 +221,29 @@ class EslPeer:
 
         await asyncio.wait_for(wait(), timeout)
 
+    def offer(self, park: bytes) -> str:
+        """Sends a captured CHANNEL_PARK as it is and adopts its channel; returns its Unique-ID."""
+        body = _body(park)
+        uniqueid = re.search(rb"\nUnique-ID: ([0-9a-f-]+)\n", body)
+        assert _is_event(park, "CHANNEL_PARK") and uniqueid is not None
+        channel = uniqueid.group(1).decode()
+        self.channels.add(channel)
+        if b"\nAnswer-State: answered\n" in body:
+            self.answered_in_thread.add(channel)
+        self.send(park)
+        return channel
+
+    def _crash(self) -> None:
+        """FreeSWITCH aborts: every connection ends, every channel with it."""
+        self.crashed = True
+        self.channels.clear()
+        for writer in self._writers:
+            writer.close()  # what was written (the last reply) still goes out first
+        self._writers.clear()
+        self._changed.set()
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.refuse:
+        if self.refuse or self.crashed:
             writer.transport.abort()
             return
         self.connections += 1
@@ -214,6 +267,7 @@ class EslPeer:
         finally:
             with contextlib.suppress(ValueError):
                 self._writers.remove(writer)
+            self._subscriptions.pop(writer, None)
             writer.close()
 
     def _answer(self, command: str, writer: asyncio.StreamWriter) -> bool:
@@ -228,34 +282,55 @@ class EslPeer:
             writer.write(b"".join(captured.refused))
             return False
         if verb == "event":
+            self._subscriptions.setdefault(writer, set()).update(words[2:])
             writer.write(captured.subscribed)
         elif verb == "sendmsg":
             writer.write(captured.ok_command)
+            return self._sendmsg(command)
         elif verb == "exit":
             writer.write(captured.bye + captured.disconnect)
             return False
         elif verb == "api":
-            writer.write(self._api(words[1:]))
+            reply, events = self._api(words[1:])
+            writer.write(reply)
+            self.send(*events)
         return True
 
-    def _api(self, words: list[str]) -> bytes:
+    def _api(self, words: list[str]) -> tuple[bytes, list[bytes]]:
+        """The reply to an api command, and the events it makes FreeSWITCH send."""
         captured = self.captured
         name = words[0] if words else ""
         if name in ("uptime", "status"):
-            return captured.status
+            return captured.status, []
         if name == "expand":  # expands ${...} then runs the rest; kept unexpanded here
             name, words = words[1], words[1:]
         if name == "global_setvar":
             self.globals.update([" ".join(words[1:]).partition("=")[::2]])
-            return captured.ok_api
+            return captured.ok_setvar, []
         uniqueid = words[1] if len(words) > 1 else ""
         if uniqueid not in self.channels:
-            return captured.no_channel
+            return captured.no_channel, []
         if name == "uuid_dump":
-            return captured.dump
+            return captured.dump, []
         if name == "uuid_kill":
             self.channels.discard(uniqueid)
-            return captured.ok_api + b"".join(captured.hangup_events(uniqueid))
+            return captured.ok_api, captured.hangup_events(uniqueid)
         if name == "uuid_transfer":
-            return captured.ok_transfer
-        return captured.ok_api
+            return captured.ok_transfer, []
+        # uuid_answer answers from the api thread: the channel stays out of answered_in_thread.
+        return captured.ok_api, []
+
+    def _sendmsg(self, command: str) -> bool:
+        """Carries out a sendmsg (its +OK is already written); False when FreeSWITCH died."""
+        lines = command.split("\n")
+        uniqueid = lines[0].removeprefix("sendmsg").strip()
+        fields = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+        call_command = fields.get("call-command")
+        if uniqueid not in self.channels:
+            return True
+        if call_command == "execute" and fields.get("execute-app-name") == "answer":
+            self.answered_in_thread.add(uniqueid)
+        elif call_command == "unicast" and uniqueid not in self.answered_in_thread:
+            self._crash()
+            return False
+        return True

@@ -164,7 +164,10 @@ async def test_a_call_through_freeswitch_from_park_to_report(
         )
         peer.park(CALL_ANSWERED)
         unicast = await peer.wait_command(f"sendmsg {CALL_ANSWERED}\ncall-command: unicast")
-        assert f"api uuid_answer {CALL_ANSWERED}" in peer.commands
+        assert f"sendmsg {CALL_ANSWERED}\ncall-command: execute\nexecute-app-name: answer" in (
+            peer.commands
+        )
+        assert not any(c.startswith("api uuid_answer") for c in peer.commands)
         fields = dict(line.split(": ", 1) for line in unicast.splitlines()[1:])
         ours = (fields["remote-ip"], int(fields["remote-port"]))
         assert fields["local-port"] == str(freeswitch_port) and fields["transport"] == "udp"

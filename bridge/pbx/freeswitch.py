@@ -635,12 +635,21 @@ class FreeswitchAdapter:
     async def connect_media(self, facts: InviteFacts, call_id: str) -> None:
         """Answers, then has FreeSWITCH stream the call as L16 8 kHz to our UDP leg.
 
+        Both are ``sendmsg`` messages, so the parked channel's own thread runs them, in order:
+        ``answer`` first, then ``unicast``. Answering from outside that thread
+        (``api uuid_answer``) aborts FreeSWITCH 1.10.12 when unicast follows within 20 ms: its
+        park loop (``switch_ivr_park`` in ``src/switch_ivr.c``) decides whether to read audio
+        only at the top of each 20 ms turn, so a channel answered in the middle of a turn that
+        began without media reaches the unicast code with no frame read, and
+        ``switch_assert(read_frame)`` fails (every call on the PBX drops). Answered in-thread,
+        the next turn starts with media and reads a frame before unicast is started.
+
         FreeSWITCH sends from the address and port it binds (``local-ip``/``local-port``), so
         the leg accepts audio from exactly there.
         """
         freeswitch = (self.settings.unicast_host, self._ports.take(facts.pbx_call_id))
         ours = await self._media_endpoint(facts, call_id, freeswitch)
-        await self._api(f"uuid_answer {facts.channel}")
+        await self._sendmsg(esl.execute(facts.channel, "answer"), "answer")
         await self._sendmsg(esl.unicast(facts.channel, freeswitch, ours), "unicast")
 
     async def transfer(self, facts: InviteFacts, destination: Mapping[str, Any]) -> None:
