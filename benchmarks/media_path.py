@@ -60,8 +60,8 @@ from bridge.audio import (
     sine,
     ulaw_to_pcm,
 )
-from bridge.media.audiosocket import AudioSocketLeg, AudioSocketServer
-from bridge.media.session import MediaSession, SessionHooks
+from bridge.media.session import MediaSession
+from bridge.pbx.asterisk.audiosocket import AudioSocketLeg, AudioSocketServer
 from bridge.pipeline import PipelineConnection
 from bridge.protocol import audiosocket as wire
 from bridge.protocol.pipeline import Dialect, RawDialect, SessionInfo
@@ -114,13 +114,27 @@ async def run_bridge(pipeline_url: str, dialect_name: str, state: Path) -> None:
     playout_frames = MediaSettings().playout_max_ms // FRAME_MS
     stats: list[dict[str, Any]] = []
 
-    async def noop_transfer(destination: Any) -> bool:
-        return False
+    class NoControl:
+        """The call's side of the pipeline's requests: none are made here."""
 
-    async def noop_dtmf(digits: str) -> None:
-        return None
+        async def transfer(self, destination: Any) -> bool:
+            return False
 
-    async def on_leg(call_id: str, leg: AudioSocketLeg) -> None:
+        async def send_dtmf(self, digits: str) -> None:
+            return None
+
+        def report(self, kind: str, payload: Any) -> None:
+            return None
+
+    conversations: set[asyncio.Task[None]] = set()
+
+    def on_leg(call_id: str, leg: AudioSocketLeg) -> None:
+        # The call flow's part: run the conversation, then free the leg.
+        task = asyncio.ensure_future(converse(call_id, leg))
+        conversations.add(task)
+        task.add_done_callback(conversations.discard)
+
+    async def converse(call_id: str, leg: AudioSocketLeg) -> None:
         stream = await PipelineConnection.open(pipeline_url, {}, settings)
         info = SessionInfo(
             call_id=call_id,
@@ -148,10 +162,12 @@ async def run_bridge(pipeline_url: str, dialect_name: str, state: Path) -> None:
             dialect=dialect,
             transcoder=Transcoder(dialect.encoding, dialect.sample_rate, leg.rate),
             playout=PlayoutBuffer(frame_bytes(leg.rate), max_frames=playout_frames),
-            hooks=SessionHooks(noop_transfer, noop_dtmf, lambda kind, payload: None),
+            control=NoControl(),
             ended=asyncio.Event(),
         )
-        await session.run()
+        result = await session.run()
+        await session.finish(result.reason.value if result.reason else "ended")
+        await leg.aclose()
         s = session.stats
         stats.append(
             {

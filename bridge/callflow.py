@@ -1,19 +1,21 @@
 """The PBX-neutral call flow: from an offered INVITE to an ended call record.
 
-Both PBX adapters report calls as :mod:`bridge.events` facts and carry out the decisions through
-the :class:`PbxControl` interface; everything between (routing, the assistant-request, status
-updates, the end-of-call report, timers, the call record) is written once, here.
+PBX backends report calls as :mod:`bridge.events` (:meth:`CallFlow.post`) and carry out the
+decisions through :class:`bridge.backend.PbxControl`; everything between (routing, the
+assistant-request, status updates, the conversation, the end-of-call report, timers, the call
+record) is written once, here. Each call has one task, which owns everything the call opens::
 
-For each offered call::
-
-    offer() ── ringing ── route (store, maybe assistant-request) ──┬─ Reject:   PBX rejects, ended
-                                                                    ├─ Transfer: forwarding, PBX
-                                                                    │            transfers, ended
-                                                                    └─ Accept:   PBX answers and
-                     connects media ── in-progress ── media attached ── ... ── end_call()/hung_up()
+    offer ── ringing ── route (store, maybe assistant-request) ──┬─ Reject:   PBX rejects, ended
+                                                                  ├─ Transfer: forwarding, PBX
+                                                                  │            transfers, ended
+                                                                  └─ Accept:   pipeline opens,
+        PBX answers ── in-progress ── leg connects ── conversation runs ── ended ── PBX hangs up
+        (unless it said the call is gone) ── pipeline told the reason ── end-of-call-report
 
 A call ends exactly once (see :mod:`bridge.calls`); whoever ends it first names the reason, and
-the record and the server messages follow from that single transition.
+the record and the server messages follow from that single transition. The conversation never
+calls back into the flow except through the narrow :class:`bridge.media.session.CallControl`
+(transfer, send-dtmf, transcripts); it returns one result, which the call's task acts on.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
+from bridge.backend import PbxControl
 from bridge.calls import (
     SIP_SERVER_ERROR,
     SIP_SERVICE_UNAVAILABLE,
@@ -34,9 +37,19 @@ from bridge.calls import (
     CallStatus,
     EndedReason,
 )
+from bridge.conversation import Conversation, ConversationResult, Conversations
 from bridge.errors import PbxError, PipelineError, StoreError, ValidationFailed
-from bridge.events import InviteFacts, PbxKind
+from bridge.events import (
+    CallGone,
+    CallOffered,
+    InviteFacts,
+    LegConnected,
+    MediaLeg,
+    PbxEvent,
+    PbxKind,
+)
 from bridge.logs import CallLogger, call_logger
+from bridge.media.session import SessionResult
 from bridge.messages import (
     END_OF_CALL_REPORT,
     STATUS_UPDATE,
@@ -68,7 +81,7 @@ from bridge.routing import (
     parse_answer,
     plan_call,
 )
-from bridge.tasks import TaskSet
+from bridge.tasks import TaskSet, cancel_and_wait
 from bridge.templating import render_destination
 from bridge.webhooks import WebhookClient, WebhookDispatcher
 
@@ -78,70 +91,62 @@ PBX_ACTION_TIMEOUT_S = 10.0
 MEDIA_WRAP_UP_S = 3.0
 
 
-class PbxControl(Protocol):
-    """What the call flow asks of a PBX adapter. Every method may raise :class:`PbxError`."""
-
-    kind: PbxKind
-
-    async def reject(self, facts: InviteFacts, sip_status: int) -> None:
-        """Refuses the (unanswered) call with this final SIP status."""
-
-    async def transfer(self, facts: InviteFacts, destination: Mapping[str, Any]) -> None:
-        """Blind-transfers the call to a Vapi transfer destination (``number`` or ``sip``)."""
-
-    async def connect_media(self, facts: InviteFacts, call_id: str) -> None:
-        """Answers the call and connects its audio to sipbridge's media server, tagged call_id."""
-
-    async def hangup(self, facts: InviteFacts) -> None:
-        """Ends the call."""
-
-    async def send_dtmf(self, facts: InviteFacts, digits: str) -> None:
-        """Plays DTMF digits to the caller."""
-
-
-class MediaHooks(Protocol):
-    """How the flow gets a call's conversation ready (implemented by the conversations)."""
-
-    async def prepare(self, live: LiveCall) -> None:
-        """Opens the call's pipeline before the PBX answers.
-
-        Raises:
-            PipelineError: the pipeline cannot be reached; the call is refused.
-        """
-
-    def discard(self, call_id: str) -> None:
-        """The call ended before its media leg attached: releases what prepare() opened."""
-
-
-class NoMedia:
-    """Media hooks for a flow without a media path (the API-only service, tests)."""
-
-    async def prepare(self, live: LiveCall) -> None:
-        """Nothing to open."""
-
-    def discard(self, call_id: str) -> None:
-        """Nothing to release."""
-
-
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: one object per call
 class LiveCall:
-    """A call that has not ended, with what the flow needs to control it."""
+    """A call that has not been wrapped up yet, with what its task needs to control it."""
 
     call: Call
     pbx: PbxControl
     log: CallLogger
     decision: Accept | None = None
-    routing: asyncio.Task[None] | None = None
-    media_prepared: bool = False
-    media_attached: bool = False
-    media_done: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    conversation: Conversation | None = None
+    # Resolved by the PBX's LegConnected for this call, while the call waits for its audio.
+    leg_waiter: asyncio.Future[MediaLeg] | None = None
+    leg: MediaLeg | None = None
     transfer_reason: EndedReason | None = None
+    # A transfer the pipeline asked for, while the PBX carries it out: it outlives the
+    # conversation (the leg closes as the PBX moves the call away, which ends the session).
+    transfer_in_flight: asyncio.Task[bool] | None = None
+    # The PBX said the channel is gone: there is nothing left to hang up.
+    pbx_gone: bool = False
+    # The channel went on to a transfer: it is no longer sipbridge's to hang up.
+    transferred: bool = False
+    hangup_started: bool = False
+    reported: bool = False
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
 
 
+class _CallControl:
+    """The pipeline's requests for one call (:class:`bridge.media.session.CallControl`)."""
+
+    def __init__(self, flow: CallFlow, live: LiveCall) -> None:
+        self._flow = flow
+        self._live = live
+
+    async def transfer(self, destination: Mapping[str, Any]) -> bool:
+        live = self._live
+        task = asyncio.ensure_future(self._flow._transfer_requested(live, destination))
+        live.transfer_in_flight = task
+        # Shielded: the session may be torn down meanwhile (the PBX closing the leg as it moves
+        # the call is what ends it), and a PBX action must never be cut off halfway.
+        return await asyncio.shield(task)
+
+    async def send_dtmf(self, digits: str) -> None:
+        await self._flow._send_dtmf(self._live, digits)
+
+    def report(self, kind: str, payload: Mapping[str, Any]) -> None:
+        _keep_for_report(self._live.call, kind, payload, self._flow._clock())
+
+
 class CallFlow:
-    """Runs every call from offer to end. Owns the calls' tasks and timers."""
+    """Runs every call from offer to report. Owns the calls' tasks and timers.
+
+    Args:
+        conversations: opens accepted calls' pipelines; None for a flow without a media path
+            (the API-only service, tests): an accepted call then stays up until it is ended.
+    """
 
     def __init__(
         self,
@@ -156,7 +161,7 @@ class CallFlow:
         org_id: str,
         media_timeout_s: float | None,
         new_call_id: Callable[[], str],
-        media: MediaHooks | None = None,
+        conversations: Conversations | None = None,
         assistant_request_budget_s: float = ASSISTANT_REQUEST_BUDGET_S,
     ) -> None:
         self._resources = resources
@@ -169,13 +174,20 @@ class CallFlow:
         self._org_id = org_id
         self._media_timeout_s = media_timeout_s
         self._new_call_id = new_call_id
-        self._media: MediaHooks = media or NoMedia()
+        self._conversations = conversations
         # Fixed by Vapi's contract; only tests shorten it.
         self._budget_s = assistant_request_budget_s
+        self._controls: dict[str, PbxControl] = {}
         self._by_id: dict[str, LiveCall] = {}
         self._by_pbx: dict[tuple[str, str], LiveCall] = {}
+        # Calls whose task has not finished (ended calls still closing their conversation).
+        self._unfinished: set[LiveCall] = set()
         self._tasks = TaskSet("callflow")
         self.draining = False
+
+    def register(self, control: PbxControl) -> None:
+        """The PBX whose offers carry ``control.kind`` is controlled through ``control``."""
+        self._controls[control.kind] = control
 
     # ---- queries ------------------------------------------------------------------------------
 
@@ -193,7 +205,38 @@ class CallFlow:
         live = self._by_pbx.get((pbx, pbx_call_id))
         return live.call if live else None
 
+    def live_calls(self, pbx: PbxKind) -> set[str]:
+        """The PBX call ids of the calls still live on ``pbx`` (for a backend's resync)."""
+        return {pbx_call_id for (kind, pbx_call_id) in self._by_pbx if kind == pbx}
+
+    def describe_media(self) -> dict[str, int]:
+        """Conversations for ``/health``: waiting for the PBX's audio, and running now."""
+        waiting = sum(
+            1
+            for live in self._unfinished
+            if live.leg_waiter is not None and not live.leg_waiter.done()
+        )
+        running = sum(
+            1 for live in self._unfinished if live.conversation and live.conversation.running
+        )
+        return {"waitingForMedia": waiting, "sessions": running}
+
     # ---- from the PBX -------------------------------------------------------------------------
+
+    def post(self, event: PbxEvent) -> None:
+        """One event from a PBX backend (link changes are the composition root's business)."""
+        if isinstance(event, CallOffered):
+            control = self._controls.get(event.facts.pbx)
+            if control is None:
+                log.error("an offer from %s, which no backend controls", event.facts.pbx)
+                return
+            self.offer(event.facts, control)
+        elif isinstance(event, CallGone):
+            self.hung_up(
+                event.pbx, event.pbx_call_id, by_caller=event.by_caller, ended_at=event.ended_at
+            )
+        elif isinstance(event, LegConnected):
+            self._leg_connected(event.call_id, event.leg)
 
     def offer(self, facts: InviteFacts, pbx: PbxControl) -> Call | None:
         """A new inbound call: records it and starts deciding who takes it.
@@ -211,6 +254,7 @@ class CallFlow:
         live = LiveCall(call, pbx, call_logger(log, call.id))
         self._by_id[call.id] = live
         self._by_pbx[key] = live
+        self._unfinished.add(live)
         self._metrics.calls_active.set(len(self._by_id))
         live.log.info(
             "offered by %s: %s from %s (%s), %d X- headers",
@@ -221,321 +265,119 @@ class CallFlow:
             len(facts.headers),
         )
         self._recorder.save(call.to_json())
-        live.routing = self._tasks.spawn(self._route(live), f"route-{call.id}")
+        live.task = self._tasks.spawn(self._run(live), f"call-{call.id}")
+        live.task.add_done_callback(lambda _: self._finished(live))
         return call
 
-    def hung_up(self, pbx: str, pbx_call_id: str, *, by_caller: bool = True) -> None:
-        """The PBX reports the call is gone."""
+    def hung_up(
+        self,
+        pbx: str,
+        pbx_call_id: str,
+        *,
+        by_caller: bool = True,
+        ended_at: datetime | None = None,
+    ) -> None:
+        """The PBX reports the call is gone (``by_caller``: the caller's side ended it)."""
         live = self._by_pbx.get((pbx, pbx_call_id))
         if live is None:
             return
+        live.pbx_gone = True
         status = live.call.status
         if status is CallStatus.RINGING:
-            if live.routing is not None and not live.routing.done():
-                live.routing.cancel()
-            self._metrics.calls_total.labels("abandoned").inc()
-            reason = EndedReason.CALLER_HUNG_UP_BEFORE_CONNECT
+            if live.task is not None and not live.task.done():
+                # Routing, the pipeline's opening and the answer are all moot now.
+                live.task.cancel()
+            if by_caller:
+                self._metrics.calls_total.labels("abandoned").inc()
+            reason = (
+                EndedReason.CALLER_HUNG_UP_BEFORE_CONNECT
+                if by_caller
+                else EndedReason.SIP_INBOUND_FAILED_TO_CONNECT
+            )
         elif status is CallStatus.FORWARDING:
             reason = live.transfer_reason or EndedReason.ASSISTANT_FORWARDED_CALL
         else:
             reason = (
                 EndedReason.CUSTOMER_ENDED_CALL if by_caller else EndedReason.SIP_COMPLETED_CALL
             )
-        self._end(live, reason)
+        self._end(live, reason, at=ended_at)
 
-    # ---- from the media side ------------------------------------------------------------------
-
-    def attach_media(self, call_id: str) -> LiveCall | None:
-        """The PBX opened the audio leg for ``call_id``; None if no accepted call is waiting."""
+    def _leg_connected(self, call_id: str, leg: MediaLeg) -> None:
         live = self._by_id.get(call_id)
-        if live is None or live.decision is None or live.media_attached or live.call.is_ended:
-            return None
-        live.media_attached = True
+        waiter = live.leg_waiter if live is not None else None
+        if live is None or waiter is None or waiter.done():
+            log.warning("media for %s, which no live call is waiting for: closing it", call_id)
+            self._tasks.spawn(leg.aclose(), f"refuse-leg-{call_id}")
+            return
         live.log.info("media attached")
-        return live
+        waiter.set_result(leg)
 
-    # ---- ending -------------------------------------------------------------------------------
+    # ---- from operators -----------------------------------------------------------------------
 
-    async def end_call(
-        self, call_id: str, reason: EndedReason, *, message: str | None = None, hangup: bool = True
-    ) -> bool:
-        """Ends a live call for ``reason`` and (by default) hangs it up at the PBX.
+    async def hangup(self, call_id: str) -> bool:
+        """Hangs up a live call on an operator's request (``manually-canceled``).
 
         Returns:
             False if the call had already ended.
         """
         live = self._by_id.get(call_id)
-        if live is None or not self._end(live, reason, message=message):
+        if live is None or not self._end(live, EndedReason.MANUALLY_CANCELED):
             return False
-        if hangup:
-            await self._pbx_hangup(live)
-        return True
-
-    def end_now(self, call_id: str, reason: EndedReason, message: str | None = None) -> bool:
-        """Ends a live call without touching the PBX (the caller tells it next)."""
-        live = self._by_id.get(call_id)
-        return live is not None and self._end(live, reason, message=message)
-
-    async def pbx_hangup(self, live: LiveCall) -> None:
-        """Asks the PBX to hang up a call (ended or not); failures are logged."""
         await self._pbx_hangup(live)
-
-    async def hangup(self, call_id: str) -> bool:
-        """Hangs up a live call on an operator's request (``manually-canceled``)."""
-        return await self.end_call(call_id, EndedReason.MANUALLY_CANCELED)
-
-    # ---- pipeline failures --------------------------------------------------------------------
-
-    def can_fall_back(self, call_id: str) -> bool:
-        """Whether a pipeline failure would send this call to a fallbackDestination."""
-        live = self._by_id.get(call_id)
-        return (
-            live is not None and self._fallback(live, EndedReason.PIPELINE_FAILED, "") is not None
-        )
-
-    async def pipeline_failed(self, call_id: str, reason: EndedReason, detail: str | None) -> None:
-        """The pipeline failed mid-call: on to the fallbackDestination if there is one (the
-        call's endedReason stays ``reason``), else the call ends and is hung up."""
-        live = self._by_id.get(call_id)
-        if live is None:
-            return
-        fallback = self._fallback(live, reason, detail or "")
-        if fallback is None:
-            await self.end_call(call_id, reason, message=detail)
-            return
-        await self._transfer(live, fallback)
-
-    def _fallback(self, live: LiveCall, reason: EndedReason, detail: str) -> Transfer | None:
-        if not self._defaults.pipeline_fallback or live.call.is_ended:
-            return None
-        call = live.call
-        decision = fallback_or_reject(
-            call.phone_number,
-            reason,
-            detail,
-            variables=(call.variable_values, call.variables),
-            now=self._clock(),
-        )
-        return decision if isinstance(decision, Transfer) else None
-
-    # ---- requests from the pipeline -----------------------------------------------------------
-
-    async def transfer(self, call_id: str, destination: Mapping[str, Any]) -> bool:
-        """Blind-transfers a live call (the pipeline asked); True once the PBX took it.
-
-        The destination is validated like a phone number's fallbackDestination and its
-        ``message``/``callerId`` rendered with the call's variables. On failure the call goes
-        on with its assistant.
-        """
-        live = self._by_id.get(call_id)
-        if live is None or live.call.is_ended:
-            return False
-        try:
-            checked = validate_destination(destination)
-        except ValidationFailed as exc:
-            live.log.warning("refused a transfer request: %s", "; ".join(exc.problems))
-            return False
-        call = live.call
-        rendered = render_destination(checked, call.variables, self._clock())
-        previous = call.status
-        call.destination = rendered
-        call.apply(CallEvent.FORWARD, self._clock())
-        live.transfer_reason = EndedReason.ASSISTANT_FORWARDED_CALL
-        self._recorder.save(call.to_json())
-        self._notify(call, STATUS_UPDATE)
-        live.log.info("pipeline transfers the call to %s", _describe(rendered))
-        if await self._pbx_action(live, "transferring", live.pbx.transfer(call.facts, rendered)):
-            self._end(live, EndedReason.ASSISTANT_FORWARDED_CALL)
-            return True
-        if not call.is_ended and previous is CallStatus.IN_PROGRESS:
-            call.apply(CallEvent.RESUME, self._clock())
-            call.destination = None
-            self._recorder.save(call.to_json())
-            self._notify(call, STATUS_UPDATE)
-        return False
-
-    async def send_dtmf(self, call_id: str, digits: str) -> None:
-        """Plays DTMF to the caller (the pipeline asked)."""
-        live = self._by_id.get(call_id)
-        if live is not None and not live.call.is_ended:
-            await self._pbx_action(
-                live, "sending DTMF", live.pbx.send_dtmf(live.call.facts, digits)
-            )
-
-    def report(self, call_id: str, kind: str, payload: Mapping[str, Any]) -> None:
-        """A transcript or message from the pipeline, kept for the end-of-call report.
-
-        ``transcript`` messages with ``transcriptType: final`` add a line to the transcript
-        and a message (``role`` user or bot); ``message``/``conversation-update`` messages with
-        a ``message`` object or ``messages`` list are added as they are.
-        """
-        live = self._by_id.get(call_id)
-        if live is None:
-            return
-        call = live.call
-        now_ms = int(self._clock().timestamp() * 1000)
-        started = call.started_at or call.created_at
-        if kind == "transcript":
-            if payload.get("transcriptType", "final") != "final":
-                return
-            text = str(payload.get("transcript", "")).strip()
-            if not text:
-                return
-            role = "bot" if payload.get("role") in ("assistant", "bot") else "user"
-            call.messages.append(
-                {
-                    "role": role,
-                    "message": text,
-                    "time": now_ms,
-                    "secondsFromStart": round(now_ms / 1000 - started.timestamp(), 3),
-                }
-            )
-            speaker = "AI" if role == "bot" else "User"
-            call.transcript = f"{call.transcript}\n{speaker}: {text}".lstrip("\n")
-            return
-        messages = payload.get("messages")
-        single = payload.get("message")
-        items = (
-            messages if isinstance(messages, list) else [single] if isinstance(single, dict) else []
-        )
-        for item in items[:100]:
-            if isinstance(item, dict) and isinstance(item.get("role"), str):
-                call.messages.append(dict(item))
-
-    def _end(
-        self,
-        live: LiveCall,
-        reason: EndedReason,
-        *,
-        message: str | None = None,
-        sip_status: int | None = None,
-    ) -> bool:
-        call = live.call
-        if not call.end(reason, self._clock(), message=message, sip_status=sip_status):
-            return False
-        live.ended.set()
-        for timer in live.timers:
-            timer.cancel()
-        live.timers.clear()
-        if live.media_prepared and not live.media_attached:
-            self._media.discard(call.id)
-        self._by_id.pop(call.id, None)
-        self._by_pbx.pop((call.facts.pbx, call.facts.pbx_call_id), None)
-        self._metrics.calls_active.set(len(self._by_id))
-        self._metrics.calls_ended_total.labels(reason.value).inc()
-        live.log.info(
-            "ended: %s%s after %.1f s",
-            reason.value,
-            f" ({message})" if message else "",
-            call.duration_seconds,
-        )
-        self._recorder.save(call.to_json())
-        self._notify(call, STATUS_UPDATE)
-        if live.media_attached and not live.media_done.is_set():
-            # The report comes "when post-processing is complete": after the media session
-            # has handed over its counters and last transcript lines.
-            self._tasks.spawn(self._report_after_media(live), f"report-{call.id}")
-        else:
-            self._report(call)
         return True
 
-    def _report(self, call: Call) -> None:
-        self._recorder.save(call.to_json())
-        self._notify(call, END_OF_CALL_REPORT)
+    # ---- the call's task ----------------------------------------------------------------------
 
-    async def _report_after_media(self, live: LiveCall) -> None:
+    async def _run(self, live: LiveCall) -> None:
+        """The whole life of one call after its offer (:meth:`_finished` reports it)."""
         try:
-            async with asyncio.timeout(MEDIA_WRAP_UP_S):
-                await live.media_done.wait()
-        except TimeoutError:
-            live.log.warning(
-                "media did not wrap up within %.0f s; reporting without it", MEDIA_WRAP_UP_S
-            )
-        finally:
-            self._report(live.call)
-
-    async def _pbx_hangup(self, live: LiveCall) -> None:
-        await self._pbx_action(live, "hanging up at the PBX", live.pbx.hangup(live.call.facts))
-
-    async def _pbx_action(
-        self,
-        live: LiveCall,
-        what: str,
-        action: Awaitable[None],
-        failure: EndedReason | None = None,
-    ) -> bool:
-        """Runs one PBX action within its time limit; True if it succeeded.
-
-        On failure the error is logged and, when ``failure`` is given, the call ends with that
-        reason and is hung up (the PBX may still hold it).
-        """
-        try:
-            async with asyncio.timeout(PBX_ACTION_TIMEOUT_S):
-                await action
-        except (PbxError, TimeoutError) as exc:
-            live.log.error("%s failed: %s", what, exc or type(exc).__name__)
-            if failure is not None and self._end(live, failure, message=str(exc) or None):
+            decision = await self._route(live)
+            if decision is not None and not live.call.is_ended:
+                await self._apply(live, decision)
+        except Exception as exc:
+            # Task boundary: a bug must cost this call only, and the caller still gets an end.
+            live.log.exception("the call flow failed")
+            if self._end(live, EndedReason.WORKER_DIED, message=f"internal error: {exc!r}"):
                 await self._pbx_hangup(live)
-            return False
-        return True
+        finally:
+            # Also when cancelled (the caller hung up while it rang, or sipbridge stops).
+            conversation = live.conversation
+            if conversation is not None:
+                reason = live.call.ended_reason
+                await conversation.close(reason.value if reason else "ended")
 
-    async def aclose(self) -> None:
-        """Ends every live call (``worker-shutdown``), hanging each up, and stops all tasks."""
-        self.draining = True
-        lives = list(self._by_id.values())
-        for live in lives:
-            if live.routing is not None:
-                live.routing.cancel()
-        hangups = [
-            self._pbx_hangup(live) for live in lives if self._end(live, EndedReason.WORKER_SHUTDOWN)
-        ]
-        await asyncio.gather(*hangups)
-        await self._tasks.aclose()
+    def _finished(self, live: LiveCall) -> None:
+        """The call's task is over (even one cancelled before it began): report, once."""
+        self._unfinished.discard(live)
+        if not live.call.is_ended:
+            live.log.error("the call's task ended before the call did")
+            if self._end(live, EndedReason.WORKER_DIED, message="call task ended early"):
+                self._tasks.spawn(self._pbx_hangup(live), f"hangup-{live.call.id}")
+        self._report(live)
 
-    async def wait_idle(self) -> None:
-        """Returns once no call is live (for a graceful drain)."""
-        while self._by_id:
-            await next(iter(self._by_id.values())).ended.wait()
-
-    # ---- internals ----------------------------------------------------------------------------
-
-    def _notify(self, call: Call, message_type: str) -> None:
-        target = target_for(message_type, call, self._defaults.default_server)
-        if target is None:
-            return
-        now = self._clock()
-        payload = (
-            end_of_call_report(call, now)
-            if message_type == END_OF_CALL_REPORT
-            else status_update(call, now)
-        )
-        self._dispatcher.submit(call.id, target, payload, message_type)
-
-    async def _route(self, live: LiveCall) -> None:
+    async def _route(self, live: LiveCall) -> Decision | None:
         call = live.call
         try:
             if self.draining:
-                decision: Decision = Reject(
+                return Reject(
                     SIP_SERVICE_UNAVAILABLE,
                     EndedReason.WORKER_SHUTDOWN,
                     "sipbridge is shutting down",
                 )
-            else:
-                decision = await self._decide(live)
+            return await self._decide(live)
         except StoreError as exc:
             live.log.error("routing failed, the store is unavailable: %s", exc)
-            decision = Reject(
+            return Reject(
                 SIP_SERVICE_UNAVAILABLE,
                 EndedReason.START_ERROR_DATABASE,
                 f"store unavailable: {exc}",
             )
         except Exception as exc:
-            # Task boundary: a bug must cost this call only, and the caller still gets an answer.
+            # The caller still gets an answer.
             live.log.exception("routing failed unexpectedly")
-            decision = Reject(SIP_SERVER_ERROR, EndedReason.WORKER_DIED, f"internal error: {exc!r}")
-        if call.is_ended:
-            return
-        await self._apply(live, decision)
+            if call.is_ended:
+                return None
+            return Reject(SIP_SERVER_ERROR, EndedReason.WORKER_DIED, f"internal error: {exc!r}")
 
     async def _decide(self, live: LiveCall) -> Decision:
         call, facts = live.call, live.call.facts
@@ -609,6 +451,7 @@ class CallFlow:
         await self._connect(live, decision)
 
     async def _transfer(self, live: LiveCall, decision: Transfer) -> None:
+        """Transfers the call where routing or a failure sent it; the call ends either way."""
         call = live.call
         self._metrics.calls_total.labels("transferred").inc()
         call.variables = dict(decision.variables) or call.variables
@@ -626,6 +469,7 @@ class CallFlow:
         )
         if not transferred:
             return
+        live.transferred = True
         # The call has left sipbridge's hands: its record ends now, as a Vapi call does.
         self._end(live, decision.ended_reason, message=decision.detail or None)
 
@@ -644,33 +488,18 @@ class CallFlow:
             decision.pipeline.format,
         )
         self._recorder.save(call.to_json())
-        try:
-            await self._media.prepare(live)
-        except PipelineError as exc:
-            live.log.error("%s", exc)
-            fallback = self._fallback(live, EndedReason.PIPELINE_CONNECTION_FAILED, str(exc))
-            if fallback is not None:
-                await self._transfer(live, fallback)
+        if self._conversations is not None:
+            try:
+                live.conversation = await self._conversations.open(call, decision, live.log)
+            except PipelineError as exc:
+                await self._pipeline_never_connected(live, exc)
                 return
-            self._end(
-                live,
-                EndedReason.PIPELINE_CONNECTION_FAILED,
-                message=str(exc),
-                sip_status=SIP_TEMPORARILY_UNAVAILABLE,
-            )
-            await self._pbx_action(
-                live, "rejecting", live.pbx.reject(call.facts, SIP_TEMPORARILY_UNAVAILABLE)
-            )
-            return
-        live.media_prepared = True
-        if call.is_ended:
-            return
+            if call.is_ended:
+                return
+        loop = asyncio.get_running_loop()
+        live.leg_waiter = loop.create_future()
         if self._media_timeout_s is not None:
-            live.timers.append(
-                asyncio.get_running_loop().call_later(
-                    self._media_timeout_s, self._media_timed_out, live
-                )
-            )
+            live.timers.append(loop.call_later(self._media_timeout_s, self._media_timed_out, live))
         connected = await self._pbx_action(
             live,
             "answering and connecting media",
@@ -684,19 +513,316 @@ class CallFlow:
         self._notify(call, STATUS_UPDATE)
         max_duration = decision.assistant.get("maxDurationSeconds") or DEFAULT_MAX_DURATION_S
         live.timers.append(
-            asyncio.get_running_loop().call_later(
+            loop.call_later(
                 float(max_duration), self._expire, live, EndedReason.EXCEEDED_MAX_DURATION
             )
         )
+        leg = await self._wait_for_leg(live)
+        if leg is None:
+            return
+        try:
+            if live.conversation is None:
+                await live.ended.wait()  # no media path: the call lives until something ends it
+            else:
+                await self._converse(live, live.conversation, leg)
+        finally:
+            await leg.aclose()
+
+    async def _pipeline_never_connected(self, live: LiveCall, exc: PipelineError) -> None:
+        live.log.error("%s", exc)
+        fallback = self._fallback(live, EndedReason.PIPELINE_CONNECTION_FAILED, str(exc))
+        if fallback is not None:
+            await self._transfer(live, fallback)
+            return
+        self._end(
+            live,
+            EndedReason.PIPELINE_CONNECTION_FAILED,
+            message=str(exc),
+            sip_status=SIP_TEMPORARILY_UNAVAILABLE,
+        )
+        await self._pbx_action(
+            live, "rejecting", live.pbx.reject(live.call.facts, SIP_TEMPORARILY_UNAVAILABLE)
+        )
+
+    async def _wait_for_leg(self, live: LiveCall) -> MediaLeg | None:
+        """The call's audio leg once the PBX connects it; None if the call ended first."""
+        waiter = live.leg_waiter
+        assert waiter is not None
+        ended = asyncio.ensure_future(live.ended.wait())
+        either: set[asyncio.Future[Any]] = {waiter, ended}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+        if waiter.done():
+            live.leg = waiter.result()
+            if not live.call.is_ended:
+                return live.leg
+            await live.leg.aclose()  # connected just as the call ended
+            return None
+        waiter.cancel()
+        return None
+
+    async def _converse(self, live: LiveCall, conversation: Conversation, leg: MediaLeg) -> None:
+        """Runs the conversation to its end, then ends the call the way its result says."""
+        result = await self._converse_within_wrap_up(live, conversation, leg)
+        live.call.media = dict(result.media)
+        outcome = result.session
+        transfer = live.transfer_in_flight
+        if transfer is not None:
+            # What ended the session may be the transfer itself: its outcome decides.
+            await asyncio.wait([transfer])
+            if not transfer.cancelled() and transfer.exception() is not None:
+                live.log.error("the transfer failed", exc_info=transfer.exception())
+        if outcome.caller_hung_up:
+            live.pbx_gone = True
+        if outcome.reason is None or live.call.is_ended:
+            # Ended from outside (the PBX, a timer, an operator): that reason stands.
+            if not live.transferred:
+                await self._pbx_hangup(live)
+            return
+        if outcome.reason is EndedReason.PIPELINE_FAILED:
+            fallback = self._fallback(live, outcome.reason, outcome.message or "")
+            if fallback is not None:
+                # The leg stays up until the PBX has taken the transfer.
+                await self._transfer(live, fallback)
+                return
+        self._end(live, outcome.reason, message=outcome.message)
+        if not live.transferred:
+            await self._pbx_hangup(live)
+
+    async def _converse_within_wrap_up(
+        self, live: LiveCall, conversation: Conversation, leg: MediaLeg
+    ) -> ConversationResult:
+        """The conversation's result; once the call has ended it has MEDIA_WRAP_UP_S to stop."""
+        running = asyncio.ensure_future(
+            conversation.run(leg, _CallControl(self, live), live.ended, live.log)
+        )
+        ended = asyncio.ensure_future(live.ended.wait())
+        either: set[asyncio.Future[Any]] = {running, ended}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not running.done():
+                done, _ = await asyncio.wait({running}, timeout=MEDIA_WRAP_UP_S)
+                if not done:
+                    live.log.warning(
+                        "media did not wrap up within %.0f s; ending it", MEDIA_WRAP_UP_S
+                    )
+                    await cancel_and_wait([running])
+                    return ConversationResult(SessionResult(None))
+            return running.result()
+        finally:
+            ended.cancel()
+            if not running.done():
+                await cancel_and_wait([running])
+
+    # ---- the pipeline's requests (through _CallControl) ---------------------------------------
+
+    async def _transfer_requested(self, live: LiveCall, destination: Mapping[str, Any]) -> bool:
+        """Blind-transfers a live call (the pipeline asked); True once the PBX took it.
+
+        The destination is validated like a phone number's fallbackDestination and its
+        ``message``/``callerId`` rendered with the call's variables. On failure the call goes
+        on with its assistant.
+        """
+        if live.call.is_ended:
+            return False
+        try:
+            checked = validate_destination(destination)
+        except ValidationFailed as exc:
+            live.log.warning("refused a transfer request: %s", "; ".join(exc.problems))
+            return False
+        call = live.call
+        rendered = render_destination(checked, call.variables, self._clock())
+        previous = call.status
+        call.destination = rendered
+        call.apply(CallEvent.FORWARD, self._clock())
+        live.transfer_reason = EndedReason.ASSISTANT_FORWARDED_CALL
+        self._recorder.save(call.to_json())
+        self._notify(call, STATUS_UPDATE)
+        live.log.info("pipeline transfers the call to %s", _describe(rendered))
+        if await self._pbx_action(live, "transferring", live.pbx.transfer(call.facts, rendered)):
+            live.transferred = True
+            self._end(live, EndedReason.ASSISTANT_FORWARDED_CALL)
+            return True
+        if not call.is_ended and previous is CallStatus.IN_PROGRESS:
+            call.apply(CallEvent.RESUME, self._clock())
+            call.destination = None
+            self._recorder.save(call.to_json())
+            self._notify(call, STATUS_UPDATE)
+        return False
+
+    async def _send_dtmf(self, live: LiveCall, digits: str) -> None:
+        if not live.call.is_ended:
+            await self._pbx_action(
+                live, "sending DTMF", live.pbx.send_dtmf(live.call.facts, digits)
+            )
+
+    # ---- ending -------------------------------------------------------------------------------
+
+    def _fallback(self, live: LiveCall, reason: EndedReason, detail: str) -> Transfer | None:
+        if not self._defaults.pipeline_fallback or live.call.is_ended:
+            return None
+        call = live.call
+        decision = fallback_or_reject(
+            call.phone_number,
+            reason,
+            detail,
+            variables=(call.variable_values, call.variables),
+            now=self._clock(),
+        )
+        return decision if isinstance(decision, Transfer) else None
+
+    def _end(
+        self,
+        live: LiveCall,
+        reason: EndedReason,
+        *,
+        message: str | None = None,
+        sip_status: int | None = None,
+        at: datetime | None = None,
+    ) -> bool:
+        call = live.call
+        if not call.end(reason, at or self._clock(), message=message, sip_status=sip_status):
+            return False
+        live.ended.set()
+        for timer in live.timers:
+            timer.cancel()
+        live.timers.clear()
+        self._by_id.pop(call.id, None)
+        self._by_pbx.pop((call.facts.pbx, call.facts.pbx_call_id), None)
+        self._metrics.calls_active.set(len(self._by_id))
+        self._metrics.calls_ended_total.labels(reason.value).inc()
+        live.log.info(
+            "ended: %s%s after %.1f s",
+            reason.value,
+            f" ({message})" if message else "",
+            call.duration_seconds,
+        )
+        self._recorder.save(call.to_json())
+        self._notify(call, STATUS_UPDATE)
+        if live not in self._unfinished:
+            self._report(live)  # its task is over: nothing more will be learnt
+        return True
+
+    def _report(self, live: LiveCall) -> None:
+        """The end-of-call report, once, "when post-processing is complete": after the
+        conversation handed over its counters and last transcript lines."""
+        if live.reported:
+            return
+        live.reported = True
+        self._recorder.save(live.call.to_json())
+        self._notify(live.call, END_OF_CALL_REPORT)
+
+    async def _pbx_hangup(self, live: LiveCall) -> None:
+        """Asks the PBX to end the call, once, unless the PBX already said it is gone."""
+        if live.hangup_started or live.pbx_gone:
+            return
+        live.hangup_started = True
+        await self._pbx_action(live, "hanging up at the PBX", live.pbx.hangup(live.call.facts))
+
+    async def _pbx_action(
+        self,
+        live: LiveCall,
+        what: str,
+        action: Awaitable[None],
+        failure: EndedReason | None = None,
+    ) -> bool:
+        """Runs one PBX action within its time limit; True if it succeeded.
+
+        On failure the error is logged and, when ``failure`` is given, the call ends with that
+        reason and is hung up (the PBX may still hold it).
+        """
+        try:
+            async with asyncio.timeout(PBX_ACTION_TIMEOUT_S):
+                await action
+        except (PbxError, TimeoutError) as exc:
+            live.log.error("%s failed: %s", what, exc or type(exc).__name__)
+            if failure is not None and self._end(live, failure, message=str(exc) or None):
+                await self._pbx_hangup(live)
+            return False
+        return True
 
     def _media_timed_out(self, live: LiveCall) -> None:
-        if not live.media_attached:
+        if live.leg_waiter is not None and not live.leg_waiter.done():
             live.log.error("the PBX never connected the call's media")
             self._expire(live, EndedReason.MEDIA_NEVER_CONNECTED)
 
     def _expire(self, live: LiveCall, reason: EndedReason) -> None:
         if self._end(live, reason):
             self._tasks.spawn(self._pbx_hangup(live), f"hangup-{live.call.id}")
+
+    async def aclose(self) -> None:
+        """Ends every live call (``worker-shutdown``), hanging each up, lets the calls wrap up
+        (pipelines told, reports sent) for up to MEDIA_WRAP_UP_S, and stops all tasks."""
+        self.draining = True
+        lives = list(self._by_id.values())
+        hangups = [
+            self._pbx_hangup(live) for live in lives if self._end(live, EndedReason.WORKER_SHUTDOWN)
+        ]
+        await asyncio.gather(*hangups)
+        tasks = [live.task for live in self._unfinished if live.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=MEDIA_WRAP_UP_S)
+        await self._tasks.aclose()
+
+    async def wait_idle(self) -> None:
+        """Returns once no call is live or wrapping up (for a graceful drain)."""
+        while self._unfinished:
+            live = next(iter(self._unfinished))
+            if live.task is None:
+                self._unfinished.discard(live)
+                continue
+            await asyncio.wait([live.task])
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _notify(self, call: Call, message_type: str) -> None:
+        target = target_for(message_type, call, self._defaults.default_server)
+        if target is None:
+            return
+        now = self._clock()
+        payload = (
+            end_of_call_report(call, now)
+            if message_type == END_OF_CALL_REPORT
+            else status_update(call, now)
+        )
+        self._dispatcher.submit(call.id, target, payload, message_type)
+
+
+def _keep_for_report(call: Call, kind: str, payload: Mapping[str, Any], now: datetime) -> None:
+    """A transcript or message from the pipeline, kept for the end-of-call report.
+
+    ``transcript`` messages with ``transcriptType: final`` add a line to the transcript and a
+    message (``role`` user or bot); ``message``/``conversation-update`` messages with a
+    ``message`` object or ``messages`` list are added as they are.
+    """
+    now_ms = int(now.timestamp() * 1000)
+    started = call.started_at or call.created_at
+    if kind == "transcript":
+        if payload.get("transcriptType", "final") != "final":
+            return
+        text = str(payload.get("transcript", "")).strip()
+        if not text:
+            return
+        role = "bot" if payload.get("role") in ("assistant", "bot") else "user"
+        call.messages.append(
+            {
+                "role": role,
+                "message": text,
+                "time": now_ms,
+                "secondsFromStart": round(now_ms / 1000 - started.timestamp(), 3),
+            }
+        )
+        speaker = "AI" if role == "bot" else "User"
+        call.transcript = f"{call.transcript}\n{speaker}: {text}".lstrip("\n")
+        return
+    messages = payload.get("messages")
+    single = payload.get("message")
+    items = messages if isinstance(messages, list) else [single] if isinstance(single, dict) else []
+    for item in items[:100]:
+        if isinstance(item, dict) and isinstance(item.get("role"), str):
+            call.messages.append(dict(item))
 
 
 def _describe(destination: Mapping[str, Any]) -> str:

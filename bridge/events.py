@@ -1,8 +1,9 @@
 """PBX-neutral facts and events: what Asterisk and FreeSWITCH adapters both report.
 
-An adapter turns its PBX's wire events (AMI ``Newchannel``/``UserEvent``, ESL ``CHANNEL_PARK``)
-into these, so the call flow above them is written once. Everything here is untrusted input that
-came from a caller's INVITE; :func:`invite_facts` is the one place it is cleaned.
+A PBX backend turns its PBX's wire events (AMI ``UserEvent``/``Hangup``, ESL ``CHANNEL_PARK``/
+``CHANNEL_HANGUP_COMPLETE``) into these, so the call flow above them is written once, and
+carries a call's audio as a :class:`MediaLeg`. Everything in :class:`InviteFacts` is untrusted
+input that came from a caller's INVITE; :func:`invite_facts` is the one place it is cleaned.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from datetime import datetime
+from typing import Literal, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -141,38 +143,48 @@ def invite_facts(
     )
 
 
+# ---- what a PBX backend reports to the call flow -------------------------------------------------
+
+
 @dataclass(frozen=True)
 class CallOffered:
-    """A new inbound call is waiting for a decision (ringing or in early media)."""
+    """A new inbound call waits for a decision (it rings)."""
 
     facts: InviteFacts
 
 
 @dataclass(frozen=True)
-class CallHungUp:
-    """The PBX reports the call is gone.
+class CallGone:
+    """The PBX reports that the call's channel is gone.
 
     Attributes:
+        pbx: the PBX that had the call.
         pbx_call_id: the PBX's id of the call.
-        cause: Q.850 cause code as reported (16 normal clearing), 0 when unknown.
-        by_caller: True when the caller's side ended it (BYE/CANCEL from the caller).
+        by_caller: the caller's side ended it (a BYE or CANCEL from the caller); False when the
+            PBX ended it itself (a shutdown, an operator, a dialplan timeout).
+        cause: the Q.850 cause as reported (16 normal clearing), 0 when unknown.
+        ended_at: when the channel ended, if the PBX said (a hangup learnt late, after a lost
+            link, keeps its real time); None: now.
     """
 
+    pbx: PbxKind
     pbx_call_id: str
-    cause: int = 0
     by_caller: bool = True
+    cause: int = 0
+    ended_at: datetime | None = None
 
 
 @dataclass(frozen=True)
-class DtmfReceived:
-    """The caller pressed a key."""
+class LegConnected:
+    """The PBX connected an accepted call's audio (an AudioSocket connection, the first
+    unicast datagram). The flow runs the call's conversation over ``leg``, or closes it."""
 
-    pbx_call_id: str
-    digit: str
+    call_id: str
+    leg: MediaLeg
 
 
 @dataclass(frozen=True)
-class PbxLinkChanged:
+class LinkChanged:
     """The control link to the PBX went up or down."""
 
     pbx: PbxKind
@@ -180,4 +192,58 @@ class PbxLinkChanged:
     detail: str = ""
 
 
-PbxEvent = CallOffered | CallHungUp | DtmfReceived | PbxLinkChanged
+PbxEvent = CallOffered | CallGone | LegConnected | LinkChanged
+
+
+class CallEvents(Protocol):
+    """Where a PBX backend reports: one channel of events, and one question for resyncs."""
+
+    def post(self, event: PbxEvent) -> None:
+        """Hands one event to the flow (never blocks, never raises)."""
+
+    def live_calls(self, pbx: PbxKind) -> set[str]:
+        """The PBX call ids of this PBX's calls that the flow still considers live."""
+
+
+# ---- a call's audio, as a PBX backend carries it ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LegAudio:
+    """Caller audio: 16-bit PCM at the leg's rate."""
+
+    pcm: bytes
+
+
+@dataclass(frozen=True)
+class LegDtmf:
+    """The caller pressed a key."""
+
+    digit: str
+
+
+@dataclass(frozen=True)
+class LegClosed:
+    """The leg is gone: ``by_caller`` for a hangup, else a failure described by ``detail``."""
+
+    by_caller: bool
+    detail: str = ""
+
+
+LegEvent = LegAudio | LegDtmf | LegClosed
+
+
+class MediaLeg(Protocol):
+    """A call's audio connection to the PBX (AudioSocket, unicast L16)."""
+
+    rate: int
+
+    async def receive(self) -> list[LegEvent]:
+        """The next events; ends with a :class:`LegClosed`."""
+
+    def send_audio(self, pcm: bytes) -> bool:
+        """Queues one frame for the PBX; False if it was dropped (the PBX is not reading)."""
+
+    async def aclose(self) -> None:
+        """The conversation is done with the leg: frees its socket (the call itself is ended
+        through the backend, not here)."""

@@ -1,8 +1,9 @@
 """The composition root: builds every component from the settings and wires them together.
 
 Only this module knows the whole graph. Startup order: store, webhook delivery, call flow, PBX
-adapters, API. Shutdown is the reverse. ``drain`` stops taking calls and waits for the live ones
-to finish (SIGTERM); ``aclose`` hangs up whatever is left (SIGINT, or after the drain timeout).
+backends (from :func:`bridge.pbx.build_backends`; the root knows none by name), API. Shutdown is
+the reverse. ``drain`` stops taking calls and waits for the live ones to finish (SIGTERM);
+``aclose`` hangs up whatever is left (SIGINT, or after the drain timeout).
 """
 
 from __future__ import annotations
@@ -19,21 +20,18 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.api import create_app
-from bridge.callflow import CallFlow, PbxControl
-from bridge.conversations import Conversations
-from bridge.errors import PbxError, StoreError
-from bridge.events import InviteFacts, PbxKind
-from bridge.media.audiosocket import AudioSocketServer
-from bridge.media.unicast import UnicastMedia
+from bridge.backend import PbxBackend
+from bridge.callflow import CallFlow
+from bridge.conversation import Conversations
+from bridge.errors import StoreError
+from bridge.events import LinkChanged, PbxEvent, PbxKind
 from bridge.metrics import Metrics
-from bridge.pbx.asterisk import AsteriskAdapter
-from bridge.pbx.freeswitch import FreeswitchAdapter
+from bridge.pbx import build_backends
 from bridge.records import CallRecorder
 from bridge.resources import Resources
 from bridge.routing import RoutingDefaults
 from bridge.settings import Settings, is_loopback
 from bridge.store import ListQuery, Store
-from bridge.tasks import TaskSet
 from bridge.webhooks import WebhookClient, WebhookDispatcher
 
 log = logging.getLogger(__name__)
@@ -43,43 +41,21 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class _PbxEvents:
-    """Where a PBX adapter's events go: the call flow, the link state, the media legs."""
+class _Events:
+    """What every backend reports to: link changes to the root, the rest to the call flow."""
 
-    def __init__(
-        self,
-        service: Service,
-        kind: PbxKind,
-        adapter: Callable[[], PbxControl],
-        unicast: UnicastMedia | None = None,
-    ) -> None:
+    def __init__(self, service: Service, flow: CallFlow) -> None:
         self._service = service
-        self._kind = kind
-        self._adapter = adapter
-        self._unicast = unicast
+        self._flow = flow
 
-    def offered(self, facts: InviteFacts, truncated: bool) -> None:
-        self._service.callflow.offer(facts, self._adapter())
+    def post(self, event: PbxEvent) -> None:
+        if isinstance(event, LinkChanged):
+            self._service.set_link(event.pbx, event.up)
+        else:
+            self._flow.post(event)
 
-    def hung_up(self, pbx_call_id: str, cause: int) -> None:
-        self._service.callflow.hung_up(self._kind, pbx_call_id)
-        if self._unicast is not None:
-            self._unicast.hung_up(pbx_call_id)
-
-    def dtmf(self, pbx_call_id: str, digit: str) -> None:
-        # FreeSWITCH reports keys as events; they join the call's audio leg like AudioSocket's.
-        if self._unicast is not None:
-            self._unicast.dtmf(pbx_call_id, digit)
-
-    def link_changed(self, up: bool, detail: str) -> None:
-        self._service.set_link(self._kind, up)
-
-    def known_calls(self) -> set[str]:
-        return {
-            call.facts.pbx_call_id
-            for call in self._service.callflow.active()
-            if call.facts.pbx == self._kind
-        }
+    def live_calls(self, pbx: PbxKind) -> set[str]:
+        return self._flow.live_calls(pbx)
 
 
 class Service:
@@ -96,12 +72,7 @@ class Service:
         self._dispatcher: WebhookDispatcher | None = None
         self._callflow: CallFlow | None = None
         self._runner: web.AppRunner | None = None
-        self.conversations = Conversations(settings.pipeline, settings.media)
-        self.audiosocket: AudioSocketServer | None = None
-        self.asterisk: AsteriskAdapter | None = None
-        self.unicast: UnicastMedia | None = None
-        self.freeswitch: FreeswitchAdapter | None = None
-        self._pbx_tasks = TaskSet("pbx")
+        self.backends: dict[str, PbxBackend] = {}
         self.api_port: int | None = None
         self.pbx_links: dict[str, bool] = {}
         # Set and replaced on every change of a PBX link, so waiters wake up and look again.
@@ -155,13 +126,14 @@ class Service:
             org_id=org_id,
             media_timeout_s=settings.media.connect_timeout_s,
             new_call_id=lambda: str(uuid.uuid4()),
-            media=self.conversations,
+            conversations=Conversations(settings.pipeline, settings.media),
         )
-        self.conversations.bind(self._callflow)
-        if settings.asterisk.enabled:
-            await self._start_asterisk()
-        if settings.freeswitch.enabled:
-            await self._start_freeswitch()
+        events = _Events(self, self._callflow)
+        for backend in build_backends(settings):
+            self.backends[backend.kind] = backend
+            self._callflow.register(backend)
+            self.set_link(backend.kind, False)
+            await backend.start(events)
         app = create_app(self, settings.api)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=5.0
@@ -187,64 +159,6 @@ class Service:
         if not is_loopback(settings.api.host):
             log.info("the API listens beyond loopback; every request needs the API key")
 
-    async def _start_asterisk(self) -> None:
-        media = self.settings.media
-        self.audiosocket = AudioSocketServer(
-            media.audiosocket_host,
-            media.audiosocket_port,
-            media.max_frame_bytes,
-            self.conversations.attach,
-        )
-        await self.audiosocket.start()
-        adapter = AsteriskAdapter(
-            self.settings.asterisk,
-            _PbxEvents(self, "asterisk", lambda: adapter),
-            audiosocket_address=self.audiosocket_address,
-        )
-        self.asterisk = adapter
-        self.set_link("asterisk", False)
-        await adapter.start()
-
-    async def _start_freeswitch(self) -> None:
-        freeswitch, media = self.settings.freeswitch, self.settings.media
-        self.unicast = UnicastMedia(
-            media.unicast_host,
-            media.unicast_advertise,
-            on_leg=self.conversations.attach,
-            hangup=self._hang_up_freeswitch_channel,
-            start_timeout_s=media.connect_timeout_s,
-        )
-        unicast = self.unicast
-
-        async def media_endpoint(
-            facts: InviteFacts, call_id: str, source: tuple[str, int]
-        ) -> tuple[str, int]:
-            return await unicast.open(call_id, facts.channel, source)
-
-        adapter = FreeswitchAdapter(
-            freeswitch,
-            _PbxEvents(self, "freeswitch", lambda: adapter, unicast),
-            media_endpoint,
-            on_transferred=unicast.transferred,
-        )
-        self.freeswitch = adapter
-        self.set_link("freeswitch", False)
-        await adapter.start()
-
-    def _hang_up_freeswitch_channel(self, channel: str) -> None:
-        """A unicast conversation ended: the channel is hung up over the event socket."""
-        adapter = self.freeswitch
-        if adapter is None:
-            return
-
-        async def hang_up() -> None:
-            try:
-                await adapter.hang_up_channel(channel)
-            except PbxError as exc:
-                log.warning("could not hang up FreeSWITCH channel %s: %s", channel, exc)
-
-        self._pbx_tasks.spawn(hang_up(), f"hangup-{channel}")
-
     def set_link(self, pbx: str, up: bool) -> None:
         """Records a PBX control link's state (health, metrics, waiters)."""
         self.pbx_links[pbx] = up
@@ -256,17 +170,6 @@ class Service:
         """Returns once the PBX's control link is (or becomes) up or down."""
         while self.pbx_links.get(pbx) is not up:
             await self._links_changed.wait()
-
-    def audiosocket_address(self) -> str:
-        """The host:port Asterisk connects AudioSocket to."""
-        media = self.settings.media
-        if media.audiosocket_advertise:
-            return media.audiosocket_advertise
-        assert self.audiosocket is not None
-        host = media.audiosocket_host
-        if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard bind is not an address to dial
-            host = "127.0.0.1"
-        return f"{host}:{self.audiosocket.port}"
 
     async def drain(self, timeout_s: float) -> bool:
         """Stops taking new calls and waits up to ``timeout_s`` for live ones to end."""
@@ -286,23 +189,12 @@ class Service:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        # Live calls are hung up through the PBX adapters and media legs, so those stop after.
+        # Live calls are hung up through the backends, so those stop after.
         if self._callflow is not None:
             await self._callflow.aclose()
-        await self.conversations.aclose()
-        if self.audiosocket is not None:
-            await self.audiosocket.aclose()
-            self.audiosocket = None
-        if self.asterisk is not None:
-            await self.asterisk.aclose()
-            self.asterisk = None
-        if self.unicast is not None:
-            await self.unicast.aclose()
-            self.unicast = None
-        await self._pbx_tasks.aclose()
-        if self.freeswitch is not None:
-            await self.freeswitch.aclose()
-            self.freeswitch = None
+        for backend in reversed(list(self.backends.values())):
+            await backend.aclose()
+        self.backends.clear()
         self._callflow = None
         if self._dispatcher is not None:
             await self._dispatcher.aclose()
@@ -379,7 +271,8 @@ class Service:
             "pbx": {name: ("up" if up else "down") for name, up in self.pbx_links.items()},
             "activeCalls": len(self.callflow.active()),
             "pendingWebhooks": self.dispatcher.pending,
-            "media": self.conversations.describe(),
+            "media": self.callflow.describe_media(),
+            "backends": {kind: backend.describe() for kind, backend in self.backends.items()},
             "pendingCallRecords": self.recorder.backlog,
         }
 

@@ -7,7 +7,7 @@ lets the PBX-neutral call flow be tested without a PBX.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,8 @@ class FakePbx:
     kind: PbxKind = "test"
     actions: list[tuple[str, Any]] = field(default_factory=list)
     fail: set[str] = field(default_factory=set)
+    # Runs inside transfer() before it returns (what the PBX does meanwhile, e.g. close a leg).
+    during_transfer: Callable[[], Awaitable[None]] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def _record(self, action: str, detail: Any) -> None:
@@ -33,6 +35,8 @@ class FakePbx:
 
     async def transfer(self, facts: InviteFacts, destination: Mapping[str, Any]) -> None:
         self._record("transfer", dict(destination))
+        if self.during_transfer is not None:
+            await self.during_transfer()
 
     async def connect_media(self, facts: InviteFacts, call_id: str) -> None:
         self._record("connect_media", call_id)

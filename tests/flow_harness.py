@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from bridge.callflow import CallFlow
+from bridge.conversation import Conversations
 from bridge.events import InviteFacts, invite_facts
 from bridge.metrics import Metrics
 from bridge.records import CallRecorder
@@ -83,7 +84,7 @@ async def make_harness(tmp_path: Path, sink: WebhookSink) -> AsyncIterator[Calla
         default_server: bool = True,
         media_timeout_s: float | None = None,
         budget_s: float = 2.0,
-        media: Any = None,
+        conversations: Conversations | None = None,
         pipeline_fallback: bool = True,
     ) -> Harness:
         store = Store(tmp_path / f"s{len(opened)}.sqlite3")
@@ -111,12 +112,12 @@ async def make_harness(tmp_path: Path, sink: WebhookSink) -> AsyncIterator[Calla
             org_id=await resources.org_id(),
             media_timeout_s=media_timeout_s,
             new_call_id=lambda: f"call-{next(_ids)}",
-            media=media,
+            conversations=conversations,
             assistant_request_budget_s=budget_s,
         )
-        if media is not None:
-            media.bind(flow)
-        harness = Harness(flow, resources, store, recorder, dispatcher, metrics, sink, FakePbx())
+        pbx = FakePbx()
+        flow.register(pbx)
+        harness = Harness(flow, resources, store, recorder, dispatcher, metrics, sink, pbx)
         opened.append(harness)
         return harness
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bridge.audio import tone_share
-from bridge.media.session import LegEvent
+from bridge.events import LegEvent
 
 
 @dataclass
@@ -16,7 +17,9 @@ class MemoryLeg:
     rate: int = 8000
     inbox: asyncio.Queue[LegEvent] = field(default_factory=asyncio.Queue)
     sent: list[bytes] = field(default_factory=list)
-    hangups: int = 0
+    closed: bool = False
+    # Called when the leg's owner closes it (a test records what had happened by then).
+    on_close: Callable[[], None] = lambda: None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def receive(self) -> list[LegEvent]:
@@ -30,8 +33,19 @@ class MemoryLeg:
         self.changed.set()
         return True
 
-    def send_hangup(self) -> None:
-        self.hangups += 1
+    async def aclose(self) -> None:
+        if not self.closed:
+            self.on_close()
+        self.closed = True
+        self.changed.set()
+
+    async def wait_closed(self, timeout: float = 10.0) -> None:
+        async def wait() -> None:
+            while not self.closed:
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(wait(), timeout)
 
     async def wait_sent(self, count: int, timeout: float = 10.0) -> None:
         async def wait() -> None:

@@ -7,12 +7,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bridge.events import InviteFacts
+from bridge.events import (
+    CallGone,
+    CallOffered,
+    InviteFacts,
+    LegConnected,
+    LinkChanged,
+    MediaLeg,
+    PbxEvent,
+    PbxKind,
+)
 
 
 @dataclass
 class RecordingSink:
-    """Records offers, hangups, DTMF and link changes; ``known`` plays the flow's live calls."""
+    """Records what a backend posts (the flow's CallEvents); ``known`` plays the flow's live
+    calls."""
 
     offers: list[InviteFacts] = field(default_factory=list)
     hangups: list[tuple[str, int]] = field(default_factory=list)
@@ -20,9 +30,26 @@ class RecordingSink:
     links: list[bool] = field(default_factory=list)
     link_times: list[float] = field(default_factory=list)
     known: set[str] = field(default_factory=set)
+    legs: list[tuple[str, MediaLeg]] = field(default_factory=list)
+    gone: list[CallGone] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def offered(self, facts: InviteFacts, truncated: bool) -> None:
+    def post(self, event: PbxEvent) -> None:
+        if isinstance(event, CallOffered):
+            self.offered(event.facts)
+        elif isinstance(event, CallGone):
+            self.gone.append(event)
+            self.hung_up(event.pbx_call_id, event.cause)
+        elif isinstance(event, LegConnected):
+            self.legs.append((event.call_id, event.leg))
+            self.changed.set()
+        elif isinstance(event, LinkChanged):
+            self.link_changed(event.up, event.detail)
+
+    def live_calls(self, pbx: PbxKind) -> set[str]:
+        return set(self.known)
+
+    def offered(self, facts: InviteFacts) -> None:
         self.offers.append(facts)
         self.changed.set()
 
@@ -38,9 +65,6 @@ class RecordingSink:
         self.links.append(up)
         self.link_times.append(time.monotonic())
         self.changed.set()
-
-    def known_calls(self) -> set[str]:
-        return set(self.known)
 
     async def wait_for(
         self, predicate: Callable[[RecordingSink], object], timeout: float = 5.0

@@ -7,7 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 from bridge.calls import CallStatus, EndedReason
+from bridge.events import CallGone, LegConnected
 from tests.flow_harness import Harness, facts
+from tests.memory_leg import MemoryLeg
 
 
 async def test_fixed_assistant_call_from_offer_to_report(make_harness: Callable[..., Any]) -> None:
@@ -23,13 +25,18 @@ async def test_fixed_assistant_call_from_offer_to_report(make_harness: Callable[
     assert call.assistant is not None
     assert call.assistant["firstMessage"] == "Hello John, you've reached me over SIP."
     assert call.variable_values["first_name"] == "John"
-    attached = h.flow.attach_media(call.id)
-    assert attached is not None and attached.decision is not None
-    assert h.flow.attach_media(call.id) is None  # only once
+    # The PBX connects the call's audio: the call takes its leg once; a second one is closed.
+    leg, extra = MemoryLeg(), MemoryLeg()
+    h.flow.post(LegConnected(call.id, leg))
+    h.flow.post(LegConnected(call.id, extra))
+    await extra.wait_closed()
+    assert not leg.closed and h.flow.describe_media()["waitingForMedia"] == 0
 
-    h.flow.hung_up("test", call.facts.pbx_call_id, by_caller=True)
+    h.flow.post(CallGone("test", call.facts.pbx_call_id, by_caller=True))
     report = await h.ended(call.id)
     assert report["endedReason"] == "customer-ended-call"
+    await leg.wait_closed()  # the call's end frees its leg
+    assert "hangup" not in h.pbx.names()  # the PBX said the call is gone: nothing to end
     assert report["durationSeconds"] >= 0
     assert report["phoneNumber"]["id"] == number["id"]
     assert report["artifact"]["variableValues"]["first_name"] == "John"
@@ -114,9 +121,7 @@ async def test_inline_assistant_answer(make_harness: Callable[..., Any]) -> None
     assert call is not None
     await h.pbx.wait_for("connect_media")
     assert call.assistant is not None and call.assistant["firstMessage"] == "Hey Ryan"
-    live = h.flow.attach_media(call.id)
-    assert live is not None and live.decision is not None
-    assert live.decision.pipeline.url == "ws://127.0.0.1:9/inline"
+    assert call.assistant["sipbridge"]["pipeline"]["url"] == "ws://127.0.0.1:9/inline"
 
 
 async def test_destination_answer_transfers(make_harness: Callable[..., Any]) -> None:

@@ -10,6 +10,7 @@ import pytest
 from bridge.audio import sine, tone_share
 from bridge.errors import PbxAuthError
 from bridge.events import invite_facts
+from bridge.pbx.freeswitch.backend import FreeswitchBackend
 from bridge.protocol import esl
 from bridge.service import Service
 from bridge.settings import Settings
@@ -198,7 +199,8 @@ async def test_a_call_through_freeswitch_from_park_to_report(
             == "en-US"
         )
         await session.closed.wait()
-        assert service.unicast is not None and len(service.unicast) == 0
+        backend = service.backends["freeswitch"]
+        assert isinstance(backend, FreeswitchBackend) and len(backend.unicast) == 0
     finally:
         await service.aclose()
         transport.close()
@@ -224,7 +226,7 @@ async def test_a_wrong_freeswitch_password_fails_start_cleanly(
         service = await freeswitch_service(make_settings, peer, password="wrong")
         with pytest.raises(PbxAuthError, match="refused the event socket password"):
             await service.start()
-        assert service._runner is None and service.freeswitch is None
+        assert service._runner is None and service.backends == {}
         with pytest.raises(Exception, match="not open"):
             await service.store.ping()  # the rest was stopped too
         await service.aclose()  # and a second stop is harmless
@@ -278,8 +280,9 @@ async def test_a_transfer_asked_by_the_pipeline_leaves_the_freeswitch_channel_up
         call = service.callflow.find_pbx_call("freeswitch", CALL_ANSWERED)
         assert call is None or call.ended_reason is not None
         # Everything the session's end could send has been answered by now.
-        assert service.freeswitch is not None
-        await service.freeswitch.link.command(esl.command("api status"))
+        backend = service.backends["freeswitch"]
+        assert isinstance(backend, FreeswitchBackend)
+        await backend.link.command(esl.command("api status"))
         assert not [c for c in peer.requests if c.startswith("api uuid_kill")]
     finally:
         await service.aclose()

@@ -1,1 +1,1 @@
-"""PBX audio legs (AudioSocket, unicast L16) and the session that joins a leg to a pipeline."""
+"""The PBX-neutral media engine: the session that pumps a call's leg and pipeline stream."""

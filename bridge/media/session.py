@@ -16,8 +16,11 @@ A pipeline that ends the call (``end-call``) or closes its stream cleanly first 
 audio played out (its goodbye), within the time that audio lasts plus a short grace.
 
 The session ends when the caller hangs up, the pipeline ends or fails, the call is transferred,
-or the call flow ends the call (``ended``). The result says why and whether the PBX still has
-to be told.
+or the call flow ends the call (``ended``). :meth:`MediaSession.run` returns why; the owner (the
+call flow, through :class:`bridge.conversation.Conversation`) ends the call with that reason,
+has the PBX hang up if it still has the call, then :meth:`MediaSession.finish` tells the
+pipeline the call's final reason (``stop``) and closes its stream. Requests from the pipeline
+(transfer, send-dtmf, transcripts) reach the call through one narrow :class:`CallControl`.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bridge.audio import FRAME_MS, Pacer, PlayoutBuffer, Transcoder
 from bridge.calls import EndedReason
+from bridge.events import LegAudio, LegDtmf, MediaLeg
 from bridge.protocol.pipeline import (
     AudioIn,
     Clear,
@@ -66,46 +70,6 @@ END_CALL_GRACE_S = 3.0
 OUTBOX_MAX_MESSAGES = 256
 
 
-@dataclass(frozen=True)
-class LegAudio:
-    """Caller audio: 16-bit PCM at the leg's rate."""
-
-    pcm: bytes
-
-
-@dataclass(frozen=True)
-class LegDtmf:
-    """The caller pressed a key."""
-
-    digit: str
-
-
-@dataclass(frozen=True)
-class LegClosed:
-    """The leg is gone: ``by_caller`` for a hangup, else a failure described by ``detail``."""
-
-    by_caller: bool
-    detail: str = ""
-
-
-LegEvent = LegAudio | LegDtmf | LegClosed
-
-
-class MediaLeg(Protocol):
-    """A call's audio connection to the PBX (AudioSocket, unicast L16)."""
-
-    rate: int
-
-    async def receive(self) -> list[LegEvent]:
-        """The next events; ends with a :class:`LegClosed`."""
-
-    def send_audio(self, pcm: bytes) -> bool:
-        """Queues one frame for the PBX; False if it was dropped (the PBX is not reading)."""
-
-    def send_hangup(self) -> None:
-        """Asks the PBX to end the call through the media leg itself (works without AMI)."""
-
-
 class PipelineStream(Protocol):
     """A call's websocket to the conversational pipeline."""
 
@@ -132,29 +96,31 @@ class PipelineStream(Protocol):
 
 @dataclass(frozen=True)
 class SessionResult:
-    """Why the conversation ended, and whether the PBX still has to hang up.
+    """Why the conversation ended.
 
-    ``fallback``: the call goes on to its fallbackDestination instead (the leg stays up until
-    the PBX has taken the transfer).
+    Attributes:
+        reason: the end reason the session saw; None when the call was ended from outside
+            (``ended`` was set: the call already has its reason).
+        message: details for ``endedMessage``.
+        caller_hung_up: the leg reported the caller's hangup (the PBX has no call left to end).
     """
 
     reason: EndedReason | None
     message: str | None = None
-    hangup: bool = True
-    fallback: bool = False
+    caller_hung_up: bool = False
 
 
-@dataclass
-class SessionHooks:
-    """What the session asks of the call flow."""
+class CallControl(Protocol):
+    """What a conversation may ask of its call: the pipeline's requests, nothing else."""
 
-    transfer: Callable[[Mapping[str, Any]], Awaitable[bool]]
-    send_dtmf: Callable[[str], Awaitable[None]]
-    report: Callable[[str, Mapping[str, Any]], None]
-    # Called with the result before the PBX hears of it: the PBX's own hang-up event must find
-    # the call already ended with the session's reason. Returns the result to finish with (a
-    # pipeline failure may become a fallback).
-    ending: Callable[[SessionResult], SessionResult] = lambda result: result
+    async def transfer(self, destination: Mapping[str, Any]) -> bool:
+        """Blind-transfers the call; True once the PBX has taken it."""
+
+    async def send_dtmf(self, digits: str) -> None:
+        """Plays DTMF digits to the caller."""
+
+    def report(self, kind: str, payload: Mapping[str, Any]) -> None:
+        """A transcript or message for the end-of-call report."""
 
 
 @dataclass
@@ -184,7 +150,7 @@ class MediaSession:
         dialect: Dialect,
         transcoder: Transcoder,
         playout: PlayoutBuffer,
-        hooks: SessionHooks,
+        control: CallControl,
         ended: asyncio.Event,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log,
         clock: Callable[[], float] = time.monotonic,
@@ -194,7 +160,7 @@ class MediaSession:
         self.dialect = dialect
         self.transcoder = transcoder
         self.playout = playout
-        self.hooks = hooks
+        self.control = control
         self.ended = ended
         self.log = logger
         self.clock = clock
@@ -204,7 +170,8 @@ class MediaSession:
         self._outbox: asyncio.Queue[str | bytes] = asyncio.Queue(OUTBOX_MAX_MESSAGES)
 
     async def run(self) -> SessionResult:
-        """Runs until the conversation ends; closes the pipeline stream before returning."""
+        """Runs until the conversation ends; says why. The stream stays open for
+        :meth:`finish`."""
         loops = {
             asyncio.ensure_future(self._from_pbx()),
             asyncio.ensure_future(self._from_pipeline()),
@@ -212,28 +179,21 @@ class MediaSession:
             asyncio.ensure_future(self._send_controls()),
             asyncio.ensure_future(self._watch_call()),
         }
-        result = SessionResult(None, hangup=False)
         try:
             done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
-            finished = next(iter(done))
-            if finished.cancelled():
-                result = SessionResult(EndedReason.WORKER_DIED, "media loop cancelled")
-            elif finished.exception() is not None:
-                # Task boundary: a bug in one call's media must end that call cleanly.
-                self.log.error("media loop failed", exc_info=finished.exception())
-                result = SessionResult(EndedReason.WORKER_DIED, repr(finished.exception()))
-            else:
-                result = finished.result()
         finally:
             await cancel_and_wait(loops)
-            result = self.hooks.ending(result)
-            await self._finish(result)
-        return result
+        finished = next(iter(done))
+        if finished.cancelled():
+            return SessionResult(EndedReason.WORKER_DIED, "media loop cancelled")
+        if finished.exception() is not None:
+            # Task boundary: a bug in one call's media must end that call cleanly.
+            self.log.error("media loop failed", exc_info=finished.exception())
+            return SessionResult(EndedReason.WORKER_DIED, repr(finished.exception()))
+        return finished.result()
 
-    async def _finish(self, result: SessionResult) -> None:
-        if result.hangup:
-            self.leg.send_hangup()
-        reason = result.reason.value if result.reason else "ended"
+    async def finish(self, reason: str) -> None:
+        """Tells the pipeline the call's final end reason (``stop``) and closes the stream."""
         with contextlib.suppress(Exception):
             # Best effort: the pipeline may already be gone. Echoes still queued go first.
             async with asyncio.timeout(1.0):
@@ -249,7 +209,7 @@ class MediaSession:
 
     async def _watch_call(self) -> SessionResult:
         await self.ended.wait()
-        return SessionResult(None, hangup=True)
+        return SessionResult(None)
 
     async def _from_pbx(self) -> SessionResult:
         stream, dialect, transcoder, stats = self.stream, self.dialect, self.transcoder, self.stats
@@ -266,9 +226,9 @@ class MediaSession:
                     await stream.send(dialect.dtmf(event.digit))
                 else:
                     if event.by_caller:
-                        return SessionResult(EndedReason.CUSTOMER_ENDED_CALL, hangup=False)
+                        return SessionResult(EndedReason.CUSTOMER_ENDED_CALL, caller_hung_up=True)
                     self.log.error("media leg failed: %s", event.detail)
-                    return SessionResult(EndedReason.MEDIA_LEG_CLOSED, event.detail, hangup=False)
+                    return SessionResult(EndedReason.MEDIA_LEG_CLOSED, event.detail)
 
     async def _from_pipeline(self) -> SessionResult:
         while True:
@@ -329,12 +289,12 @@ class MediaSession:
             if self.playout.idle:
                 return self._ending
         elif isinstance(event, TransferCall):
-            if await self.hooks.transfer(event.destination):
-                return SessionResult(EndedReason.ASSISTANT_FORWARDED_CALL, hangup=False)
+            if await self.control.transfer(event.destination):
+                return SessionResult(EndedReason.ASSISTANT_FORWARDED_CALL)
         elif isinstance(event, SendDtmf):
-            await self.hooks.send_dtmf(event.digits)
+            await self.control.send_dtmf(event.digits)
         elif isinstance(event, Report):
-            self.hooks.report(event.kind, event.payload)
+            self.control.report(event.kind, event.payload)
         elif isinstance(event, Ignored):
             self.stats.ignored_messages += 1
             if self.stats.ignored_messages <= 5:

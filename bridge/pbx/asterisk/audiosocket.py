@@ -1,9 +1,11 @@
 """The AudioSocket server: Asterisk connects here once per accepted call.
 
 The first frame must be the call's UUID (sipbridge's call id, set by the dialplan); a
-connection that sends anything else, an unknown id, or garbage is closed and logged. Audio
-toward Asterisk is written frame by frame by the session's paced writer; when Asterisk stops
-reading, frames are dropped (and counted) rather than queued without bound.
+connection that sends anything else or garbage is closed and logged, and one whose id no call
+waits for is closed by the flow. Audio toward Asterisk is written frame by frame by the
+session's paced writer; when Asterisk stops reading, frames are dropped (and counted) rather
+than queued without bound. Closing the connection ends the call: ``AudioSocket()`` returns and
+the dialplan hangs up (``dialplan/sipbridge.conf``), with or without AMI.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from bridge.errors import RemoteProtocolError
-from bridge.media.session import LegAudio, LegClosed, LegDtmf, LegEvent
+from bridge.events import LegAudio, LegClosed, LegDtmf, LegEvent
 from bridge.protocol import audiosocket as wire
 from bridge.tasks import cancel_and_wait
 
@@ -48,6 +50,7 @@ class AudioSocketLeg:
         self.closed = False
         self.dropped_frames = 0
         self.error_frames = 0
+        self._released = asyncio.Event()
 
     async def receive(self) -> list[LegEvent]:
         """Decoded events from Asterisk; the last one is a :class:`LegClosed`."""
@@ -116,20 +119,22 @@ class AudioSocketLeg:
         self._writer.write(wire.encode_audio(pcm, self.rate))
         return True
 
-    def send_hangup(self) -> None:
-        """Makes AudioSocket() return; the dialplan then hangs up (no AMI needed)."""
-        if not self._writer.transport.is_closing():
-            self._writer.write(wire.encode_hangup())
-
     async def aclose(self) -> None:
-        """Closes the connection."""
+        """Closes the connection (Asterisk's AudioSocket() returns: the call ends unless it
+        was transferred away meanwhile); a second call does nothing."""
         self.closed = True
+        self._released.set()
         self._writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             await self._writer.wait_closed()
 
+    async def wait_released(self) -> None:
+        """Returns once the leg's owner is done with it (:meth:`aclose`)."""
+        await self._released.wait()
 
-LegHandler = Callable[[str, AudioSocketLeg], Awaitable[None]]
+
+# Hands a connected leg to its owner (the backend posts LegConnected), who closes it when done.
+LegHandler = Callable[[str, AudioSocketLeg], None]
 
 
 class AudioSocketServer:
@@ -142,6 +147,9 @@ class AudioSocketServer:
         self._on_leg = on_leg
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._connections)
 
     async def start(self) -> None:
         """Listens; ``port`` becomes the bound port (useful with 0)."""
@@ -167,7 +175,8 @@ class AudioSocketServer:
             async with asyncio.timeout(FIRST_FRAME_TIMEOUT_S):
                 call_id, early = await self._first_frame(reader, decoder)
             leg = AudioSocketLeg(reader, writer, decoder, call_id, early)
-            await self._on_leg(call_id, leg)
+            self._on_leg(call_id, leg)
+            await leg.wait_released()
         except TimeoutError:
             log.warning(
                 "AudioSocket connection from %s sent no UUID within %.0f s",

@@ -1,4 +1,5 @@
-"""Conversations: a call's pipeline opened while it rings, joined to its leg when media attaches."""
+"""Conversations, owned by the call flow: a call's pipeline opened while it rings, joined to its
+leg when the PBX connects it, and the call ended the way the conversation's result says."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from typing import Any
 
 from bridge.audio import sine, tone_share
 from bridge.calls import Call, EndedReason
-from bridge.conversations import Conversations
-from bridge.media.session import LegAudio, LegClosed
+from bridge.conversation import Conversations
+from bridge.events import LegAudio, LegClosed, LegConnected
 from bridge.settings import MediaSettings, PipelineSettings
 from tests.flow_harness import Harness, facts
 from tests.memory_leg import MemoryLeg
@@ -22,7 +23,7 @@ async def build(
     **options: Any,
 ) -> tuple[Harness, Conversations]:
     conversations = Conversations(pipeline_settings or PipelineSettings(), MediaSettings())
-    harness: Harness = await make_harness(media=conversations, **options)
+    harness: Harness = await make_harness(conversations=conversations, **options)
     return harness, conversations
 
 
@@ -41,7 +42,7 @@ async def offered(h: Harness, pipeline_url: str, **number: Any) -> Call:
 async def test_a_call_from_pipeline_start_to_report(
     make_harness: Callable[..., Any], pipeline: PipelineServer
 ) -> None:
-    h, conversations = await build(make_harness)
+    h, _ = await build(make_harness)
     assistant = await h.assistant(
         sipbridge={"pipeline": {"url": pipeline.url, "headers": {"X-Tenant": "acme"}}}
     )
@@ -61,19 +62,21 @@ async def test_a_call_from_pipeline_start_to_report(
     assert start["phoneNumber"]["sipUri"] == "sip:alice@sip.example.com"
 
     leg = MemoryLeg()
-    task = asyncio.ensure_future(conversations.attach(call.id, leg))
+    h.flow.post(LegConnected(call.id, leg))
     tone = sine(700, 0.5)
     for offset in range(0, len(tone), 320):
         leg.inbox.put_nowait(LegAudio(tone[offset : offset + 320]))
     heard = await session.wait_audio(15000)
     assert tone_share(heard[:8000], 16000, 700) > 0.95
     leg.inbox.put_nowait(LegClosed(by_caller=True))
-    await task
     report = await h.sink.wait_for_message("end-of-call-report")
     media = report.message["call"]["sipbridge"]["media"]
     assert report.message["endedReason"] == "customer-ended-call"
     assert media["framesFromCaller"] == 25 and media["framesToPipeline"] == 25
     assert "hangup" not in h.pbx.names()  # the caller hung up: nothing to tell the PBX
+    assert leg.closed
+    stop = await session.wait_control("stop")
+    assert stop["reason"] == "customer-ended-call"
 
 
 async def test_transcripts_and_messages_reach_the_end_of_call_report(
@@ -95,10 +98,10 @@ async def test_transcripts_and_messages_reach_the_end_of_call_report(
             await session.send_json(message)
 
     pipeline.script = script
-    h, conversations = await build(make_harness)
+    h, _ = await build(make_harness)
     call = await offered(h, pipeline.url)
     await h.pbx.wait_for("connect_media")
-    await conversations.attach(call.id, MemoryLeg())
+    h.flow.post(LegConnected(call.id, MemoryLeg()))
     report = (await h.sink.wait_for_message("end-of-call-report")).message
     assert report["endedReason"] == "assistant-ended-call"
     artifact = report["artifact"]
@@ -111,24 +114,23 @@ async def test_transcripts_and_messages_reach_the_end_of_call_report(
     assert all(m["secondsFromStart"] >= 0 for m in artifact["messages"][:2])
 
 
-async def test_media_for_no_waiting_call_is_hung_up(make_harness: Callable[..., Any]) -> None:
-    _, conversations = await build(make_harness)
+async def test_media_for_no_waiting_call_is_closed(make_harness: Callable[..., Any]) -> None:
+    h, _ = await build(make_harness)
     leg = MemoryLeg()
-    await conversations.attach("not-a-call", leg)
-    assert leg.hangups == 1
+    h.flow.post(LegConnected("not-a-call", leg))
+    await leg.wait_closed()
 
 
 async def test_a_call_ending_before_its_media_closes_the_pipeline(
     make_harness: Callable[..., Any], pipeline: PipelineServer
 ) -> None:
-    h, conversations = await build(make_harness)
+    h, _ = await build(make_harness)
     call = await offered(h, pipeline.url)
     await h.pbx.wait_for("connect_media")
     session: PipelineSession = await pipeline.session()
     h.flow.hung_up("test", call.facts.pbx_call_id)
     await session.closed.wait()
-    assert conversations.describe()["waitingForMedia"] == 0
-    await conversations.aclose()
+    assert h.flow.describe_media() == {"waitingForMedia": 0, "sessions": 0}
 
 
 async def test_the_pipeline_transfers_and_hangs_up_through_the_flow(
@@ -147,10 +149,11 @@ async def test_the_pipeline_transfers_and_hangs_up_through_the_flow(
         )
 
     pipeline.script = script
-    h, conversations = await build(make_harness)
+    h, _ = await build(make_harness)
     call = await offered(h, pipeline.url)
     await h.pbx.wait_for("connect_media")
-    await conversations.attach(call.id, MemoryLeg())
+    leg = MemoryLeg()
+    h.flow.post(LegConnected(call.id, leg))
     destination = await h.pbx.wait_for("transfer")
     assert (
         destination["sipUri"] == "sip:agent@pbx.example.com"
@@ -160,6 +163,8 @@ async def test_the_pipeline_transfers_and_hangs_up_through_the_flow(
     await h.sink.wait_for_message("status-update", status="ended")
     statuses = [m["status"] for m in h.sink.messages("status-update")]
     assert statuses == ["ringing", "in-progress", "forwarding", "ended"]
+    await leg.wait_closed()
+    assert "hangup" not in h.pbx.names()  # the channel went on to the transfer
 
 
 async def test_a_pipeline_that_never_connects_sends_the_call_to_its_fallback(
@@ -196,14 +201,16 @@ async def test_a_pipeline_failing_mid_call_sends_the_call_to_its_fallback(
         session.ws.transport.abort()  # the pipeline process dies: no close frame
 
     pipeline.script = script
-    h, conversations = await build(make_harness)
+    h, _ = await build(make_harness)
     call = await offered(h, pipeline.url, fallbackDestination=FALLBACK)
     await h.pbx.wait_for("connect_media")
-    leg = MemoryLeg()
-    await conversations.attach(call.id, leg)
-    # The transfer was taken before attach returned, so the leg was still up for it.
+    done_when_closed: list[str] = []
+    leg = MemoryLeg(on_close=lambda: done_when_closed.extend(h.pbx.names()))
+    h.flow.post(LegConnected(call.id, leg))
     assert (await h.pbx.wait_for("transfer"))["number"] == "+15557654321"
-    assert leg.hangups == 0 and "hangup" not in h.pbx.names()
+    await leg.wait_closed()
+    # The leg stayed up until the PBX had taken the transfer; nothing hung the call up.
+    assert done_when_closed == ["connect_media", "transfer"]
     report = await h.ended(call.id)
     assert report["endedReason"] == EndedReason.PIPELINE_FAILED.value
     assert "close code 1006" in report["call"]["endedMessage"]
@@ -218,7 +225,7 @@ async def test_a_stalled_pipeline_ends_the_call_when_fallback_is_off(
         session.ws.transport.pause_reading()  # alive but stuck: pings go unanswered
 
     pipeline.script = script
-    h, conversations = await build(
+    h, _ = await build(
         make_harness,
         PipelineSettings(ping_interval_s=0.2, ping_timeout_s=0.2),
         pipeline_fallback=False,
@@ -226,9 +233,44 @@ async def test_a_stalled_pipeline_ends_the_call_when_fallback_is_off(
     call = await offered(h, pipeline.url, fallbackDestination=FALLBACK)
     await h.pbx.wait_for("connect_media")
     leg = MemoryLeg()
-    await conversations.attach(call.id, leg)
+    h.flow.post(LegConnected(call.id, leg))
     report = await h.ended(call.id)
     assert report["endedReason"] == EndedReason.PIPELINE_FAILED.value
     assert "keepalive ping timeout" in report["call"]["endedMessage"]
-    assert leg.hangups == 1 and "transfer" not in h.pbx.names()
+    assert await h.pbx.wait_for("hangup") == call.facts.pbx_call_id
+    assert "transfer" not in h.pbx.names()
     (await pipeline.session()).ws.transport.abort()  # the stuck server-side connection
+
+
+async def test_a_leg_closed_by_the_transfer_itself_is_not_the_callers_hangup(
+    make_harness: Callable[..., Any], pipeline: PipelineServer
+) -> None:
+    """Asterisk closes the AudioSocket as its Redirect moves the call: that ends the session
+    before the Redirect's answer arrives, and must neither cut the transfer off nor make the
+    call customer-ended."""
+
+    async def script(session: PipelineSession) -> None:
+        await session.send_json(
+            {"type": "transfer", "destination": {"type": "number", "number": "+15550001111"}}
+        )
+
+    pipeline.script = script
+    h, _ = await build(make_harness)
+    call = await offered(h, pipeline.url)
+    await h.pbx.wait_for("connect_media")
+    leg = MemoryLeg()
+    moved = asyncio.Event()
+
+    async def the_pbx_moves_the_call() -> None:
+        conversation = h.flow._by_id[call.id].conversation
+        assert conversation is not None
+        leg.inbox.put_nowait(LegClosed(by_caller=True))
+        await conversation.session_over.wait()  # the session ends before the PBX answers
+        moved.set()
+
+    h.pbx.during_transfer = the_pbx_moves_the_call
+    h.flow.post(LegConnected(call.id, leg))
+    report = await h.ended(call.id)
+    assert moved.is_set()
+    assert report["endedReason"] == "assistant-forwarded-call"
+    assert "hangup" not in h.pbx.names()

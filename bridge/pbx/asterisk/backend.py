@@ -1,18 +1,15 @@
-"""The Asterisk adapter: panoramisk's AMI session behind a supervisor that fixes its defects.
+"""The Asterisk backend: AMI control and AudioSocket media, as one :class:`PbxBackend`.
 
-What panoramisk 1.4 does and what this module does instead (libraries.md section 2):
+Calls reach sipbridge through the project's dialplan (``dialplan/sipbridge.conf``): the offer
+context raises a ``UserEvent`` with the INVITE's facts and rings; the backend reports it
+(:class:`CallOffered`) and carries out the flow's decision with AMI actions (``PJSIPHangup``
+with a SIP status, a ``Redirect`` to the media or transfer context, ``Hangup``). An accepted
+call's audio arrives on the backend's AudioSocket server, tagged with sipbridge's call id
+(:class:`LegConnected`). The AMI session itself is :mod:`bridge.pbx.asterisk.link`.
 
-- It decodes each TCP chunk with ``errors='ignore'``, dropping a UTF-8 character split across
-  reads: :class:`_Utf8Protocol` decodes incrementally first.
-- It never raises on a bad secret and retries it forever: :meth:`AmiLink.start` raises
-  :class:`PbxAuthError` on the first refused login; later refusals are logged as errors.
-- Its pings are fire-and-forget, so a half-open connection is never noticed: a watchdog sends
-  the heartbeat ``Setvar`` every ``ping_interval_s`` and drops the link when one is not answered
-  within the interval (noticed within two intervals), then reconnects with backoff.
-- It re-sends unanswered actions after reconnecting: here every pending action fails at once
-  with :class:`PbxConnectionError` when the link drops, and nothing is queued for later; no
-  Redirect or Hangup is ever sent twice.
-- Its actions have no timeout: every action here has one.
+A watchdog sends the heartbeat ``Setvar`` every ``ping_interval_s`` (the dialplan refuses calls
+while it is stale) and drops the link when one is not answered within the interval (a
+half-open connection is noticed within two intervals), then reconnects with backoff.
 
 After each (re)connect the live calls are resynchronised with ``CoreShowChannels``: calls that
 ended meanwhile are ended, calls that waited in the offer context unseen are announced again,
@@ -29,28 +26,32 @@ Asterisk that accepts logins and then drops them is not hammered every 0.5 s.
 from __future__ import annotations
 
 import asyncio
-import codecs
-import contextlib
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
-
-from panoramisk import Manager
-from panoramisk.ami_protocol import AMIProtocol
+from typing import Any
 
 from bridge.errors import PbxActionError, PbxAuthError, PbxConnectionError, PbxError
-from bridge.events import InviteFacts, PbxKind
+from bridge.events import (
+    CallEvents,
+    CallGone,
+    CallOffered,
+    InviteFacts,
+    LegConnected,
+    LinkChanged,
+    PbxKind,
+)
+from bridge.pbx.asterisk.audiosocket import AudioSocketLeg, AudioSocketServer
+from bridge.pbx.asterisk.link import AmiLink
 from bridge.protocol import ami
-from bridge.settings import AsteriskSettings
+from bridge.settings import AsteriskSettings, MediaSettings
 from bridge.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 OFFER_CONTEXT = "sipbridge-offer"
-CONNECT_TIMEOUT_S = 5.0
 FIRST_RETRY_DELAY_S = 0.5
 # A link must stay up this long (or one ping interval, if longer) to reset the backoff.
 STABLE_LINK_MIN_S = 2.0
@@ -72,256 +73,31 @@ class _Announced:
     final: ami.Action | None = None
 
 
-class _Utf8Protocol(AMIProtocol):  # type: ignore[misc]
-    """panoramisk's protocol, fed only whole UTF-8 characters ('José Müller' survives)."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(self._utf8.decode(data).encode("utf-8"))
-
-
-class _Manager(Manager):  # type: ignore[misc]
-    """panoramisk's Manager without its own reconnects, pings or action replays."""
-
-    def __init__(self, on_lost: Callable[[BaseException | None], None], **config: Any) -> None:
-        super().__init__(**config)
-        self._on_lost = on_lost
-
-    def connection_made(self, future: asyncio.Future[Any]) -> None:
-        # On failure panoramisk schedules its own reconnect; the supervisor does that here.
-        if future.cancelled() or future.exception() is not None:
-            return
-        super().connection_made(future)
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._connected = False
-        pinger = getattr(self, "pinger", None)
-        if pinger is not None:
-            pinger.cancel()
-            self.pinger = None
-        self._on_lost(exc)
-
-    async def send_awaiting_actions(self, *_: Any) -> None:
-        # panoramisk would re-send actions that were pending when the link dropped.
-        self.awaiting_actions.clear()
-
-
-class EventSink(Protocol):
-    """Where the adapter reports calls (the call flow, through the composition root)."""
-
-    def offered(self, facts: InviteFacts, truncated: bool) -> None:
-        """A call waits for a decision."""
-
-    def hung_up(self, pbx_call_id: str, cause: int) -> None:
-        """A channel is gone."""
-
-    def link_changed(self, up: bool, detail: str) -> None:
-        """The AMI link went up or down."""
-
-    def known_calls(self) -> set[str]:
-        """Unique ids of the calls the flow still considers live."""
-
-
-class AmiLink:
-    """One supervised AMI session: connect, log in, watch, reconnect."""
-
-    def __init__(
-        self, settings: AsteriskSettings, on_event: Callable[[Mapping[str, Any]], None]
-    ) -> None:
-        self.settings = settings
-        self._on_event = on_event
-        self._manager: _Manager | None = None
-        self._lost: asyncio.Event = asyncio.Event()
-        self._closing = False
-        # Our own record of unanswered actions: panoramisk forgets some when the link drops.
-        self._pending: set[asyncio.Future[Any]] = set()
-        self.up = False
-        self.connects = 0
-
-    # ---- connection -----------------------------------------------------------------------------
-
-    async def open(self) -> None:
-        """Connects and logs in once.
-
-        Raises:
-            PbxConnectionError: Asterisk cannot be reached (retryable).
-            PbxAuthError: Asterisk refused the username or secret.
-        """
-        settings = self.settings
-        secret = settings.secret.get_secret_value() if settings.secret else ""
-        lost = asyncio.Event()
-        manager = _Manager(
-            lambda exc: self._connection_lost(manager, lost, exc),
-            host=settings.host,
-            port=settings.port,
-            username=settings.username,
-            secret=secret,
-            events="on",
-            encoding="utf8",
-            protocol_factory=_Utf8Protocol,
-            loop=asyncio.get_running_loop(),
-            # Never: the adapter pings with a timeout and reconnects itself.
-            ping_delay=10**9,
-            ping_interval=10**9,
-            reconnect_timeout=10**9,
-        )
-        manager.register_event("*", self._dispatch)
-        try:
-            async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                await manager.connect()
-        except (OSError, TimeoutError) as exc:
-            manager.close()
-            raise PbxConnectionError(
-                f"cannot reach AMI at {settings.host}:{settings.port}: {exc or 'timeout'}"
-            ) from exc
-        # panoramisk sends Login from the connect task's done-callback, registered before our
-        # await, so it has run by now.
-        if manager.authenticated_future is None:
-            manager.close()
-            raise PbxConnectionError("AMI login was not sent")
-        # Wait for the login answer or the connection's end, whichever comes first: a peer that
-        # accepts and drops (a proxy, a restarting Asterisk) must not cost the full timeout.
-        answer = asyncio.ensure_future(asyncio.shield(manager.authenticated_future))
-        closed = asyncio.ensure_future(lost.wait())
-        try:
-            done, _ = await asyncio.wait(
-                {answer, closed}, timeout=CONNECT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            closed.cancel()
-            if not answer.done():
-                answer.cancel()
-        if answer not in done or answer.exception() is not None:
-            manager.close()
-            raise PbxConnectionError("the AMI connection closed before the login was answered")
-        response = answer.result()
-        if not response.success:
-            manager.close()
-            raise PbxAuthError(
-                f"Asterisk refused AMI login as {settings.username!r}: {response.message}"
-            )
-        if lost.is_set():
-            # Answered and closed in one read: the session is dead before it is ours.
-            manager.close()
-            raise PbxConnectionError("the AMI connection closed right after the login")
-        self._manager, self._lost = manager, lost
-        self.up = True
-        self.connects += 1
-
-    def _connection_lost(
-        self, manager: _Manager, lost: asyncio.Event, exc: BaseException | None
-    ) -> None:
-        # Fail every action still waiting: none of them will be answered, none is re-sent.
-        manager.awaiting_actions.clear()
-        if manager is self._manager:
-            for future in list(self._pending):
-                if not future.done():
-                    future.set_exception(PbxConnectionError("the AMI link dropped"))
-            self._pending.clear()
-            self.up = False
-        lost.set()
-
-    def _dispatch(self, _manager: Manager, message: Mapping[str, Any]) -> None:
-        try:
-            self._on_event(message)
-        except Exception:
-            # Task boundary for events: one bad event must not stop the others.
-            log.exception("handling AMI event %s failed", message.get("Event"))
-
-    async def wait_lost(self) -> None:
-        """Returns when the current session is gone."""
-        await self._lost.wait()
-
-    def drop(self) -> None:
-        """Aborts the current session (the supervisor reconnects)."""
-        manager = self._manager
-        transport = getattr(getattr(manager, "protocol", None), "transport", None)
-        if transport is not None:
-            transport.abort()
-
-    async def aclose(self) -> None:
-        """Logs off (best effort) and closes."""
-        self._closing = True
-        manager = self._manager
-        if manager is not None and self.up:
-            with contextlib.suppress(PbxError):
-                await self.action({"Action": "Logoff"}, limit_s=1.0)
-        if manager is not None:
-            manager.close()
-        self.up = False
-
-    # ---- actions ------------------------------------------------------------------------------
-
-    async def action(self, fields: Mapping[str, str], limit_s: float | None = None) -> Any:
-        """Sends one action and returns its response.
-
-        Raises:
-            PbxConnectionError: the link is down (nothing was sent) or dropped meanwhile.
-            PbxActionError: Asterisk answered with an error, or not within the timeout.
-        """
-        manager = self._manager
-        if manager is None or not self.up:
-            raise PbxConnectionError("the AMI link is down")
-        checked = ami.checked(fields)
-        limit = limit_s or self.settings.action_timeout_s
-        # as_list=False: otherwise panoramisk guesses from the response text, and PlayDTMF's
-        # "DTMF successfully queued" makes it look up an Async field that is not there: a
-        # KeyError inside data_received that drops the whole AMI link.
-        future = manager.send_action(dict(checked), as_list=False)
-        response = await self._await(future, checked["Action"], limit)
-        if isinstance(response, list):
-            return response
-        if getattr(response, "response", "") in ("Error", "Fail", "Failure"):
-            raise PbxActionError(f"{checked['Action']}: {response.message or 'failed'}")
-        return response
-
-    async def list_action(self, fields: Mapping[str, str]) -> list[Any]:
-        """Sends an action whose answer is a list of events (``CoreShowChannels``)."""
-        manager = self._manager
-        if manager is None or not self.up:
-            raise PbxConnectionError("the AMI link is down")
-        future = manager.send_action(dict(ami.checked(fields)), as_list=True)
-        result = await self._await(future, fields["Action"], self.settings.action_timeout_s)
-        return list(result) if isinstance(result, list) else [result]
-
-    async def _await(self, future: asyncio.Future[Any], name: str, limit_s: float) -> Any:
-        self._pending.add(future)
-        try:
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
-            # arrives as the future completes, and the task would never stop.
-            async with asyncio.timeout(limit_s):
-                return await asyncio.shield(future)
-        except TimeoutError:
-            raise PbxActionError(f"{name} got no answer within {limit_s:g} s") from None
-        finally:
-            self._pending.discard(future)
-
-
-class AsteriskAdapter:
-    """Turns AMI events into call-flow events and carries out its decisions (``PbxControl``)."""
+class AsteriskBackend:
+    """AMI events in, call-flow events out; the flow's decisions out as AMI actions; the
+    calls' audio over AudioSocket (``PbxBackend``)."""
 
     kind: PbxKind = "asterisk"
 
     def __init__(
         self,
         settings: AsteriskSettings,
-        sink: EventSink,
+        media: MediaSettings,
         *,
-        audiosocket_address: Callable[[], str],
         wall_clock: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.settings = settings
-        self._sink = sink
-        self._audiosocket_address = audiosocket_address
+        self.media = media
+        self._events: CallEvents | None = None
         self._wall_clock = wall_clock
         self._clock = clock
         self._sleep = sleep
         self.link = AmiLink(settings, self._on_event)
+        self.audiosocket = AudioSocketServer(
+            media.audiosocket_host, media.audiosocket_port, media.max_frame_bytes, self._on_leg
+        )
         self._supervisor: asyncio.Task[None] | None = None
         # A session that was opened and reported up, and when: the supervisor watches it next.
         self._session_since: float | None = None
@@ -332,12 +108,16 @@ class AsteriskAdapter:
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Connects (a refused login is an error at once), then supervises the link.
+    async def start(self, events: CallEvents) -> None:
+        """Opens the AudioSocket server, connects (a refused login is an error at once), then
+        supervises the link.
 
         Raises:
             PbxAuthError: wrong username or secret.
+            OSError: the AudioSocket port cannot be bound.
         """
+        self._events = events
+        await self.audiosocket.start()
         try:
             await self.link.open()
         except PbxConnectionError as exc:
@@ -346,17 +126,38 @@ class AsteriskAdapter:
             await self._connected()
         self._supervisor = asyncio.create_task(self._supervise(), name="ami-supervisor")
 
+    def describe(self) -> dict[str, Any]:
+        """The AudioSocket server for ``/health``."""
+        return {"audiosocket": self.audiosocket_address(), "legs": len(self.audiosocket)}
+
+    def audiosocket_address(self) -> str:
+        """The host:port Asterisk connects AudioSocket to."""
+        if self.media.audiosocket_advertise:
+            return self.media.audiosocket_advertise
+        host = self.media.audiosocket_host
+        if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard bind is not an address to dial
+            host = "127.0.0.1"
+        return f"{host}:{self.audiosocket.port}"
+
+    def _post(self, event: CallOffered | CallGone | LegConnected | LinkChanged) -> None:
+        if self._events is not None:
+            self._events.post(event)
+
+    def _on_leg(self, call_id: str, leg: AudioSocketLeg) -> None:
+        self._post(LegConnected(call_id, leg))
+
     @property
     def stable_after_s(self) -> float:
         """How long a link must stay up before the reconnect backoff starts again from 0.5 s."""
         return max(self.settings.ping_interval_s, STABLE_LINK_MIN_S)
 
     async def aclose(self) -> None:
-        """Stops supervising and closes the link."""
+        """Stops supervising, closes the link, then the AudioSocket server."""
         if self._supervisor is not None:
             await cancel_and_wait([self._supervisor])
             self._supervisor = None
         await self.link.aclose()
+        await self.audiosocket.aclose()
 
     async def _supervise(self) -> None:
         delay = FIRST_RETRY_DELAY_S
@@ -379,7 +180,7 @@ class AsteriskAdapter:
         since, self._session_since = self._session_since, None
         if since is not None:
             await self._watch()
-            self._sink.link_changed(False, "AMI link lost")
+            self._post(LinkChanged(self.kind, False, "AMI link lost"))
             up_s = self._clock() - since
             log.error(
                 "AMI link to %s:%s lost after %.1f s; reconnecting",
@@ -412,7 +213,7 @@ class AsteriskAdapter:
             self.link.connects,
         )
         self._session_since = self._clock()
-        self._sink.link_changed(True, "AMI link up")
+        self._post(LinkChanged(self.kind, True, "AMI link up"))
         try:
             await self.link.action(ami.heartbeat(int(self._wall_clock())))
             await self.resync()
@@ -447,10 +248,10 @@ class AsteriskAdapter:
         present = {state.uniqueid for state in states}
         for uniqueid in [u for u in self._announced if u not in present]:
             del self._announced[uniqueid]  # gone while AMI was away; its Hangup was missed
-        known = self._sink.known_calls()
+        known = self._events.live_calls(self.kind) if self._events is not None else set()
         for uniqueid in sorted(known - present):
             log.info("call %s ended while AMI was away", uniqueid)
-            self._sink.hung_up(uniqueid, 0)
+            self._post(CallGone(self.kind, uniqueid))
         for state in states:
             if state.uniqueid in known:
                 continue
@@ -519,13 +320,13 @@ class AsteriskAdapter:
                 # ended: one channel is one call record.
                 log.info("%s was announced before; not offering it again", facts.channel)
                 return
-            self._sink.offered(facts, offer.truncated)
+            self._post(CallOffered(facts))
             self._announced[facts.pbx_call_id] = _Announced(facts.channel)
         elif name == "Hangup":
             uniqueid = str(event.get("Uniqueid", ""))
             if uniqueid:
                 self._announced.pop(uniqueid, None)
-                self._sink.hung_up(uniqueid, ami.hangup_cause(event))
+                self._post(CallGone(self.kind, uniqueid, cause=ami.hangup_cause(event)))
 
     # ---- PbxControl -----------------------------------------------------------------------------
 
@@ -536,7 +337,7 @@ class AsteriskAdapter:
     async def connect_media(self, facts: InviteFacts, call_id: str) -> None:
         """Answer and run AudioSocket toward our server, tagged with the call id."""
         for action in ami.connect_media(
-            facts.channel, call_id, self._audiosocket_address(), self.settings.media_context
+            facts.channel, call_id, self.audiosocket_address(), self.settings.media_context
         ):
             await self.link.action(action)
 

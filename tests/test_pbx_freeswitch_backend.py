@@ -1,4 +1,5 @@
-"""The FreeSWITCH adapter (greenswitch in its own thread) against the capture-built ESL peer."""
+"""The FreeSWITCH backend (greenswitch in its own thread, unicast sockets) against the
+capture-built Event Socket peer."""
 
 from __future__ import annotations
 
@@ -12,15 +13,10 @@ from typing import Any
 import pytest
 
 from bridge.errors import PbxActionError, PbxAuthError, PbxConnectionError
-from bridge.events import InviteFacts
-from bridge.pbx.freeswitch import (
-    HEARTBEAT_VARIABLE,
-    SUBSCRIPTION,
-    FreeswitchAdapter,
-    UnicastPorts,
-)
+from bridge.events import LegClosed, LegDtmf
+from bridge.pbx.freeswitch.backend import HEARTBEAT_VARIABLE, SUBSCRIPTION, FreeswitchBackend
 from bridge.protocol import esl
-from bridge.settings import FreeswitchSettings
+from bridge.settings import FreeswitchSettings, MediaSettings
 from tests.esl_peer import CALL_ANSWERED, CALL_RINGING, PASSWORD, EslPeer
 from tests.pbx_sink import RecordingSink
 
@@ -42,13 +38,14 @@ def settings(port: int, **values: Any) -> FreeswitchSettings:
     return FreeswitchSettings(**base)
 
 
+MEDIA = MediaSettings(unicast_host="127.0.0.1")
+
+
 @dataclass
 class Rig:
     peer: EslPeer
     sink: RecordingSink
-    adapter: FreeswitchAdapter
-    media: list[tuple[str, str, tuple[str, int]]]
-    transferred: list[str]
+    adapter: FreeswitchBackend
 
 
 @pytest.fixture
@@ -63,24 +60,10 @@ async def peer() -> AsyncIterator[EslPeer]:
 async def rig(peer: EslPeer, request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     """An adapter connected to the peer; ``indirect`` parameters are settings."""
     sink = RecordingSink()
-    media: list[tuple[str, str, tuple[str, int]]] = []
-    transferred: list[str] = []
-
-    async def media_endpoint(
-        facts: InviteFacts, call_id: str, source: tuple[str, int]
-    ) -> tuple[str, int]:
-        media.append((facts.pbx_call_id, call_id, source))
-        return ("127.0.0.1", 40100)
-
-    adapter = FreeswitchAdapter(
-        settings(peer.port, **getattr(request, "param", {})),
-        sink,
-        media_endpoint,
-        on_transferred=transferred.append,
-    )
-    await adapter.start()
+    adapter = FreeswitchBackend(settings(peer.port, **getattr(request, "param", {})), MEDIA)
+    await adapter.start(sink)
     await sink.wait_for(lambda s: s.links == [True])
-    yield Rig(peer, sink, adapter, media, transferred)
+    yield Rig(peer, sink, adapter)
     await adapter.aclose()
     await adapter.aclose()  # a second close is harmless (Service.start's cleanup may repeat it)
     assert not [t for t in threading.enumerate() if t.name == "freeswitch-esl"]
@@ -111,19 +94,22 @@ async def test_accepting_answers_in_the_channel_thread_then_streams_to_our_leg(r
     peer.park(CALL_RINGING)  # parked ringing, as freeswitch_conf's dialplan parks an offer
     await rig.sink.wait_for(lambda s: s.offers)
     await adapter.connect_media(rig.sink.offers[0], "call-1")
-    assert rig.media == [(CALL_RINGING, "call-1", ("127.0.0.1", 32000))]
+    leg = adapter.unicast._legs[CALL_RINGING]
+    ours = leg._transport.get_extra_info("sockname")[1] if leg._transport else None
     # sendmsg execute answer, never api uuid_answer: unicast right after that aborted
     # FreeSWITCH live (faults/01); this order is the one faults/02 shows working.
     assert peer.requests[-2:] == [
         f"sendmsg {CALL_RINGING}\ncall-command: execute\nexecute-app-name: answer",
         f"sendmsg {CALL_RINGING}\ncall-command: unicast\nlocal-ip: 127.0.0.1\nlocal-port: 32000\n"
-        "remote-ip: 127.0.0.1\nremote-port: 40100\ntransport: udp",
+        f"remote-ip: 127.0.0.1\nremote-port: {ours}\ntransport: udp",
     ]
     assert not peer.crashed
     # The caller hangs up: the captured hangup events end the call, with its Q.850 cause.
     peer.hang_up(CALL_RINGING)
     await rig.sink.wait_for(lambda s: s.hangups)
     assert rig.sink.hangups == [(CALL_RINGING, 16)]
+    assert (await leg.receive())[-1] == LegClosed(by_caller=True)  # and its leg ends with it
+    assert len(adapter.unicast) == 0
 
 
 async def test_reject_transfer_hangup_and_dtmf(rig: Rig) -> None:
@@ -137,6 +123,14 @@ async def test_reject_transfer_hangup_and_dtmf(rig: Rig) -> None:
         f"sendmsg {CALL_RINGING}\ncall-command: execute\nexecute-app-name: respond\nexecute-app-arg: 404",
         f"sendmsg {CALL_RINGING}\ncall-command: hangup\nhangup-cause: UNALLOCATED_NUMBER",
     ]
+    # The caller's keys, as FreeSWITCH reports them (DTMF events), join the call's leg.
+    await adapter.connect_media(answered, "call-2")
+    leg = adapter.unicast._legs[CALL_ANSWERED]
+    peer.send(*peer.captured.dtmf_events(CALL_ANSWERED))
+    digits: list[object] = []
+    while len(digits) < 3:
+        digits += await asyncio.wait_for(leg.receive(), 5)
+    assert digits == [LegDtmf("1"), LegDtmf("2"), LegDtmf("#")]
     await adapter.transfer(
         answered,
         {"type": "sip", "sipUri": "sip:agent@pbx.example.com", "sipHeaders": {"X-Reason": "vip"}},
@@ -151,7 +145,7 @@ async def test_reject_transfer_hangup_and_dtmf(rig: Rig) -> None:
         f"api uuid_setvar {CALL_ANSWERED} sipbridge_offer",
         f"api uuid_transfer {CALL_ANSWERED} sipbridge_transfer XML sipbridge",
     ]
-    assert rig.transferred == [CALL_ANSWERED]
+    assert not peer.crashed
     # Quotes and backslashes survive FreeSWITCH's argument splitting.
     await adapter.transfer(answered, {"number": "+1555", "sipHeaders": {"X-Q": "it's a\\b"}})
     assert f"api uuid_setvar {CALL_ANSWERED} sip_h_X-Q it\\'s a\\\\b" in peer.requests
@@ -167,10 +161,6 @@ async def test_reject_transfer_hangup_and_dtmf(rig: Rig) -> None:
         with pytest.raises(PbxActionError):
             await adapter.transfer(answered, hostile)
     assert len(peer.requests) == sent  # refused before anything was sent
-    # The caller's keys, as FreeSWITCH reports them (DTMF events).
-    peer.send(*peer.captured.dtmf_events(CALL_ANSWERED))
-    await sink.wait_for(lambda s: len(s.digits) == 3)
-    assert [d for _, d in sink.digits] == ["1", "2", "#"]
     await adapter.send_dtmf(answered, "7#")
     assert peer.requests[-1] == f"api uuid_send_dtmf {CALL_ANSWERED} 7#"
     with pytest.raises(PbxActionError):
@@ -183,9 +173,9 @@ async def test_reject_transfer_hangup_and_dtmf(rig: Rig) -> None:
 
 
 async def test_a_refused_password_is_an_error_not_a_retry_loop(peer: EslPeer) -> None:
-    adapter = FreeswitchAdapter(settings(peer.port, password="wrong"), RecordingSink(), _no_media)
+    adapter = FreeswitchBackend(settings(peer.port, password="wrong"), MEDIA)
     with pytest.raises(PbxAuthError, match="refused the event socket password"):
-        await adapter.start()
+        await adapter.start(RecordingSink())
     assert peer.connections == 1 and peer.commands == ["auth wrong"]
     assert not [t for t in threading.enumerate() if t.name == "freeswitch-esl"]
 
@@ -193,8 +183,8 @@ async def test_a_refused_password_is_an_error_not_a_retry_loop(peer: EslPeer) ->
 async def test_freeswitch_down_at_start_is_retried_until_it_is_up(peer: EslPeer) -> None:
     peer.refuse = True
     sink = RecordingSink()
-    adapter = FreeswitchAdapter(settings(peer.port), sink, _no_media)
-    await adapter.start()  # not an error: FreeSWITCH may start after sipbridge
+    adapter = FreeswitchBackend(settings(peer.port), MEDIA)
+    await adapter.start(sink)  # not an error: FreeSWITCH may start after sipbridge
     assert sink.links == []
     peer.refuse = False
     await sink.wait_for(lambda s: s.links == [True])
@@ -280,20 +270,6 @@ async def test_a_stream_cut_in_the_middle_of_an_event_is_a_lost_link(rig: Rig) -
     assert sink.offers == []
     peer.park(CALL_RINGING)  # the new connection works
     await sink.wait_for(lambda s: len(s.offers) == 1)
-
-
-def test_unicast_ports_are_one_per_call_and_reused_last() -> None:
-    ports = UnicastPorts(32000, 32001)
-    assert ports.take("a") == 32000 and ports.take("a") == 32000
-    assert ports.take("b") == 32001
-    with pytest.raises(PbxActionError):
-        ports.take("c")
-    ports.release("a")
-    assert ports.take("c") == 32000
-
-
-async def _no_media(facts: InviteFacts, call_id: str, source: tuple[str, int]) -> tuple[str, int]:
-    raise AssertionError("no media expected")
 
 
 def test_the_shipped_dialplan_speaks_the_adapters_names() -> None:

@@ -1,24 +1,24 @@
 """FreeSWITCH's unicast audio: one UDP socket per accepted call.
 
-The adapter tells FreeSWITCH (``call-command: unicast``) to send the call's audio to the socket
-:meth:`UnicastMedia.open` bound; the first datagram from FreeSWITCH starts the call's
-conversation (as the UUID frame does for AudioSocket), and audio toward the caller goes back
-to where FreeSWITCH sends from. FreeSWITCH neither paces nor fills what it is sent, like
-Asterisk: the session's paced writer does. DTMF does not travel in unicast audio: the adapter
-reports DTMF events and :meth:`UnicastMedia.dtmf` puts them in the call's leg. A datagram from
-anyone but FreeSWITCH is refused (:mod:`bridge.protocol.unicast`).
+The backend tells FreeSWITCH (``call-command: unicast``) to send the call's audio to the socket
+:meth:`UnicastMedia.open` bound; the first datagram from FreeSWITCH hands the leg to the call
+(as the UUID frame does for AudioSocket), and audio toward the caller goes back to where
+FreeSWITCH sends from. FreeSWITCH neither paces nor fills what it is sent, like Asterisk: the
+session's paced writer does. DTMF does not travel in unicast audio: the backend reports DTMF
+events and :meth:`UnicastMedia.dtmf` puts them in the call's leg. A datagram from anyone but
+FreeSWITCH is refused (:mod:`bridge.protocol.unicast`). Unicast has no hangup of its own:
+closing a leg frees its socket and nothing else (the backend hangs channels up over ESL).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, cast
 
-from bridge.media.session import LegAudio, LegClosed, LegDtmf, LegEvent
+from bridge.events import LegAudio, LegClosed, LegDtmf, LegEvent
 from bridge.protocol import unicast as wire
-from bridge.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,12 @@ class UnicastLeg(asyncio.DatagramProtocol):
         call_id: str,
         decoder: wire.UnicastDecoder,
         on_first_audio: Callable[[UnicastLeg], None],
-        hangup: Callable[[], None],
+        on_close: Callable[[UnicastLeg], None],
     ) -> None:
         self.call_id = call_id
         self._decoder = decoder
         self._on_first_audio = on_first_audio
-        self._hangup = hangup
+        self._on_close = on_close
         self._events: asyncio.Queue[LegEvent] = asyncio.Queue(MAX_QUEUED_EVENTS)
         self._transport: asyncio.DatagramTransport | None = None
         self.started = False
@@ -100,15 +100,11 @@ class UnicastLeg(asyncio.DatagramProtocol):
         self._transport.sendto(pcm, source)
         return True
 
-    def send_hangup(self) -> None:
-        """Unicast has no hangup of its own: the adapter hangs the channel up over ESL."""
-        self._hangup()
+    async def aclose(self) -> None:
+        """The conversation is done with the leg: the socket is freed."""
+        self.close(by_caller=False, detail="conversation over")
 
-    def detach(self) -> None:
-        """The channel is no longer this conversation's (transferred): never hang it up."""
-        self._hangup = lambda: None
-
-    # ---- from the adapter ----------------------------------------------------------------------
+    # ---- from the backend ----------------------------------------------------------------------
 
     def dtmf(self, digit: str) -> None:
         """The caller pressed a key (a FreeSWITCH DTMF event)."""
@@ -122,9 +118,11 @@ class UnicastLeg(asyncio.DatagramProtocol):
             self._put(LegClosed(by_caller=by_caller, detail=detail))
         if self._transport is not None:
             self._transport.close()
+        self._on_close(self)
 
 
-LegHandler = Callable[[str, UnicastLeg], Awaitable[None]]
+# Hands a leg that got its first audio to its owner (the backend posts LegConnected).
+LegHandler = Callable[[str, UnicastLeg], None]
 
 
 class UnicastMedia:
@@ -133,8 +131,7 @@ class UnicastMedia:
     Args:
         host: the address sipbridge's sockets bind.
         advertise: the address FreeSWITCH is told to send to (default: ``host``).
-        on_leg: runs a call's conversation over its leg (``Conversations.attach``).
-        hangup: hangs up a FreeSWITCH channel (by uuid) when a conversation ends.
+        on_leg: takes a call's leg once its first audio arrived.
         start_timeout_s: a socket that gets no audio within this is closed.
     """
 
@@ -144,16 +141,13 @@ class UnicastMedia:
         advertise: str | None,
         *,
         on_leg: LegHandler,
-        hangup: Callable[[str], None],
         start_timeout_s: float,
     ) -> None:
         self.host = host
         self.advertise = advertise or host
         self._on_leg = on_leg
-        self._hangup = hangup
         self._start_timeout_s = start_timeout_s
         self._legs: dict[str, UnicastLeg] = {}
-        self._tasks = TaskSet("unicast")
 
     def __len__(self) -> int:
         return len(self._legs)
@@ -171,8 +165,8 @@ class UnicastMedia:
             lambda: UnicastLeg(
                 call_id,
                 wire.UnicastDecoder(freeswitch[0], freeswitch[1]),
-                lambda started: self._started(channel, started),
-                lambda: self._hangup(channel),
+                lambda started: self._on_leg(started.call_id, started),
+                lambda closed: self._closed(channel, closed),
             ),
             local_addr=(self.host, 0),
         )
@@ -182,16 +176,9 @@ class UnicastMedia:
         log.info("call %s: unicast socket %s:%d for FreeSWITCH", call_id, self.host, port)
         return self.advertise, int(port)
 
-    def _started(self, channel: str, leg: UnicastLeg) -> None:
-        self._tasks.spawn(self._converse(channel, leg), f"leg-{leg.call_id}")
-
-    async def _converse(self, channel: str, leg: UnicastLeg) -> None:
-        try:
-            await self._on_leg(leg.call_id, leg)
-        finally:
-            leg.close(by_caller=False, detail="conversation over")
-            if self._legs.get(channel) is leg:
-                del self._legs[channel]
+    def _closed(self, channel: str, leg: UnicastLeg) -> None:
+        if self._legs.get(channel) is leg:
+            del self._legs[channel]
 
     def _check_started(self, channel: str, leg: UnicastLeg) -> None:
         if not leg.started and self._legs.get(channel) is leg:
@@ -200,14 +187,7 @@ class UnicastMedia:
                 leg.call_id,
                 self._start_timeout_s,
             )
-            del self._legs[channel]
             leg.close(by_caller=False, detail="no audio from FreeSWITCH")
-
-    def transferred(self, channel: str) -> None:
-        """The channel went on to a transfer: the end of its conversation must not hang it up."""
-        leg = self._legs.get(channel)
-        if leg is not None:
-            leg.detach()
 
     def dtmf(self, channel: str, digit: str) -> None:
         """A DTMF event for the channel's leg."""
@@ -217,13 +197,12 @@ class UnicastMedia:
 
     def hung_up(self, channel: str) -> None:
         """FreeSWITCH reports the channel gone: its leg ends as the caller's hangup."""
-        leg = self._legs.pop(channel, None)
+        leg = self._legs.get(channel)
         if leg is not None:
             leg.close(by_caller=True)
 
     async def aclose(self) -> None:
-        """Closes every socket and ends the conversations."""
+        """Closes every socket (their conversations see the leg closed)."""
         for leg in list(self._legs.values()):
             leg.close(by_caller=False, detail="sipbridge is stopping")
         self._legs.clear()
-        await self._tasks.aclose()

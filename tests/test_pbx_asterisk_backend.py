@@ -1,7 +1,6 @@
-"""The Asterisk adapter against a loopback AMI peer replaying Asterisk 22's captured messages.
+"""The Asterisk backend against a loopback AMI peer replaying Asterisk 22's captured messages.
 
-Each panoramisk defect the adapter works around (libraries.md section 2) has a regression test
-here. The end-to-end behaviour with real Asterisk is in test_asterisk_calls.py.
+The end-to-end behaviour with real Asterisk is in tests/asterisk/test_asterisk_calls.py.
 """
 
 from __future__ import annotations
@@ -16,9 +15,9 @@ import pytest
 
 from bridge.callflow import CallFlow
 from bridge.errors import PbxActionError, PbxAuthError, PbxConnectionError
-from bridge.events import InviteFacts, invite_facts
-from bridge.pbx.asterisk import FIRST_RETRY_DELAY_S, AmiLink, AsteriskAdapter
-from bridge.settings import AsteriskSettings
+from bridge.events import LinkChanged, PbxEvent, PbxKind, invite_facts
+from bridge.pbx.asterisk.backend import FIRST_RETRY_DELAY_S, AsteriskBackend
+from bridge.settings import AsteriskSettings, MediaSettings
 from bridge.store import ListQuery
 from tests.ami_peer import HANGUP_EVENT, OFFER_EVENT, AmiPeer, render
 from tests.flow_harness import Harness
@@ -38,6 +37,11 @@ def settings(peer: AmiPeer, **values: Any) -> AsteriskSettings:
     return AsteriskSettings(**base)
 
 
+def media(advertise: str = "127.0.0.1:9092") -> MediaSettings:
+    """A free AudioSocket port, advertised to Asterisk as ``advertise``."""
+    return MediaSettings(audiosocket_port=0, audiosocket_advertise=advertise)
+
+
 @pytest.fixture
 async def peer() -> AsyncIterator[AmiPeer]:
     server = AmiPeer()
@@ -47,10 +51,10 @@ async def peer() -> AsyncIterator[AmiPeer]:
 
 
 @pytest.fixture
-async def adapter(peer: AmiPeer) -> AsyncIterator[tuple[AsteriskAdapter, RecordingSink]]:
+async def adapter(peer: AmiPeer) -> AsyncIterator[tuple[AsteriskBackend, RecordingSink]]:
     sink = RecordingSink()
-    running = AsteriskAdapter(settings(peer), sink, audiosocket_address=lambda: "127.0.0.1:9092")
-    await running.start()
+    running = AsteriskBackend(settings(peer), media("127.0.0.1:9092"))
+    await running.start(sink)
     yield running, sink
     await running.aclose()
 
@@ -65,7 +69,7 @@ FACTS = invite_facts(
 
 
 async def test_offer_events_become_invite_facts(
-    peer: AmiPeer, adapter: tuple[AsteriskAdapter, RecordingSink]
+    peer: AmiPeer, adapter: tuple[AsteriskBackend, RecordingSink]
 ) -> None:
     _, sink = adapter
     await peer.send(render(OFFER_EVENT))
@@ -78,33 +82,12 @@ async def test_offer_events_become_invite_facts(
     assert sink.hangups == [("1795455892.1", 1)]
 
 
-async def test_utf8_split_across_reads_survives(peer: AmiPeer) -> None:
-    """panoramisk decodes each chunk with errors='ignore': 'José' became 'Jos'."""
-    received: list[Any] = []
-    arrived = asyncio.Event()
-
-    def on_event(event: Any) -> None:
-        received.append(event)
-        arrived.set()
-
-    link = AmiLink(settings(peer), on_event)
-    await link.open()
-    data = render(HANGUP_EVENT, CallerIDName="José Müller")
-    split = data.index("é".encode()) + 1  # inside the two bytes of "é"
-    await peer.send(data, split_at=split)
-    await asyncio.wait_for(arrived.wait(), 5)
-    assert received[0]["CallerIDName"] == "José Müller"
-    await link.aclose()
-
-
 async def test_a_refused_login_is_an_error_not_a_retry_loop(peer: AmiPeer) -> None:
     """panoramisk resolves a refused login quietly and retries the same secret forever."""
     sink = RecordingSink()
-    adapter = AsteriskAdapter(
-        settings(peer, secret="wrong"), sink, audiosocket_address=lambda: "x:1"
-    )
+    adapter = AsteriskBackend(settings(peer, secret="wrong"), media("x:1"))
     with pytest.raises(PbxAuthError, match="Authentication failed"):
-        await adapter.start()
+        await adapter.start(sink)
     assert peer.logins == 1
     assert adapter._supervisor is None  # nothing left running that could try again
     await adapter.aclose()
@@ -116,8 +99,8 @@ async def test_unreachable_asterisk_is_retried_in_the_background() -> None:
     port = server.port
     await server.stop()  # nothing listens on the port for now
     sink = RecordingSink()
-    adapter = AsteriskAdapter(settings(server, port=port), sink, audiosocket_address=lambda: "x:1")
-    await adapter.start()
+    adapter = AsteriskBackend(settings(server, port=port), media("x:1"))
+    await adapter.start(sink)
     assert not adapter.link.up
     revived = AmiPeer(port=port)
     await revived.start()
@@ -130,7 +113,7 @@ async def test_unreachable_asterisk_is_retried_in_the_background() -> None:
 
 
 async def test_watchdog_notices_a_silent_link_and_reconnects(
-    peer: AmiPeer, adapter: tuple[AsteriskAdapter, RecordingSink]
+    peer: AmiPeer, adapter: tuple[AsteriskBackend, RecordingSink]
 ) -> None:
     """panoramisk's pings are fire-and-forget: a half-open connection was never noticed."""
     _, sink = adapter
@@ -171,14 +154,13 @@ async def test_reconnect_backoff_grows_until_a_link_stays_up(peer: AmiPeer) -> N
                 await slept.wait()
 
     sink = RecordingSink()
-    adapter = AsteriskAdapter(
+    adapter = AsteriskBackend(
         settings(peer, reconnect_max_delay_s=4.0),
-        sink,
-        audiosocket_address=lambda: "x:1",
+        media("x:1"),
         clock=lambda: now,
         sleep=sleep,
     )
-    await adapter.start()
+    await adapter.start(sink)
     try:
         await sleeps(6)
         base = [FIRST_RETRY_DELAY_S, 1.0, 2.0, 4.0, 4.0, 4.0]
@@ -193,7 +175,7 @@ async def test_reconnect_backoff_grows_until_a_link_stays_up(peer: AmiPeer) -> N
 
 
 async def test_pending_actions_fail_when_the_link_drops_and_are_never_resent(
-    peer: AmiPeer, adapter: tuple[AsteriskAdapter, RecordingSink]
+    peer: AmiPeer, adapter: tuple[AsteriskBackend, RecordingSink]
 ) -> None:
     """panoramisk re-sends unanswered actions after reconnecting: a Redirect could run twice."""
     running, sink = adapter
@@ -221,7 +203,7 @@ async def test_pending_actions_fail_when_the_link_drops_and_are_never_resent(
 
 
 async def test_every_action_has_a_timeout(
-    peer: AmiPeer, adapter: tuple[AsteriskAdapter, RecordingSink]
+    peer: AmiPeer, adapter: tuple[AsteriskBackend, RecordingSink]
 ) -> None:
     running, _ = adapter
     peer.unanswered = {"pjsiphangup"}
@@ -230,7 +212,7 @@ async def test_every_action_has_a_timeout(
 
 
 async def test_actions_fail_fast_while_the_link_is_down(
-    peer: AmiPeer, adapter: tuple[AsteriskAdapter, RecordingSink]
+    peer: AmiPeer, adapter: tuple[AsteriskBackend, RecordingSink]
 ) -> None:
     running, sink = adapter
     await peer.stop()
@@ -273,8 +255,8 @@ async def test_resync_after_connecting(peer: AmiPeer) -> None:
         },
     ]
     sink = RecordingSink(known={"10.3", "10.9"})
-    adapter = AsteriskAdapter(settings(peer), sink, audiosocket_address=lambda: "x:1")
-    await adapter.start()
+    adapter = AsteriskBackend(settings(peer), media("x:1"))
+    await adapter.start(sink)
     try:
         assert sink.hangups == [("10.9", 0)]  # ended while AMI was away
         redirects = peer.actions_named("redirect")
@@ -289,7 +271,7 @@ async def test_resync_after_connecting(peer: AmiPeer) -> None:
 
 
 async def test_call_control_actions(
-    peer: AmiPeer, adapter: tuple[AsteriskAdapter, RecordingSink]
+    peer: AmiPeer, adapter: tuple[AsteriskBackend, RecordingSink]
 ) -> None:
     running, _ = adapter
     peer.channels = [
@@ -343,8 +325,8 @@ async def test_a_decided_channel_is_finished_not_announced_again_after_reconnect
 ) -> None:
     """A reject or hangup lost with the link is carried out by the resync; never a re-offer."""
     sink = RecordingSink()
-    adapter = AsteriskAdapter(settings(peer), sink, audiosocket_address=lambda: "x:1")
-    await adapter.start()  # its first resync has run: these channels came afterwards
+    adapter = AsteriskBackend(settings(peer), media("x:1"))
+    await adapter.start(sink)  # its first resync has run: these channels came afterwards
     peer.channels = [
         _channel("PJSIP/rejected-1", "20.1", "sipbridge-offer", "Wait"),
         _channel("PJSIP/failed-2", "20.2", "sipbridge-media", "AudioSocket"),
@@ -387,24 +369,19 @@ async def test_a_decided_channel_is_finished_not_announced_again_after_reconnect
 
 @dataclass
 class FlowEvents:
-    """The adapter's events into a real call flow, as the service wires them."""
+    """The backend's events into a real call flow, as the service wires them."""
 
     flow: CallFlow
-    adapter: AsteriskAdapter | None = None
     links: list[bool] = field(default_factory=list)
 
-    def offered(self, facts: InviteFacts, truncated: bool) -> None:
-        assert self.adapter is not None
-        self.flow.offer(facts, self.adapter)
+    def post(self, event: PbxEvent) -> None:
+        if isinstance(event, LinkChanged):
+            self.links.append(event.up)
+        else:
+            self.flow.post(event)
 
-    def hung_up(self, pbx_call_id: str, cause: int) -> None:
-        self.flow.hung_up("asterisk", pbx_call_id)
-
-    def link_changed(self, up: bool, detail: str) -> None:
-        self.links.append(up)
-
-    def known_calls(self) -> set[str]:
-        return {call.facts.pbx_call_id for call in self.flow.active()}
+    def live_calls(self, pbx: PbxKind) -> set[str]:
+        return self.flow.live_calls(pbx)
 
 
 async def test_a_reject_lost_with_the_link_leaves_one_call_record(
@@ -412,9 +389,9 @@ async def test_a_reject_lost_with_the_link_leaves_one_call_record(
 ) -> None:
     h: Harness = await make_harness()
     events = FlowEvents(h.flow)
-    adapter = AsteriskAdapter(settings(peer), events, audiosocket_address=lambda: "x:1")
-    events.adapter = adapter
-    await adapter.start()
+    adapter = AsteriskBackend(settings(peer), media("x:1"))
+    h.flow.register(adapter)
+    await adapter.start(events)
     peer.channels = [_channel("PJSIP/anonymous-00000001", "30.1", "sipbridge-offer", "Wait")]
     peer.drop_on = {"pjsiphangup"}  # AMI dies as the 404 goes out
     try:

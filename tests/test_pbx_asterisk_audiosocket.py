@@ -11,26 +11,35 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from bridge.media.audiosocket import AudioSocketLeg, AudioSocketServer
-from bridge.media.session import LegAudio, LegClosed, LegDtmf
+from bridge.events import LegAudio, LegClosed, LegDtmf
+from bridge.pbx.asterisk.audiosocket import AudioSocketLeg, AudioSocketServer
 from bridge.protocol import audiosocket as wire
 
 
 class Handler:
+    """The leg's owner (the call flow in the service): reads it until it closes, then frees it."""
+
     def __init__(self) -> None:
         self.legs: list[tuple[str, AudioSocketLeg]] = []
         self.events: list[object] = []
         self.arrived = asyncio.Event()
         self.done = asyncio.Event()
+        self._readers: set[asyncio.Task[None]] = set()
 
-    async def __call__(self, call_id: str, leg: AudioSocketLeg) -> None:
+    def __call__(self, call_id: str, leg: AudioSocketLeg) -> None:
         self.legs.append((call_id, leg))
         self.arrived.set()
+        reader = asyncio.ensure_future(self._read(leg))
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
+
+    async def _read(self, leg: AudioSocketLeg) -> None:
         while True:
             events = await leg.receive()
             self.events += events
             if any(isinstance(e, LegClosed) for e in events):
                 break
+        await leg.aclose()
         self.done.set()
 
 
@@ -71,9 +80,7 @@ async def test_a_call_arrives_with_its_id_and_audio(
     writer.write(wire.encode_dtmf("7") + wire.encode_audio(b"\x02\x00" * 160))
     leg = handler.legs[0][1]
     assert leg.send_audio(b"\x03\x00" * 160)
-    leg.send_hangup()
     assert await reader.readexactly(3 + 320) == wire.encode_audio(b"\x03\x00" * 160)
-    assert await reader.readexactly(3) == wire.encode_hangup()
     writer.close()  # the caller hung up: Asterisk just closes
     await asyncio.wait_for(handler.done.wait(), 5)
     assert handler.events == [
@@ -163,4 +170,16 @@ async def test_a_slow_reader_gets_frames_dropped_not_queued(
     # The peer never reads: the socket buffers fill, then frames are dropped and counted.
     sent = sum(leg.send_audio(bytes(320)) for _ in range(20000))
     assert leg.dropped_frames > 0 and sent < 20000
+    writer.close()
+
+
+async def test_closing_the_leg_closes_the_connection(
+    server: tuple[AudioSocketServer, Handler],
+) -> None:
+    """The owner's close is how sipbridge ends a call without AMI: AudioSocket() returns."""
+    running, handler = server
+    reader, writer = await started_call(server)
+    assert len(running) == 1
+    await handler.legs[0][1].aclose()
+    assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()

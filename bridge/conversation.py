@@ -1,0 +1,175 @@
+"""A conversation: one accepted call's pipeline stream and, once the PBX connects the call's
+audio, the media session between the two.
+
+The call flow owns each conversation and awaits it: :meth:`Conversations.open` opens the
+pipeline while the call still rings (so it can begin speaking the first message),
+:meth:`Conversation.run` pumps the call's audio until the conversation ends and says why, and
+:meth:`Conversation.close` tells the pipeline the call's final end reason and closes the stream.
+The pipeline's requests reach the call only through the :class:`CallControl` the flow hands to
+:meth:`Conversation.run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from bridge.audio import FRAME_MS, PlayoutBuffer, Transcoder, frame_bytes
+from bridge.calls import Call
+from bridge.events import MediaLeg
+from bridge.media.session import CallControl, MediaSession, SessionResult
+from bridge.models import without_secrets
+from bridge.pipeline import PipelineConnection
+from bridge.protocol.pipeline import Dialect, RawDialect, SessionInfo
+from bridge.protocol.twilio import TwilioDialect
+from bridge.routing import Accept, PipelineTarget
+from bridge.settings import MediaSettings, PipelineSettings
+
+log = logging.getLogger(__name__)
+
+
+def dialect_for(target: PipelineTarget, info: SessionInfo, org_id: str) -> Dialect:
+    """The translator for a pipeline target's format."""
+    if target.format == "twilio":
+        return TwilioDialect(info, org_id)
+    return RawDialect(target.encoding, target.sample_rate)
+
+
+def session_info(call: Call, decision: Accept, stream_id: str) -> SessionInfo:
+    """What the pipeline's start message says about the call."""
+    number = call.phone_number or {}
+    return SessionInfo(
+        call_id=call.id,
+        stream_id=stream_id,
+        pbx_call_id=call.facts.pbx_call_id,
+        customer=call.facts.customer(),
+        called_uri=call.facts.request_uri,
+        headers=call.facts.header_map(),
+        variables=decision.variables,
+        # The pipeline is told the assistant, not the secrets that reach its servers.
+        assistant=without_secrets(decision.assistant) or {},
+        phone_number={k: number.get(k) for k in ("id", "sipUri", "name")} if number else None,
+        encoding=decision.pipeline.encoding,
+        sample_rate=decision.pipeline.sample_rate,
+    )
+
+
+@dataclass(frozen=True)
+class ConversationResult:
+    """How a conversation ended, and what it counted (``call.sipbridge.media``)."""
+
+    session: SessionResult
+    media: Mapping[str, int] = field(default_factory=dict)
+
+
+class Conversation:
+    """One call's pipeline stream, and its media session once the audio is connected."""
+
+    def __init__(
+        self, stream: PipelineConnection, dialect: Dialect, media_settings: MediaSettings
+    ) -> None:
+        self._stream = stream
+        self._dialect = dialect
+        self._media_settings = media_settings
+        self._session: MediaSession | None = None
+        self._closed = False
+        self.running = False  # the media session is pumping audio right now
+        self.session_over = asyncio.Event()  # set once the media session has stopped
+
+    async def run(
+        self,
+        leg: MediaLeg,
+        control: CallControl,
+        ended: asyncio.Event,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log,
+    ) -> ConversationResult:
+        """Pumps the call's audio over ``leg`` until the conversation ends (the caller or the
+        pipeline ends it, or ``ended`` is set); the stream stays open for :meth:`close`."""
+        size = frame_bytes(leg.rate)
+        session = MediaSession(
+            leg=leg,
+            stream=self._stream,
+            dialect=self._dialect,
+            transcoder=Transcoder(self._dialect.encoding, self._dialect.sample_rate, leg.rate),
+            playout=PlayoutBuffer(size, max_frames=self._media_settings.playout_max_ms // FRAME_MS),
+            control=control,
+            ended=ended,
+            logger=logger,
+        )
+        self._session = session
+        self.running = True
+        try:
+            result = await session.run()
+        finally:
+            self.running = False
+            self.session_over.set()
+        stats = session.stats
+        logger.info(
+            "media ended: %d frames from the caller, %d to the caller (%d of them silence), "
+            "%d dropped toward the pipeline, %d toward the caller, %d late",
+            stats.frames_from_pbx,
+            stats.frames_to_pbx,
+            session.playout.silence_frames,
+            stats.dropped_to_pipeline,
+            stats.dropped_to_pbx,
+            stats.late_frames,
+        )
+        return ConversationResult(
+            result,
+            {
+                "framesFromCaller": stats.frames_from_pbx,
+                "framesToCaller": stats.frames_to_pbx,
+                "silenceFramesToCaller": session.playout.silence_frames,
+                "framesToPipeline": stats.frames_to_pipeline,
+                "droppedToPipeline": stats.dropped_to_pipeline,
+                "droppedToCaller": stats.dropped_to_pbx,
+                "lateFrames": stats.late_frames,
+                "marksPlayed": stats.marks_played,
+            },
+        )
+
+    async def close(self, reason: str) -> None:
+        """Tells the pipeline the call's final end reason (``stop``, once the media ran) and
+        closes the stream; a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._session is not None:
+            await self._session.finish(reason)
+        else:
+            await self._stream.aclose(reason)
+
+
+class Conversations:
+    """Opens the pipelines of accepted calls (the flow's source of conversations)."""
+
+    def __init__(self, pipeline: PipelineSettings, media: MediaSettings) -> None:
+        self._pipeline_settings = pipeline
+        self._media_settings = media
+
+    async def open(
+        self,
+        call: Call,
+        decision: Accept,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log,
+    ) -> Conversation:
+        """Opens the call's pipeline and sends the start message.
+
+        Raises:
+            PipelineError: the pipeline cannot be reached.
+        """
+        target = decision.pipeline
+        stream = await PipelineConnection.open(target.url, target.headers, self._pipeline_settings)
+        info = session_info(call, decision, str(uuid.uuid4()))
+        dialect = dialect_for(target, info, call.org_id)
+        try:
+            for message in dialect.opening(info):
+                await stream.send(message)
+        except BaseException:
+            await stream.aclose("start failed")
+            raise
+        logger.info("pipeline %s open (%s)", target.url, dialect.name)
+        return Conversation(stream, dialect, self._media_settings)

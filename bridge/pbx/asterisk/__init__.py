@@ -1,0 +1,1 @@
+"""Asterisk: AMI control (link.py), AudioSocket media (audiosocket.py), one backend (backend.py)."""
