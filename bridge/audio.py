@@ -25,6 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from bridge.protocol.dialects import FRAME_MS as FRAME_MS  # noqa: PLC0414 - re-exported for the media code
+from bridge.protocol.dialects import Encoding, effective_rate, is_encoding
+
 if sys.version_info >= (3, 13):
     import audioop  # provided by audioop-lts
 else:  # pragma: no cover - depends on the interpreter
@@ -32,7 +35,6 @@ else:  # pragma: no cover - depends on the interpreter
         warnings.simplefilter("ignore", DeprecationWarning)
         import audioop
 
-FRAME_MS = 20
 SAMPLE_WIDTH = 2
 PBX_RATE = 8000
 
@@ -148,10 +150,10 @@ class Transcoder:
     """
 
     def __init__(self, encoding: str, pipeline_rate: int, pbx_rate: int = PBX_RATE) -> None:
-        if encoding not in ("pcm_s16le", "mulaw"):
+        if not is_encoding(encoding):
             raise ValueError(f"unknown encoding {encoding!r}")
-        self.encoding = encoding
-        self.pipeline_rate = 8000 if encoding == "mulaw" else pipeline_rate
+        self.encoding: Encoding = encoding
+        self.pipeline_rate = effective_rate(encoding, pipeline_rate)
         self.pbx_rate = pbx_rate
         self._up = Resampler(pbx_rate, self.pipeline_rate)
         self._down = Resampler(self.pipeline_rate, pbx_rate)

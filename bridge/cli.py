@@ -21,6 +21,7 @@ from typing import Any, TextIO
 from bridge import __version__
 from bridge.client import ApiClient
 from bridge.errors import ApiClientError, ConfigError, SipbridgeError
+from bridge.protocol.dialects import DEFAULT_DIALECT, DIALECT_NAMES, ENCODINGS, SAMPLE_RATES
 from bridge.settings import Settings, api_base_url, load_settings, masked, reference_markdown
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,9 @@ def _assistant_fields(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-url", help="server.url ('none' clears it on update)")
     parser.add_argument("--server-secret", help="server.secret")
     parser.add_argument("--pipeline-url", help="sipbridge.pipeline.url (ws:// or wss://)")
-    parser.add_argument("--pipeline-format", choices=["raw", "twilio"])
-    parser.add_argument("--pipeline-encoding", choices=["pcm_s16le", "mulaw"])
-    parser.add_argument("--pipeline-sample-rate", type=int, choices=[8000, 16000, 24000])
+    parser.add_argument("--pipeline-format", choices=DIALECT_NAMES)
+    parser.add_argument("--pipeline-encoding", choices=ENCODINGS)
+    parser.add_argument("--pipeline-sample-rate", type=int, choices=SAMPLE_RATES)
 
 
 def _number_fields(parser: argparse.ArgumentParser) -> None:
@@ -140,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--state-dir", type=Path, default=Path(".lab"), help="logs and database")
     lab.add_argument(
         "--format",
-        choices=("raw", "twilio"),
-        default="raw",
+        choices=DIALECT_NAMES,
+        default=DEFAULT_DIALECT,
         help="the pipeline websocket's dialect (pipeline.default_format)",
     )
     demo = sub(commands, "demo-pipeline", "run the demo conversational pipeline (websocket)")

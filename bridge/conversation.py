@@ -23,8 +23,8 @@ from bridge.events import MediaLeg
 from bridge.media.session import CallControl, MediaSession, SessionResult
 from bridge.models import without_secrets
 from bridge.pipeline import PipelineConnection
-from bridge.protocol.pipeline import Dialect, RawDialect, SessionInfo
-from bridge.protocol.twilio import TwilioDialect
+from bridge.protocol.dialects import build_dialect
+from bridge.protocol.pipeline import Dialect, SessionInfo
 from bridge.routing import Accept, PipelineTarget
 from bridge.settings import MediaSettings, PipelineSettings
 
@@ -33,9 +33,7 @@ log = logging.getLogger(__name__)
 
 def dialect_for(target: PipelineTarget, info: SessionInfo, org_id: str) -> Dialect:
     """The translator for a pipeline target's format."""
-    if target.format == "twilio":
-        return TwilioDialect(info, org_id)
-    return RawDialect(target.encoding, target.sample_rate)
+    return build_dialect(target.format, target.encoding, target.sample_rate, info, org_id)
 
 
 def session_info(call: Call, decision: Accept, stream_id: str) -> SessionInfo:

@@ -29,6 +29,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from bridge.audio import Resampler, mix, pcm_to_ulaw, rms, sine, ulaw_to_pcm
+from bridge.protocol.dialects import DEFAULT_SAMPLE_RATE, FRAME_MS, MULAW_RATE
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class RawWire:
     def __init__(self, start: dict[str, Any]) -> None:
         audio = start.get("audioFormat") or {}
         self.mulaw = audio.get("encoding") == "mulaw"
-        self.rate = 8000 if self.mulaw else int(audio.get("sampleRate", 16000))
+        self.rate = MULAW_RATE if self.mulaw else int(audio.get("sampleRate", DEFAULT_SAMPLE_RATE))
         self.call_id = str(start.get("callId"))
         self.first_message = str((start.get("assistant") or {}).get("firstMessage") or "")
 
@@ -120,7 +121,7 @@ class RawWire:
 class TwilioWire:
     """Twilio Media Streams: base64 μ-law 8 kHz ``media``, ``event``-keyed control."""
 
-    rate = 8000
+    rate = MULAW_RATE
 
     def __init__(self, start: dict[str, Any]) -> None:
         self.stream_sid = str(start.get("streamSid"))
@@ -221,7 +222,7 @@ class _Call:
         self.rate = wire.rate
         self.greeting_playing = True
         self.echo: deque[bytes] = deque()
-        self.echo_frames = ECHO_DELAY_MS // 20
+        self.echo_frames = ECHO_DELAY_MS // FRAME_MS
         self.outbox: asyncio.Queue[bytes | str] = asyncio.Queue()
         self.call_id = wire.call_id
 

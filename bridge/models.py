@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from bridge.errors import ValidationFailed
+from bridge.protocol.dialects import DialectName, Encoding, SampleRate
 
 JsonObject = dict[str, Any]
 
@@ -202,9 +203,9 @@ class PipelineSpec(_Schema):
     """sipbridge extension: the websocket that runs this assistant's conversation."""
 
     url: str | None = Field(None, description="ws:// or wss:// URL")
-    format: Literal["raw", "twilio"] | None = None
-    encoding: Literal["pcm_s16le", "mulaw"] | None = None
-    sample_rate: Literal[8000, 16000, 24000] | None = None
+    format: DialectName | None = None
+    encoding: Encoding | None = None
+    sample_rate: SampleRate | None = None
     headers: CustomHeaders | None = None
 
     @field_validator("url")

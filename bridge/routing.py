@@ -22,7 +22,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from bridge.calls import (
     SIP_DECLINE,
@@ -37,6 +37,14 @@ from bridge.models import (
     server_of,
     validate_assistant,
     validate_destination,
+)
+from bridge.protocol.dialects import (
+    DEFAULT_DIALECT,
+    DEFAULT_ENCODING,
+    DEFAULT_SAMPLE_RATE,
+    DialectName,
+    Encoding,
+    resolve_format,
 )
 from bridge.settings import Settings
 from bridge.templating import (
@@ -58,8 +66,8 @@ class PipelineTarget:
     """Where and how a call's conversation is streamed."""
 
     url: str
-    format: Literal["raw", "twilio"]
-    encoding: Literal["pcm_s16le", "mulaw"]
+    format: DialectName
+    encoding: Encoding
     sample_rate: int
     headers: Mapping[str, str] = field(default_factory=dict)
 
@@ -72,9 +80,9 @@ class RoutingDefaults:
     default_assistant_id: str | None = None
     default_server: Mapping[str, Any] | None = None
     pipeline_url: str | None = None
-    pipeline_format: Literal["raw", "twilio"] = "raw"
-    pipeline_encoding: Literal["pcm_s16le", "mulaw"] = "pcm_s16le"
-    pipeline_sample_rate: int = 16000
+    pipeline_format: DialectName = DEFAULT_DIALECT
+    pipeline_encoding: Encoding = DEFAULT_ENCODING
+    pipeline_sample_rate: int = DEFAULT_SAMPLE_RATE
     pipeline_headers: Mapping[str, str] = field(default_factory=dict)
     # A pipeline failure sends the call to the number's fallbackDestination (else: hang up).
     pipeline_fallback: bool = True
@@ -283,20 +291,22 @@ def pipeline_target(
     url = spec.get("url") or defaults.pipeline_url
     if not url:
         return None
-    fmt: Literal["raw", "twilio"] = spec.get("format") or defaults.pipeline_format
-    encoding: Literal["pcm_s16le", "mulaw"]
-    if fmt == "twilio":
-        # Twilio Media Streams carry audio/x-mulaw at 8000 Hz, nothing else.
-        encoding, rate = "mulaw", 8000
-    else:
-        encoding = spec.get("encoding") or defaults.pipeline_encoding
-        rate = (
-            8000
-            if encoding == "mulaw"
-            else int(spec.get("sampleRate") or defaults.pipeline_sample_rate)
-        )
+    audio = resolve_format(
+        spec.get("format"),
+        spec.get("encoding"),
+        spec.get("sampleRate"),
+        default_dialect=defaults.pipeline_format,
+        default_encoding=defaults.pipeline_encoding,
+        default_sample_rate=defaults.pipeline_sample_rate,
+    )
     headers = {**defaults.pipeline_headers, **(spec.get("headers") or {})}
-    return PipelineTarget(url=url, format=fmt, encoding=encoding, sample_rate=rate, headers=headers)
+    return PipelineTarget(
+        url=url,
+        format=audio.dialect,
+        encoding=audio.encoding,
+        sample_rate=audio.sample_rate,
+        headers=headers,
+    )
 
 
 def _with_overrides(

@@ -30,6 +30,14 @@ from pydantic_settings import (
 )
 
 from bridge.errors import ConfigError
+from bridge.protocol.dialects import (
+    DEFAULT_DIALECT,
+    DEFAULT_ENCODING,
+    DEFAULT_SAMPLE_RATE,
+    DialectName,
+    Encoding,
+    SampleRate,
+)
 
 ENV_PREFIX = "SIPBRIDGE_"
 CONFIG_FILE_ENV = "SIPBRIDGE_CONFIG"
@@ -184,12 +192,12 @@ class PipelineSettings(_Section):
     """The conversational pipeline's websocket (defaults for assistants that name none)."""
 
     default_url: str | None = Field(None, description="ws:// or wss:// URL of the pipeline.")
-    default_format: Literal["raw", "twilio"] = Field("raw", description="Wire dialect.")
-    default_encoding: Literal["pcm_s16le", "mulaw"] = Field(
-        "pcm_s16le", description="Audio encoding of the raw dialect."
+    default_format: DialectName = Field(DEFAULT_DIALECT, description="Wire dialect.")
+    default_encoding: Encoding = Field(
+        DEFAULT_ENCODING, description="Audio encoding of the raw dialect."
     )
-    default_sample_rate: Literal[8000, 16000, 24000] = Field(
-        16000, description="Sample rate of the raw dialect's PCM."
+    default_sample_rate: SampleRate = Field(
+        DEFAULT_SAMPLE_RATE, description="Sample rate of the raw dialect's PCM."
     )
     # Secret values: this is where a pipeline's "Authorization: Bearer ..." goes.
     default_headers: dict[str, SecretStr] = Field(

@@ -29,6 +29,7 @@ from bridge.errors import ApiClientError
 from bridge.lab.asterisk import AsteriskInstance, ensure_root, root_version, sipbridge_ami_user
 from bridge.lab.rtp import RtpCapture
 from bridge.lab.sipp import CallPlan, SippCaller, free_port
+from bridge.protocol.dialects import DEFAULT_DIALECT, DialectName
 
 CALLER_TONE_HZ = 440.0
 FIRST_MESSAGE = "Hello {{first_name}}, you've reached me over SIP."
@@ -60,7 +61,10 @@ class Lab:
     """The lab's processes and the demo call."""
 
     def __init__(
-        self, state_dir: Path, out: TextIO = sys.stdout, pipeline_format: str = "raw"
+        self,
+        state_dir: Path,
+        out: TextIO = sys.stdout,
+        pipeline_format: DialectName = DEFAULT_DIALECT,
     ) -> None:
         self.state = state_dir
         self.out = out
@@ -309,7 +313,11 @@ class Lab:
 
 
 async def run(
-    state_dir: Path, *, stay: bool, out: TextIO = sys.stdout, pipeline_format: str = "raw"
+    state_dir: Path,
+    *,
+    stay: bool,
+    out: TextIO = sys.stdout,
+    pipeline_format: DialectName = DEFAULT_DIALECT,
 ) -> int:
     """Runs the lab; 0 when the demo call went through as expected."""
     if os.geteuid() != 0:

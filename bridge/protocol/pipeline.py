@@ -8,6 +8,11 @@ exceptions, so a pipeline cannot crash a call.
 ``raw`` (this module), like Vapi's websocket transport: binary frames carry audio (PCM s16le at
 8, 16 or 24 kHz, or μ-law 8 kHz) both ways; text frames carry JSON control. ``twilio``
 (protocol/twilio.py): Twilio Media Streams. See docs/pipeline.md.
+
+The words both dialects are spelled with (dialect names, encodings, sample rates, the frame
+length, the defaults) are defined here, where both dialects can import them. The rest of sipbridge
+reads them from protocol/dialects.py, the registry that tabulates the dialects: it imports both
+dialects, so they cannot import it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,27 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
+
+# ---- the dialects' vocabulary (tabulated in protocol/dialects.py) ----------------------------
+
+DialectName = Literal["raw", "twilio"]
+Encoding = Literal["pcm_s16le", "mulaw"]
+# The rates a pipeline may ask for; μ-law runs at MULAW_RATE whatever it asks.
+SampleRate = Literal[8000, 16000, 24000]
+
+FRAME_MS = 20  # one frame of audio on both legs: what the session paces, what dialects announce
+MULAW_RATE = 8000  # G.711 μ-law is defined at 8 kHz (ITU-T G.711); sipbridge runs it at no other
+
+# What a pipeline gets when neither its assistant nor the settings say otherwise.
+DEFAULT_DIALECT: DialectName = "raw"
+DEFAULT_ENCODING: Encoding = "pcm_s16le"
+DEFAULT_SAMPLE_RATE: SampleRate = 16000
+
+
+def effective_rate(encoding: Encoding, sample_rate: int) -> int:
+    """The rate audio in ``encoding`` runs at: μ-law always at 8 kHz, PCM at the rate asked."""
+    return MULAW_RATE if encoding == "mulaw" else sample_rate
+
 
 # ---- what sipbridge tells the pipeline about a call ----------------------------------------------
 
@@ -32,8 +58,8 @@ class SessionInfo:
     variables: dict[str, Any]
     assistant: dict[str, Any]
     phone_number: dict[str, Any] | None
-    encoding: Literal["pcm_s16le", "mulaw"] = "pcm_s16le"
-    sample_rate: int = 16000
+    encoding: Encoding = DEFAULT_ENCODING
+    sample_rate: int = DEFAULT_SAMPLE_RATE
 
 
 # ---- what the pipeline can ask for -------------------------------------------------------------
@@ -163,8 +189,8 @@ def control_event(message: dict[str, Any]) -> PipelineEvent:
 class Dialect(Protocol):
     """A pipeline wire dialect: pure translation between session facts and messages."""
 
-    name: str
-    encoding: Literal["pcm_s16le", "mulaw"]
+    name: DialectName
+    encoding: Encoding
     sample_rate: int
 
     def opening(self, info: SessionInfo) -> list[str]:
@@ -189,11 +215,11 @@ class Dialect(Protocol):
 class RawDialect:
     """Binary audio both ways, JSON control in text frames (Vapi websocket transport style)."""
 
-    name = "raw"
+    name: DialectName = "raw"
 
-    def __init__(self, encoding: Literal["pcm_s16le", "mulaw"], sample_rate: int) -> None:
+    def __init__(self, encoding: Encoding, sample_rate: int) -> None:
         self.encoding = encoding
-        self.sample_rate = 8000 if encoding == "mulaw" else sample_rate
+        self.sample_rate = effective_rate(encoding, sample_rate)
 
     def opening(self, info: SessionInfo) -> list[str]:
         """The start message: call ids, caller, called URI, X- headers, variables, assistant."""
@@ -217,7 +243,7 @@ class RawDialect:
                     "encoding": self.encoding,
                     "sampleRate": self.sample_rate,
                     "channels": 1,
-                    "frameMs": 20,
+                    "frameMs": FRAME_MS,
                 },
             },
             ensure_ascii=False,

@@ -24,18 +24,20 @@ import binascii
 import json
 import uuid
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 from bridge.protocol.pipeline import (
+    FRAME_MS,
+    MULAW_RATE,
     AudioIn,
+    DialectName,
+    Encoding,
     Ignored,
     PipelineEvent,
     SessionInfo,
     control_event,
     json_object,
 )
-
-FRAME_MS = 20
 
 
 def twilio_sid(prefix: str, value: str) -> str:
@@ -83,9 +85,11 @@ def custom_parameters(info: SessionInfo) -> dict[str, str]:
 class TwilioDialect:
     """Twilio Media Streams JSON, 8 kHz μ-law."""
 
-    name = "twilio"
-    encoding: Literal["pcm_s16le", "mulaw"] = "mulaw"
-    sample_rate = 8000
+    name: DialectName = "twilio"
+    # Media Streams carry audio/x-mulaw at 8000 Hz and nothing else; protocol/dialects.py reads
+    # the dialect's one encoding and rate from these two.
+    encoding: Encoding = "mulaw"
+    sample_rate: int = MULAW_RATE
 
     def __init__(self, info: SessionInfo, org_id: str) -> None:
         self.stream_sid = twilio_sid("MZ", info.stream_id)
@@ -115,7 +119,11 @@ class TwilioDialect:
                 "callSid": self.call_sid,
                 "tracks": ["inbound"],
                 "customParameters": custom_parameters(info),
-                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                "mediaFormat": {
+                    "encoding": "audio/x-mulaw",
+                    "sampleRate": self.sample_rate,
+                    "channels": 1,
+                },
             },
             "streamSid": self.stream_sid,
         }
