@@ -3,14 +3,15 @@
 Conventions: PCM is signed 16-bit little-endian mono ("slin"). The PBX side is 8 kHz slin in
 20 ms frames of 320 bytes; the pipeline side is whatever the assistant's format says.
 
-``audioop`` does G.711: the stdlib module below Python 3.13 (imported without its deprecation
-warning leaking) and the audioop-lts package from 3.13; their outputs are identical
-(libraries.md section 4). Rate conversion between the telephony rates (8, 16, 24, 48 kHz) is a
-windowed-sinc FIR resampler on numpy: ``audioop.ratecv`` is linear interpolation without an
-anti-alias filter, so a 16 or 24 kHz TTS voice downsampled by it folds its 4-12 kHz sibilants
-back into the 0-4 kHz the caller hears. soxr filters well but hands out audio in blocks of
-60-100 ms, too late for a conversation. Every converter carries its state per direction per
-call: chunked conversion equals one-shot conversion.
+``audioop`` does G.711: below Python 3.13 the stdlib module (deprecated in 3.11 and removed in 3.13
+by PEP 594; imported without its deprecation warning leaking), from 3.13 the audioop-lts package, a
+port of that same C module kept for the Pythons that dropped it (github.com/AbstractUmbra/audioop,
+0.2.2); ``./dev test`` runs the tests on both. Rate conversion between the telephony rates (8, 16,
+24, 48 kHz) is a windowed-sinc FIR resampler on numpy: ``audioop.ratecv`` is linear interpolation
+without an anti-alias filter, so a 16 or 24 kHz TTS voice downsampled by it folds its 4-12 kHz
+sibilants back into the 0-4 kHz the caller hears. soxr filters well but hands out audio in blocks of
+60-100 ms, too late for a conversation. Every converter carries its state per direction per call:
+chunked conversion equals one-shot conversion.
 """
 
 from __future__ import annotations

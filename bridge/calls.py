@@ -67,7 +67,7 @@ def next_status(status: CallStatus, event: CallEvent) -> CallStatus:
 class EndedReason(StrEnum):
     """Every ``endedReason`` sipbridge reports, all from Vapi's enum (spec ``Call.endedReason``)."""
 
-    # Call start and assistant resolution (vapi-behaviour.md section 1.5 and 7).
+    # Call start and assistant resolution (docs.vapi.ai/calls/call-ended-reason).
     NEITHER_ASSISTANT_NOR_SERVER = "call-start-error-neither-assistant-nor-server-set"
     PHONE_NUMBER_NOT_FOUND = "call.start.error-get-phone-number"
     ASSISTANT_NOT_FOUND = "assistant-not-found"

@@ -1,10 +1,14 @@
 """Server messages: the webhook bodies Vapi sends, built from a call, and where each one goes.
 
 Every message is ``{"message": {"type": ..., "timestamp": <ms>, "call", "phoneNumber",
-"customer", "assistant", "artifact", ...}}`` (vapi-behaviour.md section 2.1). Secrets are never
-copied into a payload. Routing of a message (section 2.3): ``assistant.server`` beats
-``phoneNumber.server``, which beats the service default; ``assistant-request`` goes to the number's
-server or the default. ``assistant.serverMessages`` (or Vapi's default list) filters what is sent.
+"customer", "assistant", "artifact", ...}}``, the envelope of Vapi's server events
+(docs.vapi.ai/server-url/events). Secrets are never copied into a payload. Routing of a message
+follows Vapi's server URL priority (docs.vapi.ai/server-url/setting-server-urls, and the
+``ServerMessage`` description in Vapi's API reference): ``assistant.server`` beats
+``phoneNumber.server``, which beats the service default (Vapi's org-level server URL);
+``assistant-request`` goes to the number's server or the default. ``assistant.serverMessages`` (or
+Vapi's default list, given in its API reference under ``CreateAssistantDTO.serverMessages``)
+filters what is sent.
 """
 
 from __future__ import annotations

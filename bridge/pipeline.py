@@ -1,10 +1,13 @@
 """The websocket client to a call's conversational pipeline (the websockets library).
 
 One connection per call, opened while the call still rings so that a pipeline that cannot be
-reached refuses the call instead of answering it into silence. Settings follow libraries.md
-section 3: compression off (useless for audio, costly), a small ``max_size``, keepalive pings,
-and a reader that always drains (pings are only answered while someone reads). Audio is dropped,
-not queued, when the pipeline stops reading: latency must not grow without bound.
+reached refuses the call instead of answering it into silence. Settings, after websockets 17.4's
+``connect()`` (``websockets/asyncio/client.py``): compression off (``permessage-deflate`` is on by
+default; it cannot shrink audio and costs CPU), a small ``max_size``, keepalive pings, and a
+reader that always drains: above ``max_queue`` unread frames the connection stops reading the
+socket (``websockets/asyncio/messages.py``), so a pong behind them is never seen and a live peer
+looks dead. Audio is dropped, not queued, when the pipeline stops reading: latency must not grow
+without bound.
 """
 
 from __future__ import annotations

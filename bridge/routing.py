@@ -7,12 +7,15 @@ The decision is made in up to three pure steps, with the I/O between them done b
 2. :func:`parse_answer`: the server's answer (or its failure) as a fact.
 3. :func:`decide_answer` / :func:`accept`: accept with a rendered assistant, transfer, or reject.
 
-Rules (vapi-behaviour.md section 1): a number with ``assistantId`` uses it; with none, a server URL
+Rules, as Vapi documents them: a number with ``assistantId`` uses it; with none, a server URL
 (the number's ``server.url``/``serverUrl``, else the service default) gets an ``assistant-request``
-that must be answered within a fixed 7.5 s; in the answer ``error`` beats ``destination``, which
-beats ``assistant``/``assistantId``. A failed request goes to the number's ``fallbackDestination``
-when it has one, else the call is rejected. Neither assistant nor server:
-``call-start-error-neither-assistant-nor-server-set``.
+(the phone number's ``assistantId`` and ``server`` in Vapi's API reference,
+docs.vapi.ai/api-reference/phone-numbers/update) that must be answered within a fixed 7.5 s
+(docs.vapi.ai/server-url/events); in the answer ``error`` beats ``destination``, which beats
+``assistant``/``assistantId`` (``ServerMessageResponseAssistantRequest`` in Vapi's API reference).
+A failed request goes to the number's ``fallbackDestination`` when it has one, else the call is
+rejected (``fallbackDestination``, same page). Neither assistant nor server:
+``call-start-error-neither-assistant-nor-server-set`` (docs.vapi.ai/calls/call-ended-reason).
 """
 
 from __future__ import annotations

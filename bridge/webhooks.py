@@ -1,10 +1,13 @@
 """Server-message delivery over HTTP (aiohttp client): signing, timeouts, retries, ordering.
 
-Authentication (vapi-behaviour.md section 2.3): when the target server has a ``secret`` it is sent
-as the legacy ``x-vapi-secret`` header, and every message is signed with HMAC-SHA256 over
-``"<timestamp>.<body>"`` (hex, in ``x-signature``; the Unix time in seconds in ``x-timestamp``;
-names configurable) using the server's secret, else ``webhooks.signing_secret``. Each message
-carries an idempotency id (``x-message-id``) that stays the same across retries.
+Authentication, after Vapi's: when the target server has a ``secret`` it is sent as the legacy
+``x-vapi-secret`` header (``serverUrlSecret`` in Vapi's API reference,
+docs.vapi.ai/api-reference/phone-numbers/update), and every message is signed with HMAC-SHA256
+over ``"<timestamp>.<body>"`` (hex, in ``x-signature``; the Unix time in seconds in
+``x-timestamp``; names configurable) using the server's secret, else ``webhooks.signing_secret``.
+Header names and payload are the defaults of Vapi's ``HMACAuthenticationPlan`` (its API reference;
+docs.vapi.ai/server-url/server-authentication). Each message carries an idempotency id
+(``x-message-id``) that stays the same across retries.
 
 :class:`WebhookDispatcher` queues status updates and reports so that delivery never delays a
 call: messages of one call go out in order, different calls in parallel, the queue is bounded,

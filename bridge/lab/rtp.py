@@ -1,8 +1,9 @@
 """What a caller hears: RTP captured on the loopback interface (root, AF_PACKET).
 
 SIPp receives Asterisk's RTP but keeps nothing of it, so the lab and the tests watch the
-packets on ``lo`` instead (asterisk-lab.md section 6): UDP to the caller's media port, PCMU
-payloads decoded to 8 kHz PCM in sequence-number order.
+packets on ``lo`` instead, through a packet socket (Linux ``packet(7)``; root or CAP_NET_RAW, no
+tcpdump): UDP to the caller's media port, PCMU payloads decoded to 8 kHz PCM in sequence-number
+order.
 """
 
 from __future__ import annotations

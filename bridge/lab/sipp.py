@@ -1,6 +1,7 @@
 """SIPp as the caller: one generated scenario per call, real RTP from a μ-law file.
 
-The scenario (asterisk-lab.md section 5) sends an INVITE with the given X- headers, accepts any
+The scenario (SIPp 3.6 XML, see the SIPp reference documentation: ``rtp_stream`` plays a raw
+μ-law file as PCMU, 160 bytes every 20 ms) sends an INVITE with the given X- headers, accepts any
 final answer, and when answered: stays silent for ``silent_ms`` (listening to the greeting),
 streams the tone file for ``talk_ms``, listens for ``listen_ms``, optionally sends DTMF by SIP
 INFO, then hangs up. A BYE from the far end at any point is answered, so a call the bridge ends

@@ -15,7 +15,8 @@ scenarios). What the wire looks like there:
   event carried ``Content-Length`` twice, with the same value.
 
 Values are url-decoded one line at a time, after splitting: decoding the whole block first (as
-greenswitch does, libraries.md section 1) lets ``%0A`` in a caller's header inject a line.
+greenswitch 0.0.19 does: ``ESLEvent.parse_data`` in ``greenswitch/esl.py`` calls ``unquote`` on
+the block, then ``splitlines``) lets ``%0A`` in a caller's header inject a line.
 
 Everything built to be sent is checked: a CR or LF inside a command or a ``sendmsg`` header
 would start another command, so :func:`command` and :func:`sendmsg` refuse them with

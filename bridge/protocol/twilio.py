@@ -1,7 +1,8 @@
 """The ``twilio`` pipeline dialect: Twilio Media Streams, message for message, sans I/O.
 
 What a pipeline written for Twilio's bidirectional ``<Connect><Stream>`` expects
-(twilio.com/docs/voice/media-streams/websocket-messages; vapi-behaviour.md section 8.2):
+(twilio.com/docs/voice/media-streams/websocket-messages; ``<Connect><Stream>`` as opposed to
+``<Start><Stream>`` in twilio.com/docs/voice/twiml/stream):
 
 - to the pipeline: ``connected``, ``start`` (``streamSid``, ``accountSid``, ``callSid``,
   ``tracks``, ``customParameters``, ``mediaFormat`` audio/x-mulaw 8000 mono), then ``media``
