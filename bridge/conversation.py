@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bridge.audio import FRAME_MS, PlayoutBuffer, Transcoder, frame_bytes
 from bridge.calls import Call
 from bridge.events import MediaLeg
-from bridge.media.session import CallControl, MediaSession, SessionResult
+from bridge.media.session import CallControl, MediaSession, MediaTap, SessionResult
 from bridge.models import without_secrets
 from bridge.pipeline import PipelineConnection
 from bridge.protocol.dialects import build_dialect
@@ -67,11 +67,16 @@ class Conversation:
     """One call's pipeline stream, and its media session once the audio is connected."""
 
     def __init__(
-        self, stream: PipelineConnection, dialect: Dialect, media_settings: MediaSettings
+        self,
+        stream: PipelineConnection,
+        dialect: Dialect,
+        media_settings: MediaSettings,
+        taps: Sequence[MediaTap] = (),
     ) -> None:
         self._stream = stream
         self._dialect = dialect
         self._media_settings = media_settings
+        self._taps = taps
         self._session: MediaSession | None = None
         self._closed = False
         self.running = False  # the media session is pumping audio right now
@@ -96,6 +101,7 @@ class Conversation:
             control=control,
             ended=ended,
             logger=logger,
+            taps=self._taps,
         )
         self._session = session
         self.running = True
@@ -141,12 +147,26 @@ class Conversation:
             await self._stream.aclose(reason)
 
 
-class Conversations:
-    """Opens the pipelines of accepted calls (the flow's source of conversations)."""
+# Makes a call's media tap (None: this call has none), e.g. a recorder.
+TapFactory = Callable[[Call, Accept], MediaTap | None]
 
-    def __init__(self, pipeline: PipelineSettings, media: MediaSettings) -> None:
+
+class Conversations:
+    """Opens the pipelines of accepted calls (the flow's source of conversations).
+
+    Args:
+        taps: each may give an accepted call a media tap (see docs/architecture.md).
+    """
+
+    def __init__(
+        self,
+        pipeline: PipelineSettings,
+        media: MediaSettings,
+        taps: Sequence[TapFactory] = (),
+    ) -> None:
         self._pipeline_settings = pipeline
         self._media_settings = media
+        self._tap_factories = taps
 
     async def open(
         self,
@@ -170,4 +190,5 @@ class Conversations:
             await stream.aclose("start failed")
             raise
         logger.info("pipeline %s open (%s)", target.url, dialect.name)
-        return Conversation(stream, dialect, self._media_settings)
+        taps = [tap for make in self._tap_factories if (tap := make(call, decision)) is not None]
+        return Conversation(stream, dialect, self._media_settings, taps)

@@ -9,20 +9,23 @@ from typing import Any
 
 from bridge.audio import sine, tone_share
 from bridge.calls import Call, EndedReason
-from bridge.conversation import Conversations
+from bridge.conversation import Conversations, TapFactory
 from bridge.events import LegAudio, LegClosed, LegConnected
+from bridge.routing import Accept
 from bridge.settings import MediaSettings, PipelineSettings
 from tests.flow_harness import Harness, facts
 from tests.memory_leg import MemoryLeg
 from tests.pipeline_server import PipelineServer, PipelineSession
+from tests.test_media_session import RecordingTap
 
 
 async def build(
     make_harness: Callable[..., Any],
     pipeline_settings: PipelineSettings | None = None,
+    taps: tuple[TapFactory, ...] = (),
     **options: Any,
 ) -> tuple[Harness, Conversations]:
-    conversations = Conversations(pipeline_settings or PipelineSettings(), MediaSettings())
+    conversations = Conversations(pipeline_settings or PipelineSettings(), MediaSettings(), taps)
     harness: Harness = await make_harness(conversations=conversations, **options)
     return harness, conversations
 
@@ -68,13 +71,15 @@ async def test_a_call_from_pipeline_start_to_report(
         leg.inbox.put_nowait(LegAudio(tone[offset : offset + 320]))
     heard = await session.wait_audio(15000)
     assert tone_share(heard[:8000], 16000, 700) > 0.95
+    # /health counts the conversations live now, not a running total.
+    assert h.flow.describe_media() == {"waitingForMedia": 0, "sessions": 1}
     leg.inbox.put_nowait(LegClosed(by_caller=True))
     report = await h.sink.wait_for_message("end-of-call-report")
     media = report.message["call"]["sipbridge"]["media"]
     assert report.message["endedReason"] == "customer-ended-call"
     assert media["framesFromCaller"] == 25 and media["framesToPipeline"] == 25
     assert "hangup" not in h.pbx.names()  # the caller hung up: nothing to tell the PBX
-    assert leg.closed
+    assert leg.closed and h.flow.describe_media() == {"waitingForMedia": 0, "sessions": 0}
     stop = await session.wait_control("stop")
     assert stop["reason"] == "customer-ended-call"
 
@@ -274,3 +279,24 @@ async def test_a_leg_closed_by_the_transfer_itself_is_not_the_callers_hangup(
     assert moved.is_set()
     assert report["endedReason"] == "assistant-forwarded-call"
     assert "hangup" not in h.pbx.names()
+
+
+async def test_a_tap_factory_gives_each_accepted_call_its_tap(
+    make_harness: Callable[..., Any], pipeline: PipelineServer
+) -> None:
+    made: list[tuple[str, RecordingTap]] = []
+
+    def recorder(call: Call, decision: Accept) -> RecordingTap:
+        made.append((call.id, RecordingTap()))
+        return made[-1][1]
+
+    h, _ = await build(make_harness, taps=(recorder, lambda call, decision: None))
+    call = await offered(h, pipeline.url)
+    await h.pbx.wait_for("connect_media")
+    leg = MemoryLeg()
+    h.flow.post(LegConnected(call.id, leg))
+    leg.inbox.put_nowait(LegAudio(sine(700, 0.02)))
+    leg.inbox.put_nowait(LegClosed(by_caller=True))
+    await h.ended(call.id)
+    [(call_id, tap)] = made
+    assert call_id == call.id and tap.said == [sine(700, 0.02)] and tap.closed

@@ -39,7 +39,8 @@ FORBIDDEN_IN_CORE = {
     "urllib.request",
     "subprocess",
 }
-# Edges each wrap one outside thing; they meet only in the flow and the composition root.
+# Edges each wrap one outside thing, and so do the PBX backends and the media engine: none of
+# them imports another; they meet only in the flow and the composition root.
 EDGE_PREFIXES = (
     "bridge.store",
     "bridge.webhooks",
@@ -117,5 +118,62 @@ def test_only_the_root_and_the_cli_know_the_service() -> None:
     )
 
 
+# Every module, bottom to top (docs/architecture.md, "The layers"). A name ending in ".*" is
+# every module below that package.
+LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("core", frozenset(CORE | {"bridge.backend", "bridge.protocol", "bridge.protocol.*"})),
+    ("tools", frozenset({"bridge.tasks", "bridge.logs"})),
+    ("edges", frozenset({"bridge.store", "bridge.webhooks", "bridge.pipeline", "bridge.client"})),
+    ("backends", frozenset({"bridge.pbx", "bridge.pbx.*"})),
+    ("engine", frozenset({"bridge.media", "bridge.media.*"})),
+    (
+        "flow",
+        frozenset({"bridge.records", "bridge.resources", "bridge.conversation", "bridge.callflow"}),
+    ),
+    ("surfaces", frozenset({"bridge.api", "bridge.demo", "bridge.lab", "bridge.lab.*"})),
+    ("root", frozenset({"bridge.service"})),
+    ("entry", frozenset({"bridge.cli", "bridge.__main__"})),
+)
+
+
+def layer_of(name: str) -> int | None:
+    for index, (_, members) in enumerate(LAYERS):
+        for member in members:
+            if name == member or (
+                member.endswith(".*") and name.startswith(member.removesuffix("*"))
+            ):
+                return index
+    return None
+
+
+def test_every_module_has_a_layer() -> None:
+    assert sorted(name for name in MODULES if layer_of(name) is None) == []
+
+
+def test_imports_never_run_back_up() -> None:
+    problems = []
+    for name, imported in MODULES.items():
+        own = layer_of(name)
+        assert own is not None
+        for target in imported:
+            if target in MODULES and (other := layer_of(target)) is not None and other > own:
+                problems.append(f"{name} ({LAYERS[own][0]}) imports {target} ({LAYERS[other][0]})")
+    assert problems == []
+
+
+def test_a_pbx_package_never_imports_another() -> None:
+    """Adding or removing a PBX touches its own package (and the factory in bridge.pbx) only."""
+    problems = [
+        f"{name} imports {target}"
+        for name, imported in MODULES.items()
+        if name.startswith("bridge.pbx.")
+        for target in imported
+        if target.startswith("bridge.pbx.") and name.split(".")[2] != target.split(".")[2]
+    ]
+    assert problems == []
+
+
 def test_the_check_sees_the_package() -> None:
-    assert {"bridge.routing", "bridge.service", "bridge.api"} <= set(MODULES)
+    assert {"bridge.routing", "bridge.service", "bridge.api", "bridge.pbx.freeswitch.link"} <= set(
+        MODULES
+    )

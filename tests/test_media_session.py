@@ -82,7 +82,11 @@ async def owned(session: MediaSession) -> SessionResult:
 
 
 async def start(
-    server: PipelineServer, clock: Any = None, encoding: str = "pcm_s16le", rate: int = 16000
+    server: PipelineServer,
+    clock: Any = None,
+    encoding: str = "pcm_s16le",
+    rate: int = 16000,
+    taps: tuple[Any, ...] = (),
 ) -> Rig:
     index = len(server.sessions)
     stream = await PipelineConnection.open(server.url, {"X-Key": "k"}, PipelineSettings())
@@ -97,6 +101,7 @@ async def start(
         playout=PlayoutBuffer(320, max_frames=3000),
         control=hooks,
         ended=ended,
+        taps=taps,
         **({"clock": clock} if clock is not None else {}),
     )
     task = asyncio.ensure_future(owned(session))
@@ -300,3 +305,50 @@ async def test_a_broken_leg_ends_with_the_media_reason(server: PipelineServer) -
     rig.leg.inbox.put_nowait(LegClosed(by_caller=False, detail="garbage"))
     result = await rig.task
     assert result.reason is EndedReason.MEDIA_LEG_CLOSED and not result.caller_hung_up
+
+
+@dataclass
+class RecordingTap:
+    """A media tap that keeps every frame (what a call recorder sees)."""
+
+    said: list[bytes] = field(default_factory=list)
+    heard: list[bytes] = field(default_factory=list)
+    closed: bool = False
+
+    def caller_audio(self, pcm: bytes) -> None:
+        self.said.append(pcm)
+
+    def played_audio(self, pcm: bytes) -> None:
+        self.heard.append(pcm)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class BrokenTap(RecordingTap):
+    def played_audio(self, pcm: bytes) -> None:
+        raise OSError("No space left on device")
+
+
+async def test_a_tap_sees_both_directions_as_the_caller_did(server: PipelineServer) -> None:
+    tap, broken = RecordingTap(), BrokenTap()
+    rig = await start(server, taps=(broken, tap))
+    caller = sine(700, 0.2)
+    frames = [caller[offset : offset + 320] for offset in range(0, len(caller), 320)]
+    for frame in frames:
+        rig.leg.inbox.put_nowait(LegAudio(frame))
+    await send_chunks(rig.remote, sine(1000, 2.0, 16000))
+    await rig.leg.wait_sent(20)  # the reply is playing
+    await rig.remote.send_json({"type": "clear"})
+    count = len(rig.leg.sent)
+    await rig.leg.wait_sent(count + 5)
+    rig.leg.inbox.put_nowait(LegClosed(by_caller=True))
+    await rig.task
+    assert tap.said == frames  # the caller's audio, byte for byte
+    # What the caller heard, frame for frame: the reply, then silence once cleared.
+    assert tap.heard == rig.leg.sent
+    assert tap.heard[count:] and all(frame == silence() for frame in tap.heard[count + 1 :])
+    assert sum(tone_share(frame, 8000, 1000) > 0.9 for frame in tap.heard) >= 15
+    assert tap.closed
+    # A tap that fails is dropped after its first failure; the call went on to its end.
+    assert broken.heard == [] and not broken.closed

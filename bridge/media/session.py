@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -123,6 +123,25 @@ class CallControl(Protocol):
         """A transcript or message for the end-of-call report."""
 
 
+class MediaTap(Protocol):
+    """Sees both directions of a call's audio at the PBX's rate, one 20 ms frame at a time.
+
+    Called on the session's real-time path: a tap only hands frames on (a bounded queue, a
+    buffer written elsewhere) and never blocks or does I/O. A tap that raises is dropped for
+    the rest of the call (logged); the call goes on.
+    """
+
+    def caller_audio(self, pcm: bytes) -> None:
+        """A frame the caller said (16-bit PCM at the leg's rate)."""
+
+    def played_audio(self, pcm: bytes) -> None:
+        """A frame the caller heard: every 20 ms tick, silence where nothing was played (and
+        where the PBX was not reading, the frame dropped)."""
+
+    def close(self) -> None:
+        """The session is over: no more frames."""
+
+
 @dataclass
 class SessionStats:
     """Counters for logs and metrics."""
@@ -154,6 +173,7 @@ class MediaSession:
         ended: asyncio.Event,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log,
         clock: Callable[[], float] = time.monotonic,
+        taps: Sequence[MediaTap] = (),
     ) -> None:
         self.leg = leg
         self.stream = stream
@@ -165,6 +185,7 @@ class MediaSession:
         self.log = logger
         self.clock = clock
         self.stats = SessionStats()
+        self.taps = tuple(taps)
         self._ending: SessionResult | None = None
         self._ending_deadline = 0.0
         self._outbox: asyncio.Queue[str | bytes] = asyncio.Queue(OUTBOX_MAX_MESSAGES)
@@ -183,6 +204,8 @@ class MediaSession:
             done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
         finally:
             await cancel_and_wait(loops)
+            for tap in self.taps:
+                self._tap(tap, tap.close)
         finished = next(iter(done))
         if finished.cancelled():
             return SessionResult(EndedReason.WORKER_DIED, "media loop cancelled")
@@ -217,6 +240,8 @@ class MediaSession:
             for event in await self.leg.receive():
                 if isinstance(event, LegAudio):
                     stats.frames_from_pbx += 1
+                    for tap in self.taps:
+                        self._tap(tap, tap.caller_audio, event.pcm)
                     if await stream.send_audio(dialect.audio(transcoder.to_pipeline(event.pcm))):
                         stats.frames_to_pipeline += 1
                     else:
@@ -301,6 +326,15 @@ class MediaSession:
                 self.log.warning("ignored a pipeline message: %s", event.reason)
         return None
 
+    def _tap(self, tap: MediaTap, call: Callable[..., None], *args: bytes) -> None:
+        try:
+            call(*args)
+        except Exception:
+            # A tap's failure (a full disk behind a recorder) must never cost the call.
+            self.log.exception("media tap %s failed; dropped for the rest of the call", tap)
+            # A new tuple: a loop over the old one goes on to the other taps.
+            self.taps = tuple(other for other in self.taps if other is not tap)
+
     def _end_after_playout(self, result: SessionResult) -> None:
         """Ends the session once the queued audio has played (at the latest by a deadline)."""
         if self._ending is None:
@@ -338,6 +372,9 @@ class MediaSession:
                 stats.frames_to_pbx += 1
             else:
                 stats.dropped_to_pbx += 1
+                frame = bytes(len(frame))  # the caller heard nothing of it
+            for tap in self.taps:
+                self._tap(tap, tap.played_audio, frame)
             pacer.sent(now)
             if marks:
                 self._marks_played(marks)
