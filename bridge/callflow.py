@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -38,7 +38,14 @@ from bridge.calls import (
     EndedReason,
 )
 from bridge.conversation import Conversation, ConversationResult, Conversations
-from bridge.errors import PbxError, PipelineError, StoreError, ValidationFailed
+from bridge.errors import (
+    LocalProtocolError,
+    PbxActionError,
+    PbxError,
+    PipelineError,
+    StoreError,
+    ValidationFailed,
+)
 from bridge.events import (
     CallGone,
     CallOffered,
@@ -88,6 +95,9 @@ from bridge.webhooks import WebhookClient, WebhookDispatcher
 log = logging.getLogger(__name__)
 
 PBX_ACTION_TIMEOUT_S = 10.0
+# A transfer is done once the PBX knows it worked: the destination may ring for a minute
+# (freeswitch_conf/sipbridge_context.xml gives it 60 s).
+TRANSFER_TIMEOUT_S = 90.0
 MEDIA_WRAP_UP_S = 3.0
 
 
@@ -104,18 +114,40 @@ class LiveCall:
     # Resolved by the PBX's LegConnected for this call, while the call waits for its audio.
     leg_waiter: asyncio.Future[MediaLeg] | None = None
     leg: MediaLeg | None = None
-    transfer_reason: EndedReason | None = None
     # A transfer the pipeline asked for, while the PBX carries it out: it outlives the
     # conversation (the leg closes as the PBX moves the call away, which ends the session).
     transfer_in_flight: asyncio.Task[bool] | None = None
-    # The PBX said the channel is gone: there is nothing left to hang up.
+    # The PBX said the channel is gone: there is nothing left to hang up, and an action still
+    # waiting on the PBX (a transfer ringing its destination) is moot.
     pbx_gone: bool = False
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
     # The channel went on to a transfer: it is no longer sipbridge's to hang up.
     transferred: bool = False
     hangup_started: bool = False
     reported: bool = False
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
+
+
+class _NoPbx:
+    """The control of a call whose PBX is no longer enabled: nothing can be asked of it."""
+
+    kind: PbxKind = "test"
+
+    async def reject(self, facts: InviteFacts, sip_status: int) -> None:
+        raise PbxActionError("no backend for this PBX")
+
+    async def transfer(self, facts: InviteFacts, destination: Mapping[str, Any]) -> None:
+        raise PbxActionError("no backend for this PBX")
+
+    async def connect_media(self, facts: InviteFacts, call_id: str) -> None:
+        raise PbxActionError("no backend for this PBX")
+
+    async def hangup(self, facts: InviteFacts) -> None:
+        raise PbxActionError("no backend for this PBX")
+
+    async def send_dtmf(self, facts: InviteFacts, digits: str) -> None:
+        raise PbxActionError("no backend for this PBX")
 
 
 class _CallControl:
@@ -282,6 +314,7 @@ class CallFlow:
         if live is None:
             return
         live.pbx_gone = True
+        live.gone.set()
         status = live.call.status
         if status is CallStatus.RINGING:
             if live.task is not None and not live.task.done():
@@ -295,7 +328,12 @@ class CallFlow:
                 else EndedReason.SIP_INBOUND_FAILED_TO_CONNECT
             )
         elif status is CallStatus.FORWARDING:
-            reason = live.transfer_reason or EndedReason.ASSISTANT_FORWARDED_CALL
+            # The transfer was not known to have worked yet (it would have ended the call).
+            reason = (
+                EndedReason.CUSTOMER_ENDED_CALL_DURING_TRANSFER
+                if by_caller
+                else EndedReason.TRANSFER_FAILED
+            )
         else:
             reason = (
                 EndedReason.CUSTOMER_ENDED_CALL if by_caller else EndedReason.SIP_COMPLETED_CALL
@@ -311,6 +349,50 @@ class CallFlow:
             return
         live.log.info("media attached")
         waiter.set_result(leg)
+
+    # ---- calls a previous run left -------------------------------------------------------------
+
+    async def settle_left_over(self, records: Sequence[Mapping[str, Any]]) -> int:
+        """Ends the calls a previous run of sipbridge left live (it crashed or was killed mid-call).
+
+        Their conversations died with that run, and a PBX may still hold the caller in silence
+        (FreeSWITCH keeps a parked channel until the caller gives up): each call ends once with
+        ``call.in-progress.error-vapifault-worker-died``, gets its status update and its
+        end-of-call-report, and is hung up at its PBX (where a channel already gone is done,
+        and one the link cannot reach yet is hung up once it can).
+
+        Returns:
+            How many calls were settled.
+        """
+        settled = 0
+        now = self._clock()
+        for record in records:
+            number_id = record.get("phoneNumberId")
+            number = await self._resources.find("phone_number", number_id) if number_id else None
+            try:
+                call = Call.from_record(record, dict(number) if number else None)
+            except LocalProtocolError as exc:
+                log.error("cannot settle call record %s: %s", record.get("id"), exc)
+                continue
+            if call.is_ended:
+                continue
+            live = LiveCall(
+                call, self._controls.get(call.facts.pbx) or _NoPbx(), call_logger(log, call.id)
+            )
+            call.end(
+                EndedReason.WORKER_DIED,
+                now,
+                message=f"sipbridge stopped during the call ({call.status.value} then)",
+            )
+            live.log.warning("settled a call the previous run left %s", record.get("status"))
+            self._metrics.calls_ended_total.labels(EndedReason.WORKER_DIED.value).inc()
+            self._recorder.save(call.to_json())
+            self._notify(call, STATUS_UPDATE)
+            self._report(live)
+            if call.facts.pbx in self._controls:
+                self._tasks.spawn(self._pbx_hangup(live), f"settle-{call.id}")
+            settled += 1
+        return settled
 
     # ---- from operators -----------------------------------------------------------------------
 
@@ -456,7 +538,6 @@ class CallFlow:
         self._metrics.calls_total.labels("transferred").inc()
         call.variables = dict(decision.variables) or call.variables
         call.destination = decision.destination
-        live.transfer_reason = decision.ended_reason
         call.apply(CallEvent.FORWARD, self._clock())
         live.log.info("transferring to %s (%s)", _describe(decision.destination), decision.detail)
         self._recorder.save(call.to_json())
@@ -466,6 +547,7 @@ class CallFlow:
             "transferring",
             live.pbx.transfer(call.facts, decision.destination),
             failure=EndedReason.TRANSFER_FAILED,
+            timeout_s=TRANSFER_TIMEOUT_S,
         )
         if not transferred:
             return
@@ -637,11 +719,11 @@ class CallFlow:
         previous = call.status
         call.destination = rendered
         call.apply(CallEvent.FORWARD, self._clock())
-        live.transfer_reason = EndedReason.ASSISTANT_FORWARDED_CALL
         self._recorder.save(call.to_json())
         self._notify(call, STATUS_UPDATE)
         live.log.info("pipeline transfers the call to %s", _describe(rendered))
-        if await self._pbx_action(live, "transferring", live.pbx.transfer(call.facts, rendered)):
+        transfer = live.pbx.transfer(call.facts, rendered)
+        if await self._pbx_action(live, "transferring", transfer, timeout_s=TRANSFER_TIMEOUT_S):
             live.transferred = True
             self._end(live, EndedReason.ASSISTANT_FORWARDED_CALL)
             return True
@@ -727,21 +809,37 @@ class CallFlow:
         what: str,
         action: Awaitable[None],
         failure: EndedReason | None = None,
+        timeout_s: float = PBX_ACTION_TIMEOUT_S,
     ) -> bool:
         """Runs one PBX action within its time limit; True if it succeeded.
 
         On failure the error is logged and, when ``failure`` is given, the call ends with that
         reason and is hung up (the PBX may still hold it).
         """
+        running = asyncio.ensure_future(action)
+        gone = asyncio.ensure_future(live.gone.wait())
         try:
-            async with asyncio.timeout(PBX_ACTION_TIMEOUT_S):
-                await action
-        except (PbxError, TimeoutError) as exc:
-            live.log.error("%s failed: %s", what, exc or type(exc).__name__)
-            if failure is not None and self._end(live, failure, message=str(exc) or None):
-                await self._pbx_hangup(live)
-            return False
-        return True
+            either: set[asyncio.Future[Any]] = {running, gone}
+            await asyncio.wait(either, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not running.done():
+                await cancel_and_wait([running])
+        if running.cancelled():
+            # Not done in time, or moot: the PBX said the channel is gone meanwhile.
+            error: BaseException = (
+                PbxActionError("the channel is gone") if live.gone.is_set() else TimeoutError()
+            )
+        elif (raised := running.exception()) is None:
+            return True
+        elif isinstance(raised, PbxError | TimeoutError):
+            error = raised
+        else:
+            raise raised
+        live.log.error("%s failed: %s", what, error or type(error).__name__)
+        if failure is not None and self._end(live, failure, message=str(error) or None):
+            await self._pbx_hangup(live)
+        return False
 
     def _media_timed_out(self, live: LiveCall) -> None:
         if live.leg_waiter is not None and not live.leg_waiter.done():

@@ -13,14 +13,15 @@ Rules of the status machine (the only place they are written):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 from bridge.errors import LocalProtocolError
-from bridge.events import InviteFacts
-from bridge.models import format_timestamp, without_secrets
+from bridge.events import InviteFacts, invite_facts
+from bridge.models import format_timestamp, parse_timestamp, without_secrets
 
 
 class CallStatus(StrEnum):
@@ -85,6 +86,7 @@ class EndedReason(StrEnum):
     ASSISTANT_ENDED_CALL_AFTER_MESSAGE = "assistant-ended-call-after-message-spoken"
     ASSISTANT_SAID_END_CALL_PHRASE = "assistant-said-end-call-phrase"
     ASSISTANT_FORWARDED_CALL = "assistant-forwarded-call"
+    CUSTOMER_ENDED_CALL_DURING_TRANSFER = "customer-ended-call-during-transfer"
     EXCEEDED_MAX_DURATION = "exceeded-max-duration"
     SILENCE_TIMED_OUT = "silence-timed-out"
     MANUALLY_CANCELED = "manually-canceled"
@@ -138,6 +140,63 @@ class Call:
     messages: list[dict[str, Any]] = field(default_factory=list)
     transcript: str = ""
     media: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], phone_number: dict[str, Any] | None) -> Call:
+        """The call a stored record (:meth:`to_json`) describes, as far as it says: what a
+        restarted sipbridge needs to settle a call its previous run left live.
+
+        Raises:
+            LocalProtocolError: the record is not a call record sipbridge wrote.
+        """
+        try:
+            extension = record["sipbridge"]
+            sip = record["phoneCallProviderDetails"]["sip"]
+            user, _, host = str(sip["uri"]).removeprefix("sip:").partition("@")
+            customer = record.get("customer") or {}
+            sip_headers = sip.get("headers") or {}
+            headers = [
+                (name, str(value))
+                for name, value in sip_headers.items()
+                if name.lower().startswith("x-")
+            ]
+            to = sip_headers.get("to")
+            facts = invite_facts(
+                pbx=extension["pbx"],
+                pbx_call_id=record["phoneCallProviderId"],
+                channel=extension["channel"],
+                request_user=user,
+                request_host=host,
+                headers=headers,
+                to_uri=str(to).strip("<>") if to else None,
+                from_number=customer.get("number"),
+                from_name=customer.get("name"),
+                from_uri=customer.get("sipUri"),
+                sip_call_id=extension.get("sipCallId"),
+            )
+            call = cls(
+                id=record["id"],
+                org_id=record["orgId"],
+                facts=facts,
+                created_at=parse_timestamp(record["createdAt"]),
+                status=CallStatus(record["status"]),
+                updated_at=parse_timestamp(record["updatedAt"]),
+                phone_number=phone_number,
+                assistant_id=record.get("assistantId"),
+                assistant=record.get("assistant"),
+                variable_values=dict(record["assistantOverrides"]["variableValues"]),
+                variables=dict(record["artifact"]["variableValues"]),
+                started_at=(
+                    parse_timestamp(record["startedAt"]) if record.get("startedAt") else None
+                ),
+                destination=record.get("destination"),
+                messages=list(record["artifact"]["messages"]),
+                transcript=str(record["artifact"]["transcript"]),
+                media=dict(extension.get("media") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LocalProtocolError(f"not a sipbridge call record: {exc!r}") from None
+        return call
 
     @property
     def is_ended(self) -> bool:

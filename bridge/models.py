@@ -73,6 +73,18 @@ def format_timestamp(moment: datetime) -> str:
     )
 
 
+def parse_timestamp(text: str) -> datetime:
+    """The moment :func:`format_timestamp` wrote (any ISO-8601 with a zone is read).
+
+    Raises:
+        ValueError: not such a timestamp.
+    """
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        raise ValueError(f"timestamp without a zone: {text!r}")
+    return moment
+
+
 def parse_sip_uri(uri: str) -> tuple[str, str, int | None] | None:
     """Splits ``sip:user@host[:port]`` into (user, lowercase host, port), or None if malformed."""
     match = SIP_URI.match(uri.strip())

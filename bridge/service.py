@@ -37,6 +37,11 @@ from bridge.webhooks import WebhookClient, WebhookDispatcher
 log = logging.getLogger(__name__)
 
 
+# A call record in one of these was live when the previous run stopped.
+LIVE_STATUSES = ("ringing", "in-progress", "forwarding")
+LEFT_OVER_PAGE = 500
+
+
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -134,6 +139,7 @@ class Service:
             self._callflow.register(backend)
             self.set_link(backend.kind, False)
             await backend.start(events)
+        await self._settle_left_over()
         app = create_app(self, settings.api)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=5.0
@@ -158,6 +164,30 @@ class Service:
             )
         if not is_loopback(settings.api.host):
             log.info("the API listens beyond loopback; every request needs the API key")
+
+    async def _settle_left_over(self) -> None:
+        """Calls the previous run left live end now (see CallFlow.settle_left_over).
+
+        With one store per instance, every live record at start is one this instance's previous
+        run left behind.
+        """
+        records: dict[str, dict[str, Any]] = {}
+        before: str | None = None
+        while True:
+            page = await self.store.list_calls(
+                ListQuery(limit=LEFT_OVER_PAGE, created_le=before),
+                statuses=LIVE_STATUSES,
+                phone_number_id=None,
+                assistant_id=None,
+            )
+            fresh = [record for record in page if record["id"] not in records]
+            records.update((record["id"], record) for record in fresh)
+            if len(page) < LEFT_OVER_PAGE or not fresh:
+                break
+            before = page[-1]["createdAt"]  # newest first: on to the older ones
+        if records:
+            settled = await self.callflow.settle_left_over(list(records.values()))
+            log.warning("settled %d calls the previous run left live", settled)
 
     def set_link(self, pbx: str, up: bool) -> None:
         """Records a PBX control link's state (health, metrics, waiters)."""

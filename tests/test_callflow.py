@@ -174,7 +174,8 @@ async def test_silent_server_goes_to_the_fallback_within_the_budget(
     assert call is not None
     destination = await h.pbx.wait_for("transfer")
     assert destination["sipUri"] == "sip:operator@pbx.example.com"
-    assert call.ended_reason is EndedReason.ASSISTANT_REQUEST_FAILED
+    report = await h.ended(call.id)  # the transfer is done once the PBX has taken it
+    assert report["endedReason"] == EndedReason.ASSISTANT_REQUEST_FAILED.value
     assert loop.time() - started >= 0.5
 
 
@@ -307,3 +308,49 @@ async def test_shutdown_hangs_up_live_calls(make_harness: Callable[..., Any]) ->
     assert h.pbx.names()[-1] == "hangup"
     assert call.ended_reason is EndedReason.WORKER_SHUTDOWN
     assert h.flow.active() == []
+
+
+async def test_calls_a_previous_run_left_live_are_settled_once(
+    make_harness: Callable[..., Any],
+) -> None:
+    """A crashed sipbridge's in-progress record: ended worker-died, reported, hung up."""
+    h: Harness = await make_harness()
+    assistant = await h.assistant()
+    number = await h.number(assistantId=assistant["id"])
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    await h.sink.wait_for_message("status-update", status="in-progress")
+    left = call.to_json()  # what the store held when the process died
+    ended = dict(left, id="already-ended", status="ended")
+    settled = await h.flow.settle_left_over([left, ended, {"id": "garbage"}])
+    assert settled == 1
+    report = (await h.sink.wait_for_message("end-of-call-report")).message
+    assert report["call"]["id"] == call.id
+    assert report["endedReason"] == "call.in-progress.error-vapifault-worker-died"
+    assert report["phoneNumber"]["id"] == number["id"]  # reloaded: its server is known again
+    assert await h.pbx.wait_for("hangup") == call.facts.pbx_call_id
+    assert len(h.sink.messages("end-of-call-report")) == 1
+
+
+async def test_hanging_up_while_a_transfer_is_tried_is_not_a_forwarded_call(
+    make_harness: Callable[..., Any],
+) -> None:
+    """A transfer is done only once the PBX knows it worked: FreeSWITCH may ring the
+    destination for a minute, and the caller may give up meanwhile."""
+    h: Harness = await make_harness()
+    await h.number()
+    h.sink.answer({"destination": {"type": "number", "number": "+15557654321"}})
+    ringing = asyncio.Event()
+
+    async def the_destination_rings() -> None:
+        ringing.set()
+        await asyncio.Event().wait()  # no outcome yet
+
+    h.pbx.during_transfer = the_destination_rings
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    await ringing.wait()
+    assert call.status is CallStatus.FORWARDING
+    h.flow.hung_up("test", call.facts.pbx_call_id, by_caller=True)
+    report = await h.ended(call.id)
+    assert report["endedReason"] == "customer-ended-call-during-transfer"

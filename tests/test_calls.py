@@ -97,6 +97,24 @@ def test_call_json_has_vapis_shape() -> None:
     assert body["sipbridge"]["sipCallId"] == "abc@10.0.0.9"
 
 
+def test_a_live_record_gives_back_its_call() -> None:
+    """What a restarted sipbridge reads to settle a call its previous run left live."""
+    call = make_call()
+    call.assistant_id = "a1"
+    call.assistant = {"name": "Support"}
+    call.variable_values = {"first_name": "John"}
+    call.variables = {"first_name": "John", "now": "x"}
+    call.apply(CallEvent.ANSWER, T0 + timedelta(seconds=1))
+    call.messages.append({"role": "user", "message": "hi"})
+    call.transcript = "User: hi"
+    call.media = {"framesFromCaller": 5}
+    back = Call.from_record(call.to_json(), {"id": "pn1"})
+    assert back.to_json() == call.to_json() | {"phoneNumberId": "pn1"}
+    assert back.facts == call.facts
+    with pytest.raises(LocalProtocolError):
+        Call.from_record({"id": "x"}, None)
+
+
 def test_ended_reasons_are_unique_strings() -> None:
     values = [reason.value for reason in EndedReason]
     assert len(values) == len(set(values))

@@ -164,8 +164,8 @@ async def test_the_pipeline_transfers_and_hangs_up_through_the_flow(
         destination["sipUri"] == "sip:agent@pbx.example.com"
         and destination["message"] == "Bye John"
     )
-    assert call.ended_reason is EndedReason.ASSISTANT_FORWARDED_CALL
     await h.sink.wait_for_message("status-update", status="ended")
+    assert call.ended_reason is EndedReason.ASSISTANT_FORWARDED_CALL
     statuses = [m["status"] for m in h.sink.messages("status-update")]
     assert statuses == ["ringing", "in-progress", "forwarding", "ended"]
     await leg.wait_closed()

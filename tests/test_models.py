@@ -9,6 +9,7 @@ from bridge.models import (
     apply_patch,
     format_timestamp,
     parse_sip_uri,
+    parse_timestamp,
     server_of,
     sip_uri_key,
     validate_assistant,
@@ -63,6 +64,9 @@ def test_sip_uri_key_is_case_insensitive() -> None:
 def test_timestamps_look_like_vapis() -> None:
     moment = datetime(2024, 1, 2, 3, 4, 5, 678_900, tzinfo=UTC)
     assert format_timestamp(moment) == "2024-01-02T03:04:05.678Z"
+    assert parse_timestamp("2024-01-02T03:04:05.678Z") == moment.replace(microsecond=678000)
+    with pytest.raises(ValueError):
+        parse_timestamp("2024-01-02T03:04:05")  # no zone: no moment
 
 
 def test_assistant_keeps_unknown_fields_and_checks_known_ones() -> None:

@@ -13,11 +13,21 @@ from typing import Any
 import pytest
 
 from bridge.errors import PbxActionError, PbxAuthError, PbxConnectionError
-from bridge.events import LegClosed, LegDtmf
+from bridge.events import InviteFacts, LegAudio, LegClosed, LegDtmf
 from bridge.pbx.freeswitch.backend import HEARTBEAT_VARIABLE, SUBSCRIPTION, FreeswitchBackend
 from bridge.protocol import esl
 from bridge.settings import FreeswitchSettings, MediaSettings
-from tests.esl_peer import CALL_ANSWERED, CALL_RINGING, PASSWORD, EslPeer
+from tests.esl_peer import (
+    CALL,
+    ORPHAN,
+    PASSWORD,
+    REFUSED,
+    SHUTDOWN,
+    TRANSFER_FAILS,
+    TRANSFER_OK,
+    UNSEEN,
+    EslPeer,
+)
 from tests.pbx_sink import RecordingSink
 
 INTERVAL_S = 0.3
@@ -63,92 +73,148 @@ async def rig(peer: EslPeer, request: pytest.FixtureRequest) -> AsyncIterator[Ri
     adapter = FreeswitchBackend(settings(peer.port, **getattr(request, "param", {})), MEDIA)
     await adapter.start(sink)
     await sink.wait_for(lambda s: s.links == [True])
+    # The resync after connecting is done (its last command sent) before the test speaks.
+    await peer.wait_command("api show channels as json")
     yield Rig(peer, sink, adapter)
     await adapter.aclose()
     await adapter.aclose()  # a second close is harmless (Service.start's cleanup may repeat it)
     assert not [t for t in threading.enumerate() if t.name == "freeswitch-esl"]
 
 
-async def test_it_logs_in_subscribes_and_offers_a_parked_call_once(rig: Rig) -> None:
-    peer, sink = rig.peer, rig.sink
-    assert peer.commands[:2] == [f"auth {PASSWORD}", SUBSCRIPTION]
-    # A call parked by another part of the dialplan (no sipbridge variable) is not ours.
-    peer.send(peer.captured.event("CHANNEL_PARK", CALL_RINGING))
-    peer.park(CALL_RINGING)
-    peer.park(CALL_RINGING)  # parked again (a re-park after a transfer): still one call
-    await sink.wait_for(lambda s: len(s.offers) >= 1)
-    await rig.adapter.link.command(esl.command("api status"))  # every event before it is in
-    assert len(sink.offers) == 1
-    facts = sink.offers[0]
-    assert (facts.pbx, facts.pbx_call_id, facts.channel) == (
-        "freeswitch",
-        CALL_RINGING,
-        CALL_RINGING,
+async def offered(rig: Rig, uniqueid: str) -> InviteFacts:
+    """The peer parks a captured call; the backend's offer of it."""
+    rig.peer.park(uniqueid)
+    await rig.sink.wait_for(lambda s: any(f.pbx_call_id == uniqueid for f in s.offers))
+    return next(f for f in rig.sink.offers if f.pbx_call_id == uniqueid)
+
+
+async def link_down(rig: Rig) -> None:
+    """The Event Socket is lost, and stays down until the test lets the peer accept again."""
+    rig.peer.refuse = True
+    rig.peer.cut()
+    await rig.sink.wait_for(lambda s: s.links == [True, False])
+
+
+def unicast_pair(command: str) -> tuple[tuple[str, int], tuple[str, int]]:
+    fields = dict(line.split(": ", 1) for line in command.splitlines()[1:])
+    return (
+        (fields["local-ip"], int(fields["local-port"])),
+        (fields["remote-ip"], int(fields["remote-port"])),
     )
-    assert (facts.request_user, facts.from_name) == ("ringing", "Ann Example")
-    assert facts.headers == (("X-First_Name", "John"), ("X-Account-Id", "42"), ("X-Lang", "en-US"))
+
+
+async def test_it_logs_in_stamps_the_heartbeat_at_once_and_offers_a_parked_call_once(
+    rig: Rig,
+) -> None:
+    peer, sink = rig.peer, rig.sink
+    # The heartbeat comes first, not a ping interval later: calls in between would get 480.
+    await peer.wait_command("api expand global_setvar")
+    assert peer.commands[:3] == [
+        f"auth {PASSWORD}",
+        SUBSCRIPTION,
+        "api expand global_setvar sipbridge_heartbeat=${strepoch()}",
+    ]
+    facts = await offered(rig, CALL)
+    peer.park(CALL)  # parked again (a re-park): still one call
+    await rig.adapter.link.command(esl.command("api status"))  # every event before it is in
+    assert [f.pbx_call_id for f in sink.offers] == [CALL]
+    assert (facts.pbx, facts.channel, facts.request_user) == ("freeswitch", CALL, "demo")
+    assert (facts.from_number, facts.from_name) == ("+15551230000", "John Doe")
+    # JSON events carry the values as the caller sent them: plain events decoded %XX once
+    # too often (100%41off became 100Aoff, %0D%0A a line break).
+    assert dict(facts.headers) == {
+        "X-First_Name": "John",
+        "X-Pct": "100%41off",
+        "X-Crlf": "a%0D%0Ab",
+        "X-Account-Id": "42",
+    }
 
 
 async def test_accepting_answers_in_the_channel_thread_then_streams_to_our_leg(rig: Rig) -> None:
     peer, adapter = rig.peer, rig.adapter
-    peer.park(CALL_RINGING)  # parked ringing, as freeswitch_conf's dialplan parks an offer
-    await rig.sink.wait_for(lambda s: s.offers)
-    await adapter.connect_media(rig.sink.offers[0], "call-1")
-    leg = adapter.unicast._legs[CALL_RINGING]
+    facts = await offered(rig, CALL)  # parked ringing, as freeswitch_conf's dialplan parks
+    await adapter.connect_media(facts, "call-1")
+    leg = adapter.unicast._legs[CALL]
     ours = leg._transport.get_extra_info("sockname")[1] if leg._transport else None
     # sendmsg execute answer, never api uuid_answer: unicast right after that aborted
-    # FreeSWITCH live (faults/01); this order is the one faults/02 shows working.
+    # FreeSWITCH live (faults/01); this order is the one faults/02 and live/ show working.
     assert peer.requests[-2:] == [
-        f"sendmsg {CALL_RINGING}\ncall-command: execute\nexecute-app-name: answer",
-        f"sendmsg {CALL_RINGING}\ncall-command: unicast\nlocal-ip: 127.0.0.1\nlocal-port: 32000\n"
+        f"sendmsg {CALL}\ncall-command: execute\nexecute-app-name: answer",
+        f"sendmsg {CALL}\ncall-command: unicast\nlocal-ip: 127.0.0.1\nlocal-port: 32000\n"
         f"remote-ip: 127.0.0.1\nremote-port: {ours}\ntransport: udp",
     ]
     assert not peer.crashed
-    # The caller hangs up: the captured hangup events end the call, with its Q.850 cause.
-    peer.hang_up(CALL_RINGING)
-    await rig.sink.wait_for(lambda s: s.hangups)
-    assert rig.sink.hangups == [(CALL_RINGING, 16)]
-    assert (await leg.receive())[-1] == LegClosed(by_caller=True)  # and its leg ends with it
-    assert len(adapter.unicast) == 0
-
-
-async def test_reject_transfer_hangup_and_dtmf(rig: Rig) -> None:
-    peer, adapter, sink = rig.peer, rig.adapter, rig.sink
-    peer.park(CALL_RINGING)
-    peer.park(CALL_ANSWERED)
-    await sink.wait_for(lambda s: len(s.offers) == 2)
-    ringing, answered = sink.offers
-    await adapter.reject(ringing, 404)
-    assert peer.requests[-2:] == [
-        f"sendmsg {CALL_RINGING}\ncall-command: execute\nexecute-app-name: respond\nexecute-app-arg: 404",
-        f"sendmsg {CALL_RINGING}\ncall-command: hangup\nhangup-cause: UNALLOCATED_NUMBER",
-    ]
     # The caller's keys, as FreeSWITCH reports them (DTMF events), join the call's leg.
-    await adapter.connect_media(answered, "call-2")
-    leg = adapter.unicast._legs[CALL_ANSWERED]
-    peer.send(*peer.captured.dtmf_events(CALL_ANSWERED))
+    peer.press(CALL)
     digits: list[object] = []
     while len(digits) < 3:
         digits += await asyncio.wait_for(leg.receive(), 5)
     assert digits == [LegDtmf("1"), LegDtmf("2"), LegDtmf("#")]
+    # The caller hangs up: the call is gone, by the caller, at FreeSWITCH's time for it.
+    peer.hang_up(CALL)
+    await rig.sink.wait_for(lambda s: s.gone)
+    [gone] = rig.sink.gone
+    assert (gone.pbx_call_id, gone.by_caller, gone.cause) == (CALL, True, 16)
+    assert gone.ended_at is not None and gone.ended_at.year == 2026
+    assert (await leg.receive())[-1] == LegClosed(by_caller=True)  # and its leg ends with it
+    assert len(adapter.unicast) == 0
+
+
+async def test_a_refusal_is_respond_then_hangup_and_freeswitch_ends_the_channel(rig: Rig) -> None:
+    peer, adapter, sink = rig.peer, rig.adapter, rig.sink
+    facts = await offered(rig, REFUSED)
+    await adapter.reject(facts, 404)
+    assert peer.requests[-2:] == [
+        f"sendmsg {REFUSED}\ncall-command: execute\nexecute-app-name: respond\n"
+        "execute-app-arg: 404",
+        f"sendmsg {REFUSED}\ncall-command: hangup\nhangup-cause: UNALLOCATED_NUMBER",
+    ]
+    await sink.wait_for(lambda s: s.gone)
+    assert not sink.gone[0].by_caller  # send_refuse: FreeSWITCH ended it, on our word
+
+
+async def test_a_transfer_is_done_once_freeswitch_bridged_it(rig: Rig) -> None:
+    peer, adapter = rig.peer, rig.adapter
+    facts = await offered(rig, TRANSFER_OK)
+    await adapter.connect_media(facts, "call-1")
     await adapter.transfer(
-        answered,
+        facts,
         {"type": "sip", "sipUri": "sip:agent@pbx.example.com", "sipHeaders": {"X-Reason": "vip"}},
     )
-    assert peer.requests[-7:] == [
-        # The caller's own X- headers would go out too: unset first.
-        f"api uuid_setvar {CALL_ANSWERED} sip_h_X-First_Name",
-        f"api uuid_setvar {CALL_ANSWERED} sip_h_X-Account-Id",
-        f"api uuid_setvar {CALL_ANSWERED} sip_h_X-Lang",
-        f"api uuid_setvar {CALL_ANSWERED} sip_h_X-Reason vip",
-        f"api uuid_setvar {CALL_ANSWERED} sipbridge_transfer_target sip:agent@pbx.example.com",
-        f"api uuid_setvar {CALL_ANSWERED} sipbridge_offer",
-        f"api uuid_transfer {CALL_ANSWERED} sipbridge_transfer XML sipbridge",
+    assert peer.requests[-5:] == [
+        f"api uuid_setvar {TRANSFER_OK} sip_h_X-Reason vip",
+        f"api uuid_setvar {TRANSFER_OK} sipbridge_transfer_target sip:agent@pbx.example.com",
+        f"api uuid_setvar {TRANSFER_OK} sipbridge_offer",
+        f"api uuid_setvar {TRANSFER_OK} sipbridge_transfer_failed",
+        f"api uuid_transfer {TRANSFER_OK} sipbridge_transfer XML sipbridge",
     ]
-    assert not peer.crashed
-    # Quotes and backslashes survive FreeSWITCH's argument splitting.
-    await adapter.transfer(answered, {"number": "+1555", "sipHeaders": {"X-Q": "it's a\\b"}})
-    assert f"api uuid_setvar {CALL_ANSWERED} sip_h_X-Q it\\'s a\\\\b" in peer.requests
+    # Its unicast port is free again (reused last): both ports are there for the next calls.
+    assert {adapter._ports.take("next"), adapter._ports.take("other")} == {32000, 32001}
+
+
+async def test_a_failed_transfer_raises_and_gives_the_call_its_audio_back(rig: Rig) -> None:
+    peer, adapter = rig.peer, rig.adapter
+    facts = await offered(rig, TRANSFER_FAILS)
+    await adapter.connect_media(facts, "call-1")
+    first = peer.requests[-1]
+    with pytest.raises(PbxActionError, match="NORMAL_TEMPORARY_FAILURE"):
+        await adapter.transfer(facts, {"type": "sip", "sipUri": "sip:nobody@127.0.0.1:5099"})
+    # Parked again by sipbridge_context.xml, without unicast (the park ended it): the same
+    # pair again, so the conversation's leg hears the caller.
+    assert peer.requests[-1] == first and unicast_pair(first)[0] == ("127.0.0.1", 32000)
+    assert len(adapter.unicast) == 1
+
+
+async def test_number_transfers_and_hostile_destinations(rig: Rig) -> None:
+    peer, adapter = rig.peer, rig.adapter
+    facts = await offered(rig, TRANSFER_OK)
+    # The caller's own X- headers would go out too: unset first. Quotes and backslashes
+    # survive FreeSWITCH's argument splitting. A number goes to the default context: done
+    # once FreeSWITCH took it (no outcome to wait for).
+    await adapter.transfer(facts, {"number": "+1555", "sipHeaders": {"X-Q": "it's a\\b"}})
+    assert f"api uuid_setvar {TRANSFER_OK} sip_h_X-Q it\\'s a\\\\b" in peer.requests
+    unset = [c for c in peer.requests if c.startswith(f"api uuid_setvar {TRANSFER_OK} sip_h_")]
+    assert f"api uuid_setvar {TRANSFER_OK} sip_h_X-First_Name" not in unset  # not in this call
     sent = len(peer.requests)
     for hostile in (
         {"number": "1,2"},
@@ -159,17 +225,31 @@ async def test_reject_transfer_hangup_and_dtmf(rig: Rig) -> None:
         {"number": "+1555", "sipHeaders": {"X-A": "1\nexit"}},
     ):
         with pytest.raises(PbxActionError):
-            await adapter.transfer(answered, hostile)
+            await adapter.transfer(facts, hostile)
     assert len(peer.requests) == sent  # refused before anything was sent
-    await adapter.send_dtmf(answered, "7#")
-    assert peer.requests[-1] == f"api uuid_send_dtmf {CALL_ANSWERED} 7#"
+
+
+async def test_dtmf_to_the_caller_and_hangups(rig: Rig) -> None:
+    peer, adapter, sink = rig.peer, rig.adapter, rig.sink
+    facts = await offered(rig, TRANSFER_FAILS)
+    await adapter.send_dtmf(facts, "7#")
+    assert peer.requests[-1] == f"api uuid_send_dtmf {TRANSFER_FAILS} 7#"
     with pytest.raises(PbxActionError):
-        await adapter.send_dtmf(answered, "7 exit")
-    await adapter.hangup(answered)
-    assert peer.requests[-1] == f"api uuid_kill {CALL_ANSWERED}"
-    await sink.wait_for(lambda s: s.hangups)
-    assert sink.hangups == [(CALL_ANSWERED, 16)]
-    await adapter.hangup(answered)  # already gone ("-ERR No such channel!"): done
+        await adapter.send_dtmf(facts, "7 exit")
+    await adapter.hangup(facts)
+    assert peer.requests[-1] == f"api uuid_kill {TRANSFER_FAILS}"
+    await sink.wait_for(lambda s: s.gone)
+    assert not sink.gone[0].by_caller  # send_bye: ended by FreeSWITCH, not the caller
+    await adapter.hangup(facts)  # already gone ("-ERR No such channel!"): done
+
+
+async def test_a_shutdown_is_freeswitch_ending_the_call_not_the_caller(rig: Rig) -> None:
+    """fsctl shutdown: Hangup-Cause SYSTEM_SHUTDOWN, sip_hangup_disposition send_bye (faults/05
+    recorded it as customer-ended-call)."""
+    await offered(rig, SHUTDOWN)
+    rig.peer.shut_down(SHUTDOWN)
+    await rig.sink.wait_for(lambda s: s.gone)
+    assert not rig.sink.gone[0].by_caller
 
 
 async def test_a_refused_password_is_an_error_not_a_retry_loop(peer: EslPeer) -> None:
@@ -191,13 +271,6 @@ async def test_freeswitch_down_at_start_is_retried_until_it_is_up(peer: EslPeer)
     await adapter.aclose()
 
 
-async def test_the_watchdog_ping_is_the_dialplans_heartbeat(rig: Rig) -> None:
-    # FreeSWITCH stamps it with its own clock (expand ... ${strepoch()}): no skew to matter.
-    command = await rig.peer.wait_command("api expand global_setvar")
-    assert command == "api expand global_setvar sipbridge_heartbeat=${strepoch()}"
-    assert rig.peer.globals["sipbridge_heartbeat"] == "${strepoch()}"
-
-
 @pytest.mark.parametrize("rig", [{"ping_interval_s": 0.5}], indirect=True)
 async def test_a_silent_link_is_dropped_within_two_intervals_and_comes_back(rig: Rig) -> None:
     peer, sink = rig.peer, rig.sink
@@ -216,32 +289,78 @@ async def test_a_silent_link_is_dropped_within_two_intervals_and_comes_back(rig:
     assert peer.commands[second_login + 1] == SUBSCRIPTION
 
 
-# A long ping interval: here the drop itself must be noticed, not the watchdog's silence.
-async def test_calls_that_ended_while_the_link_was_down_are_ended_after_it(rig: Rig) -> None:
-    peer, sink = rig.peer, rig.sink
-    sink.known = {CALL_RINGING, "00000000-0000-0000-0000-000000000000"}
-    peer.cut()
-    await sink.wait_for(lambda s: s.links == [True, False, True])
-    await peer.wait_command(f"api uuid_dump {CALL_RINGING}")
-    await rig.adapter.link.command(esl.command("api status"))  # the dump's answer is in
-    await sink.wait_for(lambda s: s.hangups)
-    assert sink.hangups == [("00000000-0000-0000-0000-000000000000", 0)]
+async def test_a_call_that_ended_while_the_link_was_down_ends_when_its_audio_stopped(
+    rig: Rig,
+) -> None:
+    """faults/: a 6 s call was recorded as 18.8 s, ended at the reconnect; and sipbridge kept
+    sending audio toward the dead channel meanwhile."""
+    peer, adapter, sink = rig.peer, rig.adapter, rig.sink
+    facts = await offered(rig, CALL)
+    await adapter.connect_media(facts, "call-1")
+    freeswitch, ours = unicast_pair(peer.requests[-1])
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(
+        asyncio.DatagramProtocol, local_addr=freeswitch
+    )
+    leg = adapter.unicast._legs[CALL]
+    transport.sendto(bytes(320), ours)  # FreeSWITCH's last frame, then the call ends unseen
+    assert await asyncio.wait_for(leg.receive(), 5) == [LegAudio(bytes(320))]
+    last_audio = adapter.unicast.last_audio_at(CALL)
+    await link_down(rig)
+    peer.channels.discard(CALL)  # the caller hung up while nobody listened
+    sink.known = {CALL}
+    leg.last_audio_monotonic -= 2.0  # FreeSWITCH has been silent for two seconds since
+    assert not leg.send_audio(bytes(320))  # nothing goes toward a channel that stopped
+    peer.refuse = False
+    try:
+        await sink.wait_for(lambda s: s.gone)
+        await peer.wait_command("api show channels", count=2)  # the second connection's
+        assert peer.requests[-2:] == [f"api uuid_exists {CALL}", "api show channels as json"]
+        [gone] = sink.gone
+        assert gone.pbx_call_id == CALL and gone.ended_at == last_audio is not None
+    finally:
+        transport.close()
+
+
+async def test_a_refusal_lost_with_the_link_is_carried_out_after_it(rig: Rig) -> None:
+    """faults/03: the 480 decided while the link was down was never sent; the caller rang on."""
+    peer, adapter = rig.peer, rig.adapter
+    facts = await offered(rig, REFUSED)
+    await link_down(rig)
+    with pytest.raises(PbxConnectionError):
+        await adapter.reject(facts, 480)
+    peer.refuse = False
+    await peer.wait_command(f"sendmsg {REFUSED}\ncall-command: hangup")
+    respond, hangup = peer.requests[-2:]
+    assert respond.endswith("execute-app-name: respond\nexecute-app-arg: 480")
+    assert hangup.endswith("hangup-cause: NO_ANSWER")
+    assert f"api uuid_exists {REFUSED}" in peer.requests  # only if the caller is still there
 
 
 async def test_a_hangup_lost_with_the_link_is_sent_after_it(rig: Rig) -> None:
     peer, adapter, sink = rig.peer, rig.adapter, rig.sink
-    peer.park(CALL_ANSWERED)
-    await sink.wait_for(lambda s: s.offers)
-    peer.refuse = True
-    peer.cut()
-    await sink.wait_for(lambda s: s.links == [True, False])
+    facts = await offered(rig, ORPHAN)
+    await link_down(rig)
     with pytest.raises(PbxConnectionError):
-        await adapter.hangup(sink.offers[0])
+        await adapter.hangup(facts)
     peer.refuse = False
     await sink.wait_for(lambda s: s.links == [True, False, True])
-    await peer.wait_command(f"api uuid_kill {CALL_ANSWERED}")  # the resync carried it out
-    await sink.wait_for(lambda s: s.hangups)
-    assert sink.hangups == [(CALL_ANSWERED, 16)]
+    await peer.wait_command(f"api uuid_kill {ORPHAN}")  # the resync carried it out
+    await sink.wait_for(lambda s: s.gone)
+    assert [g.pbx_call_id for g in sink.gone] == [ORPHAN]
+
+
+async def test_a_call_parked_while_the_link_was_down_is_offered_after_it(rig: Rig) -> None:
+    """Its CHANNEL_PARK was never seen: it would ring until the caller gave up."""
+    peer, sink = rig.peer, rig.sink
+    await link_down(rig)
+    peer.hold(UNSEEN)
+    peer.parked_unseen = True
+    peer.refuse = False
+    await sink.wait_for(lambda s: s.offers)
+    [facts] = sink.offers
+    assert (facts.pbx_call_id, facts.request_user, facts.from_name) == (UNSEEN, "demo", "John Doe")
+    assert peer.requests[-2:] == ["api show channels as json", f"api uuid_dump {UNSEEN} json"]
 
 
 def test_the_shipped_dialplan_speaks_the_adapters_names() -> None:
@@ -267,4 +386,8 @@ def test_the_shipped_dialplan_speaks_the_adapters_names() -> None:
     for extension in context.findall("extension"):
         first = extension.find("condition")
         assert first is not None and first.get("expression") == "^sipbridge_transfer$"
-    assert "${sipbridge_transfer_target}" in (conf / "sipbridge_context.xml").read_text()
+    text = (conf / "sipbridge_context.xml").read_text()
+    assert "${sipbridge_transfer_target}" in text
+    # A failed bridge parks the call again, marked: the backend reads these variables.
+    assert "sipbridge_transfer_failed=true" in text and "continue_on_fail=true" in text
+    assert "sipbridge_transfer_cause=${originate_disposition}" in text

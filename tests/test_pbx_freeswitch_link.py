@@ -12,7 +12,7 @@ from bridge.errors import PbxConnectionError
 from bridge.pbx.freeswitch.backend import SUBSCRIPTION
 from bridge.protocol import esl
 from tests.esl_link_rig import LinkRig, link_rig
-from tests.esl_peer import CALL_RINGING, PASSWORD
+from tests.esl_peer import CALL, PASSWORD
 
 
 @pytest.fixture
@@ -25,11 +25,11 @@ async def test_it_logs_in_subscribes_and_hands_events_and_replies_to_asyncio(
     rig: LinkRig,
 ) -> None:
     assert rig.peer.commands[:2] == [f"auth {PASSWORD}", SUBSCRIPTION]
-    rig.peer.park(CALL_RINGING)
+    rig.peer.park(CALL)
     reply = await command(rig)
     assert reply.content_type == esl.API_RESPONSE and "UP" in reply.text
     await rig.wait_for(lambda r: r.events)
-    assert rig.events[0].name == "CHANNEL_PARK" and rig.events[0].unique_id == CALL_RINGING
+    assert rig.events[0].name == "CHANNEL_PARK" and rig.events[0].unique_id == CALL
 
 
 async def test_a_command_in_flight_fails_at_once_when_the_link_drops(rig: LinkRig) -> None:
@@ -55,12 +55,13 @@ async def test_a_command_in_flight_fails_at_once_when_the_link_drops(rig: LinkRi
 async def test_a_stream_cut_in_the_middle_of_an_event_is_a_lost_link(rig: LinkRig) -> None:
     """greenswitch would spin on the short read (100 % CPU); here the link just drops."""
     peer = rig.peer
-    park = peer.captured.event("CHANNEL_PARK", CALL_RINGING)
+    park = peer.captured.channels[CALL].park
+    assert park is not None
     peer.send(park[: len(park) // 2])
     peer.cut()
     await rig.wait_for(lambda r: r.links == [True, False, True])
     assert rig.events == []
-    peer.park(CALL_RINGING)  # the new connection works
+    peer.park(CALL)  # the new connection works
     await rig.wait_for(lambda r: len(r.events) == 1)
 
 

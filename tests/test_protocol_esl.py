@@ -20,9 +20,14 @@ from bridge.protocol.esl import (
     EslMessage,
     channel_data,
     command,
+    ended_by_caller,
+    event_time,
     execute,
     hangup,
+    hangup_cause_code,
     invite_facts_of,
+    parked_channels,
+    parse_dump,
     parse_event,
     sendmsg,
     unicast,
@@ -30,6 +35,11 @@ from bridge.protocol.esl import (
 
 CAPTURES = Path(__file__).parent / "data" / "freeswitch"
 RX_FILES = sorted(path.name for path in CAPTURES.glob("*.rx.bin"))
+LIVE_FILES = sorted(
+    path.relative_to(CAPTURES).as_posix()
+    for path in CAPTURES.glob("*/**/*.bin")
+    if path.name.endswith(("s2c.bin",))
+)
 CALL_1 = "b3c872c2-6bbe-4ccf-81fa-c71492244ae0"
 
 
@@ -269,3 +279,68 @@ def test_limits_and_broken_streams() -> None:
         invite_facts_of(
             parse_event(EslMessage((("Content-Type", EVENT_PLAIN),), b"Event-Name: X\n\n"))
         )
+
+
+@pytest.mark.parametrize("name", LIVE_FILES)
+def test_every_later_capture_decodes_whole(name: str) -> None:
+    """live/ and faults/: what FreeSWITCH sent sipbridge's own adapter, JSON events included."""
+    data = (CAPTURES / name).read_bytes()
+    messages = decode_all(data, [random.Random(name).randint(1, 700) for _ in range(len(data))])
+    assert decode_all(data) == messages
+    for message in messages:
+        if message.content_type in (EVENT_PLAIN, EVENT_JSON):
+            assert parse_event(message).name
+
+
+def live_events(scenario: str, connection: int = 1) -> list[EslEvent]:
+    found = decode_all((CAPTURES / f"live/{scenario}/conn-{connection}.s2c.bin").read_bytes())
+    return [parse_event(m) for m in found if m.content_type == EVENT_JSON]
+
+
+def test_json_events_carry_the_callers_values_as_sent() -> None:
+    """X-Pct: 100%41off reached the pipeline as 100Aoff through plain events."""
+    park = next(e for e in live_events("call") if e.name == "CHANNEL_PARK")
+    headers = dict(invite_facts_of(park).headers)
+    assert headers["X-Pct"] == "100%41off" and headers["X-Crlf"] == "a%0D%0Ab"
+    digits = [e.headers["DTMF-Digit"] for e in live_events("call") if e.name == "DTMF"]
+    assert digits == ["1", "2", "#"]
+
+
+@pytest.mark.parametrize(
+    ("scenario", "by_caller", "cause"),
+    [
+        ("call", True, 16),  # the caller's BYE: recv_bye
+        ("system-shutdown", False, 0),  # fsctl shutdown: SYSTEM_SHUTDOWN, send_bye
+        ("outage-refusal", False, 0),  # sipbridge's refusal: send_refuse
+    ],
+)
+def test_who_ended_a_channel(scenario: str, by_caller: bool, cause: int) -> None:
+    connection = 2 if scenario == "outage-refusal" else 1
+    [gone] = [e for e in live_events(scenario, connection) if e.name == "CHANNEL_HANGUP_COMPLETE"]
+    assert ended_by_caller(gone) is by_caller
+    assert hangup_cause_code(gone) == int(gone.headers.get("variable_hangup_cause_q850", 0))
+    if cause:
+        assert hangup_cause_code(gone) == cause
+    moment = event_time(gone)
+    assert moment is not None and moment.year == 2026 and moment.tzinfo is not None
+    assert event_time(EslEvent({"Event-Date-Timestamp": "soon"})) is None
+
+
+def test_a_dump_and_the_channel_listing() -> None:
+    unseen = decode_all((CAPTURES / "live/unseen-offer/conn-2.s2c.bin").read_bytes())
+    listing = next(m for m in unseen if m.content_type == API_RESPONSE and b"row_count" in m.body)
+    [parked] = parked_channels(listing.text)
+    dump = next(m for m in unseen if b'"CHANNEL_DATA"' in m.body)
+    facts = invite_facts_of(parse_dump(dump.text))
+    assert facts.pbx_call_id == parked and facts.request_user == "demo"
+    assert parked_channels('{"row_count": 0}\n') == []
+    assert parked_channels("-ERR no reply") == [] and parked_channels("[1]") == []
+    with pytest.raises(RemoteProtocolError):
+        parse_dump("-ERR No such channel!\n")
+
+
+def test_a_json_event_with_bytes_that_are_not_utf8_is_kept() -> None:
+    event = parse_event(
+        EslMessage(((("Content-Type", EVENT_JSON)),), b'{"Event-Name":"X","v":"Jo\xe9n"}')
+    )
+    assert event.headers["v"] == "Jo\ufffdn"

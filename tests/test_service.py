@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -14,7 +16,15 @@ from bridge.pbx.freeswitch.backend import FreeswitchBackend
 from bridge.protocol import esl
 from bridge.service import Service
 from bridge.settings import Settings
-from tests.esl_peer import CALL_ANSWERED, PASSWORD, EslPeer
+from tests.esl_peer import (
+    CALL,
+    ORPHAN,
+    PASSWORD,
+    SHUTDOWN,
+    TRANSFER_FAILS,
+    TRANSFER_OK,
+    EslPeer,
+)
 from tests.fake_pbx import FakePbx
 from tests.pipeline_server import PipelineServer, PipelineSession
 from tests.webhook_sink import WebhookSink
@@ -161,13 +171,11 @@ async def test_a_call_through_freeswitch_from_park_to_report(
             {"firstMessage": "Hi {{first_name}}", "sipbridge": {"pipeline": {"url": pipeline.url}}},
         )
         await service.resources.create(
-            "phone_number", {"sipUri": "sip:alice@127.0.0.1", "assistantId": assistant["id"]}
+            "phone_number", {"sipUri": "sip:demo@127.0.0.1", "assistantId": assistant["id"]}
         )
-        peer.park(CALL_ANSWERED)
-        unicast = await peer.wait_command(f"sendmsg {CALL_ANSWERED}\ncall-command: unicast")
-        assert f"sendmsg {CALL_ANSWERED}\ncall-command: execute\nexecute-app-name: answer" in (
-            peer.commands
-        )
+        peer.park(CALL)
+        unicast = await peer.wait_command(f"sendmsg {CALL}\ncall-command: unicast")
+        assert f"sendmsg {CALL}\ncall-command: execute\nexecute-app-name: answer" in (peer.commands)
         assert not any(c.startswith("api uuid_answer") for c in peer.commands)
         fields = dict(line.split(": ", 1) for line in unicast.splitlines()[1:])
         ours = (fields["remote-ip"], int(fields["remote-port"]))
@@ -176,8 +184,9 @@ async def test_a_call_through_freeswitch_from_park_to_report(
         assert session.start is not None
         assert session.start["assistant"]["firstMessage"] == "Hi John"
         assert session.start["headers"]["X-Account-Id"] == "42"
-        # The caller's 700 Hz, from FreeSWITCH's side of the unicast pair.
-        await freeswitch_audio.play(sine(700, 0.6), ours)
+        # The caller's 700 Hz, from FreeSWITCH's side of the unicast pair (then silence:
+        # FreeSWITCH sends a frame every 20 ms while unicast runs).
+        await freeswitch_audio.play(sine(700, 0.6) + bytes(16000), ours)
         heard = await session.wait_audio(16000)  # 0.5 s at 16 kHz
         assert tone_share(heard[3200:16000], 16000, 700) > 0.9
         # The pipeline's 1300 Hz reply comes back to where FreeSWITCH sent from, paced.
@@ -185,19 +194,23 @@ async def test_a_call_through_freeswitch_from_park_to_report(
         replies = [f for f in freeswitch_audio.received if tone_share(f, 8000, 1300) > 0.9]
         assert len(replies) >= 20 and {len(f) for f in freeswitch_audio.received} == {320}
         # The caller's keys arrive as FreeSWITCH DTMF events.
-        peer.send(*peer.captured.dtmf_events(CALL_ANSWERED))
+        peer.press(CALL)
         await session.wait_for(
             lambda s: len([m for m in s.controls if m.get("type") == "dtmf"]) == 3
         )
         assert [m["digit"] for m in session.controls if m.get("type") == "dtmf"] == ["1", "2", "#"]
         # The caller hangs up.
-        peer.hang_up(CALL_ANSWERED)
+        peer.hang_up(CALL)
         report = await sink.wait_for_message("end-of-call-report")
         assert report.message["endedReason"] == "customer-ended-call"
         assert (
-            report.message["call"]["phoneCallProviderDetails"]["sip"]["headers"]["X-Lang"]
-            == "en-US"
+            report.message["call"]["phoneCallProviderDetails"]["sip"]["headers"]["X-Pct"]
+            == "100%41off"
         )
+        stop = await session.wait_control("stop")
+        assert stop["reason"] == "customer-ended-call"
+        # The caller hung up: nothing to hang up at FreeSWITCH.
+        assert not [c for c in peer.requests if c.startswith("api uuid_kill")]
         await session.closed.wait()
         backend = service.backends["freeswitch"]
         assert isinstance(backend, FreeswitchBackend) and len(backend.unicast) == 0
@@ -264,20 +277,18 @@ async def test_a_transfer_asked_by_the_pipeline_leaves_the_freeswitch_channel_up
             "assistant", {"sipbridge": {"pipeline": {"url": pipeline.url}}}
         )
         await service.resources.create(
-            "phone_number", {"sipUri": "sip:alice@127.0.0.1", "assistantId": assistant["id"]}
+            "phone_number", {"sipUri": "sip:demo@127.0.0.1", "assistantId": assistant["id"]}
         )
-        peer.park(CALL_ANSWERED)
-        unicast = await peer.wait_command(f"sendmsg {CALL_ANSWERED}\ncall-command: unicast")
+        peer.park(TRANSFER_OK)
+        unicast = await peer.wait_command(f"sendmsg {TRANSFER_OK}\ncall-command: unicast")
         fields = dict(line.split(": ", 1) for line in unicast.splitlines()[1:])
         await freeswitch_audio.play(
             sine(700, 0.1), (fields["remote-ip"], int(fields["remote-port"]))
         )
-        await peer.wait_command(
-            f"api uuid_transfer {CALL_ANSWERED} sipbridge_transfer XML sipbridge"
-        )
+        await peer.wait_command(f"api uuid_transfer {TRANSFER_OK} sipbridge_transfer XML sipbridge")
         session = await pipeline.session()
         await session.closed.wait()
-        call = service.callflow.find_pbx_call("freeswitch", CALL_ANSWERED)
+        call = service.callflow.find_pbx_call("freeswitch", TRANSFER_OK)
         assert call is None or call.ended_reason is not None
         # Everything the session's end could send has been answered by now.
         backend = service.backends["freeswitch"]
@@ -288,3 +299,154 @@ async def test_a_transfer_asked_by_the_pipeline_leaves_the_freeswitch_channel_up
         await service.aclose()
         transport.close()
         await peer.stop()
+
+
+def copy_database(source: Path, target: Path) -> None:
+    """An SQLite database as it is on disk now, its write-ahead log included."""
+    for suffix in ("", "-wal", "-shm"):
+        part = source.with_name(source.name + suffix)
+        if part.exists():
+            shutil.copy(part, target.with_name(target.name + suffix))
+
+
+class FreeswitchLab:
+    """A service on the capture-built FreeSWITCH peer, with FreeSWITCH's side of the unicast
+    pair, a pipeline and a webhook sink; the number sip:demo@127.0.0.1 (the live captures'
+    calls) served by an assistant on the pipeline."""
+
+    def __init__(
+        self,
+        make_settings: Callable[..., Settings],
+        pipeline: PipelineServer,
+        sink: WebhookSink,
+        store: str | None = None,
+    ) -> None:
+        self.make_settings = make_settings
+        self.pipeline = pipeline
+        self.sink = sink
+        self.store = store
+        self.peer = EslPeer()
+        self.audio = FreeswitchAudio()
+
+    async def __aenter__(self) -> FreeswitchLab:
+        await self.peer.start()
+        loop = asyncio.get_running_loop()
+        self.transport, self.audio = await loop.create_datagram_endpoint(
+            FreeswitchAudio, local_addr=("127.0.0.1", 0)
+        )
+        port = self.transport.get_extra_info("sockname")[1]
+        sections: dict[str, dict[str, object]] = {
+            "freeswitch": {
+                "enabled": True,
+                "port": self.peer.port,
+                "password": PASSWORD,
+                "unicast_port_min": port,
+                "unicast_port_max": port,
+            },
+            "webhooks": {"default_server_url": self.sink.url},
+        }
+        if self.store is not None:
+            sections["store"] = {"path": self.store}
+        self.service = Service(self.make_settings(**sections))
+        await self.service.start()
+        await self.service.wait_link("freeswitch", up=True)
+        return self
+
+    async def serve(self) -> None:
+        assistant = await self.service.resources.create(
+            "assistant", {"sipbridge": {"pipeline": {"url": self.pipeline.url}}}
+        )
+        await self.service.resources.create(
+            "phone_number", {"sipUri": "sip:demo@127.0.0.1", "assistantId": assistant["id"]}
+        )
+
+    async def answered(self, uniqueid: str) -> tuple[str, int]:
+        """Parks the captured call; once accepted, where its audio goes (our unicast socket)."""
+        self.peer.park(uniqueid)
+        unicast = await self.peer.wait_command(f"sendmsg {uniqueid}\ncall-command: unicast")
+        fields = dict(line.split(": ", 1) for line in unicast.splitlines()[1:])
+        return fields["remote-ip"], int(fields["remote-port"])
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.service.aclose()
+        self.transport.close()
+        await self.peer.stop()
+
+
+async def test_a_transfer_freeswitch_cannot_complete_leaves_the_caller_with_the_assistant(
+    make_settings: Callable[..., Settings], pipeline: PipelineServer, sink: WebhookSink
+) -> None:
+    """faults/06: the bridge failed, and the caller was dropped 0.3 s later as
+    assistant-forwarded-call. Now the call goes on, as docs/pipeline.md promises."""
+
+    async def script(session: PipelineSession) -> None:
+        await session.wait_audio(3200)
+        await session.send_json(
+            {"type": "transfer", "destination": {"type": "sip", "sipUri": "sip:nobody@x.test"}}
+        )
+        heard = len(session.audio)
+        await session.wait_audio(heard + 8000)  # the caller is heard again after the failure
+        await session.send_json({"type": "end-call"})
+
+    pipeline.script = script
+    async with FreeswitchLab(make_settings, pipeline, sink) as lab:
+        await lab.serve()
+        ours = await lab.answered(TRANSFER_FAILS)
+        await lab.audio.play(sine(600, 0.4), ours)
+        await lab.peer.wait_command(f"api uuid_transfer {TRANSFER_FAILS}")
+        # Parked again: the same unicast pair starts again, and the caller is heard.
+        await lab.peer.wait_command(f"sendmsg {TRANSFER_FAILS}\ncall-command: unicast", count=2)
+        await lab.audio.play(sine(600, 0.6), ours)
+        report = await sink.wait_for_message("end-of-call-report")
+        assert report.message["endedReason"] == "assistant-ended-call"
+        statuses = [m["status"] for m in sink.messages("status-update")]
+        assert statuses == ["ringing", "in-progress", "forwarding", "in-progress", "ended"]
+        assert f"api uuid_kill {TRANSFER_FAILS}" in lab.peer.requests
+
+
+async def test_freeswitch_shutting_down_is_not_the_customer_ending_the_call(
+    make_settings: Callable[..., Settings], pipeline: PipelineServer, sink: WebhookSink
+) -> None:
+    """faults/05: SYSTEM_SHUTDOWN, send_bye was recorded as customer-ended-call."""
+    async with FreeswitchLab(make_settings, pipeline, sink) as lab:
+        await lab.serve()
+        ours = await lab.answered(SHUTDOWN)
+        await lab.audio.play(sine(600, 0.2), ours)
+        session = await pipeline.session()
+        lab.peer.shut_down(SHUTDOWN)
+        report = await sink.wait_for_message("end-of-call-report")
+        assert report.message["endedReason"] == "call.in-progress.sip-completed-call"
+        assert (await session.wait_control("stop"))["reason"] == (
+            "call.in-progress.sip-completed-call"
+        )
+        assert not [c for c in lab.peer.requests if c.startswith("api uuid_kill")]
+
+
+async def test_calls_a_killed_sipbridge_left_are_settled_once_by_the_next(
+    make_settings: Callable[..., Settings],
+    pipeline: PipelineServer,
+    sink: WebhookSink,
+    tmp_path: Path,
+) -> None:
+    """faults/04: after a SIGKILL the record stayed in-progress forever, with no report, and the
+    channel (parked, silent: its audio died with the process) was left to the caller."""
+    async with FreeswitchLab(make_settings, pipeline, sink) as first:
+        await first.serve()
+        ours = await first.answered(ORPHAN)
+        await first.audio.play(sine(600, 0.2), ours)
+        await sink.wait_for_message("status-update", status="in-progress")
+        assert await first.service.recorder.flush()
+        # What the killed process left on disk: the store as it was mid-call.
+        left = tmp_path / "left.sqlite3"
+        copy_database(Path(first.service.settings.store.path), left)
+    sink.requests.clear()
+    second = FreeswitchLab(make_settings, pipeline, sink, store=str(left))
+    second.peer.hold(ORPHAN)  # the caller is still on the line, in silence
+    async with second:
+        report = await sink.wait_for_message("end-of-call-report")
+        assert report.message["endedReason"] == "call.in-progress.error-vapifault-worker-died"
+        assert [m["status"] for m in sink.messages("status-update")] == ["ended"]
+        await second.peer.wait_command(f"api uuid_kill {ORPHAN}")
+        record = await second.service.get_call(report.message["call"]["id"])
+        assert record is not None and record["status"] == "ended"
+    assert len(sink.messages("end-of-call-report")) == 1

@@ -107,6 +107,8 @@ def scenario(plan: CallPlan) -> str:
         if plan.tone_file
         else ""
     )
+    # CSeq grows with every request of the dialog (RFC 3261 12.2.1.1): INFOs from 2, then the
+    # BYE. FreeSWITCH answers a BYE with a lower CSeq than an INFO before it with 500.
     dtmf_steps = "".join(
         f"""
   <send retrans="500"><![CDATA[
@@ -115,7 +117,7 @@ Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
 From: {sender}
 To: <sip:[service]@{plan.to_host}>[peer_tag_param]
 Call-ID: [call_id]
-CSeq: {10 + index} INFO
+CSeq: {2 + index} INFO
 Contact: <sip:{plan.from_user}@[local_ip]:[local_port]>
 Max-Forwards: 70
 Content-Type: application/dtmf-relay
@@ -175,7 +177,7 @@ Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
 From: {sender}
 To: <sip:[service]@{plan.to_host}>[peer_tag_param]
 Call-ID: [call_id]
-CSeq: 2 BYE
+CSeq: {2 + len(plan.dtmf)} BYE
 Contact: <sip:{plan.from_user}@[local_ip]:[local_port]>
 Max-Forwards: 70
 Content-Length: 0

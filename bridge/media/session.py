@@ -1,6 +1,7 @@
 """One call's conversation: the PBX audio leg and the pipeline stream, pumped both ways.
 
-Four loops (and a watcher of the call) run per call; nothing per frame is scheduled separately:
+Four loops (and watchers of the call and of its transfer) run per call; nothing per frame is
+scheduled separately:
 
 - PBX reader: caller audio (converted to the pipeline's format) and DTMF go to the pipeline.
   Asterisk sends nothing during gaps in the caller's RTP; that only pauses this loop.
@@ -189,6 +190,9 @@ class MediaSession:
         self._ending: SessionResult | None = None
         self._ending_deadline = 0.0
         self._outbox: asyncio.Queue[str | bytes] = asyncio.Queue(OUTBOX_MAX_MESSAGES)
+        # One transfer at a time: a PBX may take a minute to know whether it worked (the
+        # destination rings), and the pipeline's messages (its pings) must be read meanwhile.
+        self._transfers: asyncio.Queue[Mapping[str, Any]] = asyncio.Queue(1)
 
     async def run(self) -> SessionResult:
         """Runs until the conversation ends; says why. The stream stays open for
@@ -199,6 +203,7 @@ class MediaSession:
             asyncio.ensure_future(self._writer()),
             asyncio.ensure_future(self._send_controls()),
             asyncio.ensure_future(self._watch_call()),
+            asyncio.ensure_future(self._transfer()),
         }
         try:
             done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
@@ -229,6 +234,14 @@ class MediaSession:
         while True:
             message = await self._outbox.get()
             await self.stream.send(message)
+
+    async def _transfer(self) -> SessionResult:
+        """Carries out the pipeline's transfer requests, one at a time; the conversation goes
+        on while the PBX tries, and after a transfer that failed."""
+        while True:
+            destination = await self._transfers.get()
+            if await self.control.transfer(destination):
+                return SessionResult(EndedReason.ASSISTANT_FORWARDED_CALL)
 
     async def _watch_call(self) -> SessionResult:
         await self.ended.wait()
@@ -314,8 +327,10 @@ class MediaSession:
             if self.playout.idle:
                 return self._ending
         elif isinstance(event, TransferCall):
-            if await self.control.transfer(event.destination):
-                return SessionResult(EndedReason.ASSISTANT_FORWARDED_CALL)
+            try:
+                self._transfers.put_nowait(event.destination)
+            except asyncio.QueueFull:
+                self.log.warning("ignored a transfer request: another transfer is under way")
         elif isinstance(event, SendDtmf):
             await self.control.send_dtmf(event.digits)
         elif isinstance(event, Report):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
@@ -270,7 +271,9 @@ def parse_event(message: EslMessage) -> EslEvent:
         return EslEvent(headers, inner)
     if message.content_type == EVENT_JSON:
         try:
-            decoded: Any = json.loads(message.body)
+            # Bytes that are not UTF-8 (a caller's Latin-1 header, copied as is) become U+FFFD
+            # rather than losing the whole event.
+            decoded: Any = json.loads(message.body.decode("utf-8", errors="replace"))
         except (ValueError, RecursionError) as exc:
             raise RemoteProtocolError(f"ESL JSON event is not JSON: {exc}") from None
         if not isinstance(decoded, dict):
@@ -336,6 +339,66 @@ def invite_facts_of(event: EslEvent) -> InviteFacts:
         from_uri=_sip_uri(headers.get("variable_sip_from_uri")),
         sip_call_id=headers.get("variable_sip_call_id"),
     )
+
+
+def ended_by_caller(event: EslEvent) -> bool:
+    """Whether the caller's side ended a channel (a ``CHANNEL_HANGUP_COMPLETE``).
+
+    mod_sofia records who ended a SIP call in ``sip_hangup_disposition``: ``recv_bye``,
+    ``recv_cancel``, ``recv_refuse`` when the caller did, ``send_bye``, ``send_cancel``,
+    ``send_refuse`` when FreeSWITCH did (``fsctl shutdown`` ends calls with ``SYSTEM_SHUTDOWN``
+    and ``send_bye``). Without it (not a SIP channel) the caller is assumed.
+    """
+    disposition = event.headers.get("variable_sip_hangup_disposition", "")
+    return not disposition.startswith("send_")
+
+
+def hangup_cause_code(event: EslEvent) -> int:
+    """The Q.850 cause of a hangup event (16 normal clearing), 0 when it has none."""
+    cause = event.headers.get("variable_hangup_cause_q850", "")
+    return int(cause) if cause.isdigit() else 0
+
+
+def event_time(event: EslEvent) -> datetime | None:
+    """When FreeSWITCH fired the event (``Event-Date-Timestamp``, microseconds since the
+    epoch), None when it does not say."""
+    stamp = event.headers.get("Event-Date-Timestamp", "")
+    if not stamp.isdigit():
+        return None
+    try:
+        return datetime.fromtimestamp(int(stamp) / 1_000_000, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def parse_dump(text: str) -> EslEvent:
+    """The channel ``api uuid_dump <uuid> json`` describes (a ``CHANNEL_DATA`` object).
+
+    Raises:
+        RemoteProtocolError: not a channel dump (``-ERR No such channel!`` when it is gone).
+    """
+    return parse_event(EslMessage((("Content-Type", EVENT_JSON),), text.encode()))
+
+
+def parked_channels(text: str) -> list[str]:
+    """The uuids of the channels in the ``park`` application, from ``api show channels as
+    json`` (``{"row_count": N, "rows": [{"uuid": ..., "application": "park", ...}]}``).
+
+    FreeSWITCH fills that listing from its core database a moment after a channel changes,
+    so a channel parked in the last instant may be missing: it is offered by its own event.
+    """
+    try:
+        listing: Any = json.loads(text)
+    except (ValueError, RecursionError):
+        return []
+    rows = listing.get("rows") if isinstance(listing, dict) else None
+    if not isinstance(rows, list):
+        return []
+    return [
+        str(row["uuid"])
+        for row in rows
+        if isinstance(row, dict) and row.get("application") == "park" and row.get("uuid")
+    ]
 
 
 # ---- what we send --------------------------------------------------------------------------------

@@ -47,8 +47,10 @@ from bridge.tasks import TaskSet, cancel_and_wait
 
 log = logging.getLogger(__name__)
 
-# The events the backend needs, nothing else (event plain ALL is ~80 messages per call).
-SUBSCRIPTION = "event plain CHANNEL_PARK CHANNEL_HANGUP_COMPLETE DTMF BACKGROUND_JOB"
+# The events the backend needs, nothing else (ALL is ~80 messages per call).
+# JSON, not plain: plain events url-encode values, and FreeSWITCH 1.10.12 decodes an X- header
+# that already holds %XX once too often (X-Pct: 100%41off arrived as 100Aoff).
+SUBSCRIPTION = "event json CHANNEL_PARK CHANNEL_BRIDGE CHANNEL_HANGUP_COMPLETE DTMF"
 # Set by every watchdog ping; freeswitch_conf/sipbridge.xml checks that it is fresh.
 HEARTBEAT_VARIABLE = "sipbridge_heartbeat"
 HEARTBEAT_COMMAND = f"api expand global_setvar {HEARTBEAT_VARIABLE}=${{strepoch()}}"
@@ -104,7 +106,14 @@ class FreeswitchBackend:
         self._announced: set[str] = set()
         self._tasks = TaskSet("freeswitch")
         self._watchdog: asyncio.Task[None] | None = None
+        # Decisions that could not be carried out while the link was down, by channel: done by
+        # the next resync (a refused caller must not ring on, an ended call not stay up).
         self._kills_pending: set[str] = set()
+        self._refusals_pending: dict[str, int] = {}
+        # Transfers waiting for their outcome (CHANNEL_BRIDGE, or a re-park saying it failed).
+        self._transfers: dict[str, asyncio.Future[None]] = {}
+        # Each call's unicast pair (FreeSWITCH's side, ours): restarted after a failed transfer.
+        self._unicast_pairs: dict[str, tuple[tuple[str, int], tuple[str, int]]] = {}
 
     async def start(self, events: CallEvents) -> None:
         """Connects (a refused password is an error at once), then watches the link.
@@ -144,73 +153,140 @@ class FreeswitchBackend:
                 continue
             try:
                 async with asyncio.timeout(interval):
-                    # The ping is the heartbeat: freeswitch_conf's dialplan refuses calls at once
-                    # (480) when it is stale, instead of parking them for a sipbridge that is gone.
-                    # FreeSWITCH stamps it with its own clock (expand), so no clock skew matters.
-                    await self.link.command(esl.command(HEARTBEAT_COMMAND))
+                    await self._heartbeat()
             except (TimeoutError, PbxActionError):
                 log.error("FreeSWITCH answered no ping in %.1f s: dropping the link", interval)
                 self.link.drop()
             except PbxConnectionError:
                 continue
 
+    async def _heartbeat(self) -> None:
+        # The ping is the heartbeat: freeswitch_conf's dialplan refuses calls at once (480) when
+        # it is stale, instead of parking them for a sipbridge that is gone. FreeSWITCH stamps
+        # it with its own clock (expand), so no clock skew between hosts matters.
+        await self.link.command(esl.command(HEARTBEAT_COMMAND))
+
     # ---- events ---------------------------------------------------------------------------------
 
     def _on_link(self, up: bool, detail: str) -> None:
         self._post(LinkChanged(self.kind, up, detail))
         if up:
-            self._tasks.spawn(self._resync(), "resync")
+            self._tasks.spawn(self._connected(), "connected")
+        else:
+            for future in self._transfers.values():
+                if not future.done():
+                    future.set_exception(
+                        PbxConnectionError("the event socket dropped during the transfer")
+                    )
+
+    async def _connected(self) -> None:
+        """Stamps the heartbeat at once (calls arriving before the first ping would get 480),
+        then reconciles what happened while the link was down."""
+        try:
+            await self._heartbeat()
+            await self._resync()
+        except PbxError as exc:
+            log.warning("after connecting: %s", exc)
 
     async def _resync(self) -> None:
-        """Ends the calls whose channels went away while the event socket was down, and the
-        channels whose hangup could not be sent then."""
+        """Carries out the decisions the link could not, ends the calls whose channels went
+        away meanwhile, and offers the calls that were parked while nobody listened.
+
+        Raises:
+            PbxError: the link failed meanwhile (the next connection resyncs again).
+        """
         for channel in sorted(self._kills_pending):
             log.info("hanging up %s, which could not be hung up while the link was down", channel)
-            try:
-                await self.hang_up_channel(channel)
-            except PbxError as exc:
-                log.warning("resync: %s", exc)
-                return
+            await self.hang_up_channel(channel)
+        for channel, status in sorted(self._refusals_pending.items()):
+            self._refusals_pending.pop(channel, None)
+            if await self._exists(channel):
+                log.info("refusing %s with %d, decided while the link was down", channel, status)
+                await self._refuse(channel, status)
         known = self._events.live_calls(self.kind) if self._events is not None else set()
         for uniqueid in sorted(known):
-            try:
-                reply = await self.link.command(esl.command(f"api uuid_dump {uniqueid}"))
-            except PbxError as exc:
-                log.warning("resync: %s", exc)
-                return
-            if reply.text.startswith("-ERR"):
+            if not await self._exists(uniqueid):
+                # The hangup event was missed; the call's audio stopped when the channel ended.
                 log.info("call %s ended while the event socket was away", uniqueid)
+                ended_at = self.unicast.last_audio_at(uniqueid)
                 self._forget(uniqueid)
-                self._post(CallGone(self.kind, uniqueid))
+                self._post(CallGone(self.kind, uniqueid, ended_at=ended_at))
+        await self._offer_unseen(known)
+
+    async def _exists(self, channel: str) -> bool:
+        reply = await self.link.command(esl.command(f"api uuid_exists {channel}"))
+        return reply.text.strip() == "true"
+
+    async def _offer_unseen(self, known: set[str]) -> None:
+        """Offers the calls sipbridge's dialplan parked while the link was down (their
+        CHANNEL_PARK was never seen); they would ring until the caller gave up."""
+        reply = await self.link.command(esl.command("api show channels as json"))
+        for uniqueid in esl.parked_channels(reply.text):
+            if uniqueid in self._announced or uniqueid in known:
+                continue
+            dump = await self.link.command(esl.command(f"api uuid_dump {uniqueid} json"))
+            try:
+                event = esl.parse_dump(dump.text)
+            except RemoteProtocolError:
+                continue  # gone meanwhile ("-ERR No such channel!")
+            self._offer(event, note="parked while the event socket was away")
 
     def _on_event(self, event: esl.EslEvent) -> None:
         name, uniqueid = event.name, event.unique_id or ""
         if name == "CHANNEL_PARK":
-            if event.headers.get(f"variable_{self.settings.offer_variable}") != "true":
+            transfer = self._transfers.get(uniqueid)
+            if transfer is not None and event.headers.get("variable_sipbridge_transfer_failed"):
+                cause = event.headers.get("variable_sipbridge_transfer_cause") or "unknown cause"
+                if not transfer.done():
+                    transfer.set_exception(PbxActionError(f"the transfer failed: {cause}"))
                 return
-            if uniqueid in self._announced:
-                return  # parked again (after a uuid_transfer, a re-park): one channel, one call
-            try:
-                facts = esl.invite_facts_of(event)
-            except RemoteProtocolError as exc:
-                log.warning("ignored a parked call: %s", exc)
-                return
-            self._announced.add(uniqueid)
-            self._post(CallOffered(facts))
+            self._offer(event)
+        elif name == "CHANNEL_BRIDGE":
+            transfer = self._transfers.get(uniqueid)
+            if transfer is not None and not transfer.done():
+                transfer.set_result(None)
         elif name == "CHANNEL_HANGUP_COMPLETE" and uniqueid:
+            transfer = self._transfers.get(uniqueid)
+            if transfer is not None and not transfer.done():
+                transfer.set_exception(PbxActionError("the channel ended during the transfer"))
             self._forget(uniqueid)
-            cause = event.headers.get("variable_hangup_cause_q850", "0")
-            self._post(CallGone(self.kind, uniqueid, cause=int(cause) if cause.isdigit() else 0))
+            self._post(
+                CallGone(
+                    self.kind,
+                    uniqueid,
+                    by_caller=esl.ended_by_caller(event),
+                    cause=esl.hangup_cause_code(event),
+                    ended_at=esl.event_time(event),
+                )
+            )
         elif name == "DTMF" and uniqueid:
             digit = event.headers.get("DTMF-Digit", "")
             if len(digit) == 1 and digit in "0123456789*#ABCD":
                 # FreeSWITCH reports keys as events; they join the call's leg like AudioSocket's.
                 self.unicast.dtmf(uniqueid, digit)
 
+    def _offer(self, event: esl.EslEvent, note: str = "") -> None:
+        """Offers a channel sipbridge's dialplan parked, once."""
+        uniqueid = event.unique_id or ""
+        if event.headers.get(f"variable_{self.settings.offer_variable}") != "true":
+            return  # parked by another part of the dialplan, or no longer an offer
+        if uniqueid in self._announced:
+            return  # parked again: one channel, one call
+        try:
+            facts = esl.invite_facts_of(event)
+        except RemoteProtocolError as exc:
+            log.warning("ignored a parked call: %s", exc)
+            return
+        if note:
+            log.info("offering %s, %s", uniqueid, note)
+        self._announced.add(uniqueid)
+        self._post(CallOffered(facts))
+
     def _forget(self, uniqueid: str) -> None:
         """The channel is gone: its leg ends as the caller's hangup, its port is free."""
         self._announced.discard(uniqueid)
         self._ports.release(uniqueid)
+        self._unicast_pairs.pop(uniqueid, None)
         self.unicast.hung_up(uniqueid)
 
     # ---- PbxControl -----------------------------------------------------------------------------
@@ -231,14 +307,22 @@ class FreeswitchBackend:
             raise PbxActionError(f"FreeSWITCH refused {what}: {reply.reply_text}")
 
     async def reject(self, facts: InviteFacts, sip_status: int) -> None:
-        """Answers the INVITE with ``sip_status`` (``respond``), then hangs the channel up."""
+        """Answers the INVITE with ``sip_status`` (``respond``), then hangs the channel up; when
+        the link is down, the next resync does it (if the caller is still there)."""
+        try:
+            await self._refuse(facts.channel, sip_status)
+        except PbxConnectionError:
+            self._refusals_pending[facts.channel] = sip_status
+            raise
+
+    async def _refuse(self, channel: str, sip_status: int) -> None:
         cause = _CAUSE_FOR_STATUS.get(sip_status, "CALL_REJECTED")
         try:
-            await self._sendmsg(esl.execute(facts.channel, "respond", str(sip_status)), "respond")
+            await self._sendmsg(esl.execute(channel, "respond", str(sip_status)), "respond")
         finally:
             # Even when respond failed: a caller must not ring on for nobody.
             with contextlib.suppress(PbxActionError):
-                await self._sendmsg(esl.hangup(facts.channel, cause), "hangup")
+                await self._sendmsg(esl.hangup(channel, cause), "hangup")
 
     async def connect_media(self, facts: InviteFacts, call_id: str) -> None:
         """Answers, then has FreeSWITCH stream the call as L16 8 kHz to our UDP leg.
@@ -257,14 +341,22 @@ class FreeswitchBackend:
         """
         freeswitch = (self.settings.unicast_host, self._ports.take(facts.pbx_call_id))
         ours = await self.unicast.open(call_id, facts.channel, freeswitch)
+        self._unicast_pairs[facts.pbx_call_id] = (freeswitch, ours)
         await self._sendmsg(esl.execute(facts.channel, "answer"), "answer")
         await self._sendmsg(esl.unicast(facts.channel, freeswitch, ours), "unicast")
 
     async def transfer(self, facts: InviteFacts, destination: Mapping[str, Any]) -> None:
-        """Blind transfer through ``freeswitch_conf``'s ``sipbridge_transfer`` extension.
+        """Blind transfer through ``freeswitch_conf``'s ``sipbridge_transfer`` extension; returns
+        once it worked.
+
+        A SIP URI is bridged from there: the transfer worked when FreeSWITCH reports the bridge
+        (``CHANNEL_BRIDGE``); when the bridge fails, the dialplan parks the channel again with
+        ``sipbridge_transfer_failed`` set, and the call's audio is reconnected so that the
+        conversation goes on. A number goes to the ``default`` context, whose outcome
+        sipbridge cannot see: it is done once FreeSWITCH accepted the transfer.
 
         Raises:
-            PbxActionError: the destination cannot be dialled safely.
+            PbxActionError: the destination cannot be dialled safely, or the transfer failed.
         """
         target = str(destination.get("sipUri") or destination.get("number") or "")
         if not (_SIP_TARGET.match(target) or _NUMBER_TARGET.match(target)):
@@ -275,24 +367,51 @@ class FreeswitchBackend:
                 raise PbxActionError(f"cannot send SIP header {name[:60]!r}")
             if any(c in value for c in "\r\n\x00"):
                 raise PbxActionError(f"SIP header {name} has a line break in its value")
+        channel = facts.channel
         # FreeSWITCH copies a channel's sip_h_X-* variables into the INVITE it sends out, and
         # the caller's own X- headers are such variables: only the destination's go, as with
         # Asterisk.
         asked = {name.lower() for name in headers}
         for name, _ in facts.headers:
             if name.lower() not in asked and _SIP_HEADER_NAME.match(name):
-                await self._api(f"uuid_setvar {facts.channel} sip_h_{name}")
+                await self._api(f"uuid_setvar {channel} sip_h_{name}")
         for name, value in headers.items():
-            await self._api(f"uuid_setvar {facts.channel} sip_h_{name} {_argument(value)}")
-        await self._api(f"uuid_setvar {facts.channel} sipbridge_transfer_target {target}")
-        # Not an offer any more, should the transfer's dialplan park it again.
-        await self._api(f"uuid_setvar {facts.channel} {self.settings.offer_variable}")
-        await self._api(
-            f"uuid_transfer {facts.channel} sipbridge_transfer XML {self.settings.transfer_context}"
-        )
-        # The channel now belongs to the transfer (the flow will not hang it up); its unicast
-        # pair ends when the transfer's dialplan runs, so the port is free again.
+            await self._api(f"uuid_setvar {channel} sip_h_{name} {_argument(value)}")
+        await self._api(f"uuid_setvar {channel} sipbridge_transfer_target {target}")
+        # Not an offer any more, should the transfer's dialplan park it again; and no outcome
+        # of an earlier transfer.
+        await self._api(f"uuid_setvar {channel} {self.settings.offer_variable}")
+        await self._api(f"uuid_setvar {channel} sipbridge_transfer_failed")
+        outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        watched = bool(_SIP_TARGET.match(target))
+        if watched:
+            self._transfers[facts.pbx_call_id] = outcome
+        try:
+            await self._api(
+                f"uuid_transfer {channel} sipbridge_transfer XML {self.settings.transfer_context}"
+            )
+            if watched:
+                try:
+                    await outcome
+                except PbxActionError:
+                    await self._resume_audio(facts)  # parked again: the conversation goes on
+                    raise
+        finally:
+            self._transfers.pop(facts.pbx_call_id, None)
+        # The channel now belongs to the transfer: its unicast pair ended with the park.
         self._ports.release(facts.pbx_call_id)
+        self._unicast_pairs.pop(facts.pbx_call_id, None)
+
+    async def _resume_audio(self, facts: InviteFacts) -> None:
+        """After a failed transfer the channel is parked again, without its unicast (the park
+        ended it): the same pair starts again, so the conversation's leg hears the caller."""
+        pair = self._unicast_pairs.get(facts.pbx_call_id)
+        if pair is None:
+            return  # the call had no audio yet (a transfer decided while it rang)
+        try:
+            await self._sendmsg(esl.unicast(facts.channel, *pair), "unicast")
+        except PbxError as exc:
+            log.warning("could not reconnect %s's audio after the transfer: %s", facts.channel, exc)
 
     async def hangup(self, facts: InviteFacts) -> None:
         """Hangs up; a channel that is already gone counts as done."""

@@ -100,6 +100,8 @@ class EslConnection(greenswitch.InboundESL):  # type: ignore[misc]
             self._on_event(event)
         elif kind in (esl.API_RESPONSE, esl.COMMAND_REPLY):
             if not self._commands_sent:
+                if not self._run:
+                    return  # closing: the commands still waiting were failed already
                 raise RemoteProtocolError("an ESL reply that answers no command")
             self._commands_sent.pop(0).set(message)
         elif kind == esl.AUTH_REQUEST:

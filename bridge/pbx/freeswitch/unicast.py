@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from bridge.events import LegAudio, LegClosed, LegDtmf, LegEvent
@@ -24,6 +26,9 @@ log = logging.getLogger(__name__)
 
 # Caller audio waiting for the session (5 s): beyond it the oldest is not kept.
 MAX_QUEUED_EVENTS = 250
+# FreeSWITCH sends a datagram every 20 ms while unicast runs (silence included): after this long
+# without one, it is not listening either (the channel ended, or a transfer took it out of park).
+FREESWITCH_SILENT_S = 1.0
 _LOGGED_REFUSALS = 5
 
 
@@ -48,6 +53,9 @@ class UnicastLeg(asyncio.DatagramProtocol):
         self.started = False
         self.closed = False
         self.dropped_frames = 0
+        # When FreeSWITCH's last datagram came (loop clock, and wall clock for call records).
+        self.last_audio_monotonic = 0.0
+        self.last_audio_wall = 0.0
 
     # ---- asyncio.DatagramProtocol -------------------------------------------------------------
 
@@ -63,6 +71,8 @@ class UnicastLeg(asyncio.DatagramProtocol):
             return
         if self.closed:
             return
+        self.last_audio_monotonic = time.monotonic()
+        self.last_audio_wall = time.time()
         if not self.started:
             self.started = True
             self._on_first_audio(self)
@@ -97,6 +107,8 @@ class UnicastLeg(asyncio.DatagramProtocol):
         source = self._decoder.source
         if self.closed or source is None or self._transport is None:
             return False
+        if time.monotonic() - self.last_audio_monotonic > FREESWITCH_SILENT_S:
+            return False  # nobody is listening: no audio toward a dead channel
         self._transport.sendto(pcm, source)
         return True
 
@@ -194,6 +206,14 @@ class UnicastMedia:
         leg = self._legs.get(channel)
         if leg is not None:
             leg.dtmf(digit)
+
+    def last_audio_at(self, channel: str) -> datetime | None:
+        """When FreeSWITCH last sent the channel's audio: a call that ended while the event
+        socket was down ended about then."""
+        leg = self._legs.get(channel)
+        if leg is None or not leg.last_audio_wall:
+            return None
+        return datetime.fromtimestamp(leg.last_audio_wall, UTC)
 
     def hung_up(self, channel: str) -> None:
         """FreeSWITCH reports the channel gone: its leg ends as the caller's hangup."""
