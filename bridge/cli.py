@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -145,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_DIALECT,
         help="the pipeline websocket's dialect (pipeline.default_format)",
     )
+    lab_call = sub(
+        commands,
+        "lab-call",
+        "call a running sipbridge through its PBX with SIPp and print what happened",
+    )
+    lab_call.add_argument("--sip", required=True, help="the PBX's SIP address, host:port")
+    lab_call.add_argument("--state-dir", type=Path, help="SIPp's files (default: a new temp dir)")
+    sub(commands, "health", "check the service's /health (exit 1 unless all is up)")
     demo = sub(commands, "demo-pipeline", "run the demo conversational pipeline (websocket)")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8765)
@@ -370,6 +379,20 @@ def _resource_command(args: argparse.Namespace, client: ApiClient, out: TextIO) 
 
 def _run_client_command(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     client = _client(settings, args)
+    if args.command == "health":
+        health = client.request("GET", "/health")
+        if getattr(args, "json", False):
+            _print(health, args, out)
+        else:
+            links = ", ".join(f"{pbx} {state}" for pbx, state in health.get("pbx", {}).items())
+            out.write(f"{health.get('status')}: store {health.get('store')}; {links or 'no PBX'}\n")
+        return EXIT_OK if health.get("status") == "ok" else EXIT_FAILED
+    if args.command == "lab-call":
+        from bridge.lab.run import call_running_sipbridge  # noqa: PLC0415 - lab only
+
+        state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="sipbridge-lab-call-"))
+        code: int = asyncio.run(call_running_sipbridge(client, args.sip, state_dir, out))
+        return code
     if args.command in ("assistant", "number"):
         return _resource_command(args, client, out)
     if args.command == "calls":

@@ -215,6 +215,28 @@ async def test_unreachable_service_is_one_line() -> None:
     )
 
 
+async def test_health_is_the_images_healthcheck(service: Service) -> None:
+    code, out, _ = await run(service, "health")
+    assert (code, out) == (0, "ok: store ok; no PBX\n")
+    service.pbx_links["asterisk"] = False  # a PBX link down: 503, and the check fails
+    code, out, err = await run(service, "health")
+    assert code == 1 and out == "" and "HTTP 503" in err
+    service.pbx_links["asterisk"] = True
+    code, out, _ = await run(service, "--json", "health")
+    assert code == 0 and json.loads(out)["pbx"] == {"asterisk": "up"}
+
+
+async def test_lab_call_says_when_there_is_no_sipbridge(tmp_path: Path) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    code, out, _ = await run(
+        None, "--url", f"http://127.0.0.1:{port}", "lab-call", "--sip", "127.0.0.1:9",
+        "--state-dir", str(tmp_path),
+    )  # fmt: skip
+    assert code == 1 and f"cannot reach sipbridge at http://127.0.0.1:{port}" in out
+
+
 async def test_a_bad_url_is_a_usage_error() -> None:
     code, out, err = await run(None, "--url", "notaurl", "assistant", "list")
     assert (code, out) == (2, "")

@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -185,114 +186,13 @@ class Lab:
 
     async def demo_call(self, client: ApiClient) -> dict[str, Any]:
         """Creates the assistant and number, calls it, and returns the call record."""
-        assistant = await asyncio.to_thread(
-            client.request, "POST", "/assistant", {"name": "Demo", "firstMessage": FIRST_MESSAGE}
+        status, record, capture = await demo_call(
+            client, f"127.0.0.1:{self.ports.sip}", self.state, self.say
         )
-        sip_uri = "sip:demo@127.0.0.1"
-        existing = await asyncio.to_thread(client.request, "GET", "/phone-number")
-        for number in existing:
-            if number.get("sipUri", "").lower() == sip_uri:
-                await asyncio.to_thread(client.request, "DELETE", f"/phone-number/{number['id']}")
-        await asyncio.to_thread(
-            client.request,
-            "POST",
-            "/phone-number",
-            {
-                "provider": "vapi",
-                "sipUri": sip_uri,
-                "assistantId": assistant["id"],
-                "name": "Lab demo",
-            },
-        )
-        self.say(f"  assistant     Demo ({assistant['id']}): firstMessage {FIRST_MESSAGE!r}")
-        self.say(f"  phone number  {sip_uri} → Demo")
-        self.say()
-        self.say(
-            f"Calling {sip_uri} from SIPp with X-First_Name: John; the caller listens for 3 s, "
-            f"then plays a {CALLER_TONE_HZ:.0f} Hz tone for 3 s and listens for 2 s more…"
-        )
-        tone = self.state / "caller-tone.ulaw"
-        tone.write_bytes(pcm_to_ulaw(sine(CALLER_TONE_HZ, 2.0)))
-        media_port = free_port(pair=True)
-        capture = RtpCapture(media_port)
-        capture.start()
-        caller = SippCaller(f"127.0.0.1:{self.ports.sip}", self.state / "sipp")
-        try:
-            result = await caller.call(
-                CallPlan(
-                    user="demo",
-                    to_host="127.0.0.1",
-                    headers=[("X-First_Name", "John")],
-                    tone_file=tone,
-                    silent_ms=3000,
-                    talk_ms=3000,
-                    listen_ms=2000,
-                ),
-                name="demo",
-                media_port=media_port,
-            )
-        finally:
-            capture.stop()
-        calls = await asyncio.to_thread(client.request, "GET", "/call", None, {"limit": "1"})
-        record: dict[str, Any] = calls[0] if calls else {}
-        self._summary(result.final_status, record, capture)
-        return record
-
-    def _summary(self, status: int | None, call: dict[str, Any], capture: RtpCapture) -> None:
-        say = self.say
-        say()
-        if not call:
-            say(f"  no call record; SIPp got {status}")
-            return
-        extension = call.get("sipbridge") or {}
-        media = extension.get("media") or {}
-        assistant = call.get("assistant") or {}
-        variables = (call.get("assistantOverrides") or {}).get("variableValues") or {}
-        say(
-            f"  call              {call['id']}: SIP {status}, ended: {call.get('endedReason')} "
-            f"after {extension.get('durationSeconds', 0):.1f} s"
-        )
-        say(f"  assistant chosen  {assistant.get('name')} ({call.get('assistantId')})")
-        say(
-            f"  variables         {', '.join(f'{k}={v}' for k, v in variables.items()) or '(none)'}"
-        )
-        say(f"  first message     {assistant.get('firstMessage')!r}")
-        say(f"  caller → pipeline {media.get('framesFromCaller', 0)} frames of 20 ms")
-        say(
-            f"  pipeline → caller {media.get('framesToCaller', 0)} frames of 20 ms "
-            f"({media.get('silenceFramesToCaller', 0)} of them silence fill), "
-            f"{media.get('lateFrames', 0)} sent late"
-        )
-        say(f"  caller heard      {self._heard(capture)}")
-        say(
-            f"  call record       GET http://127.0.0.1:{self.ports.api}/call/{call['id']} "
-            f"(or: .venv/bin/sipbridge --url http://127.0.0.1:{self.ports.api} "
-            f"call show {call['id']})"
-        )
+        summary(self.say, status, record, capture, client.base_url)
         channels = self.asterisk.channels() if self.asterisk else []
-        say(f"  channels left     {len(channels)} in Asterisk")
-
-    @staticmethod
-    def _heard(capture: RtpCapture) -> str:
-        pcm = capture.pcm()
-        second = 16000
-        windows = [pcm[i : i + second] for i in range(0, len(pcm) - second + 1, second)]
-        # The caller is silent for its first 3 s: what it hears then is the greeting.
-        greeting = windows[:2]
-        chime = any(max(tone_share(w, 8000, f) for f in CHIME_HZ) > 0.05 for w in greeting)
-        spoken = not chime and any(rms(w) > 200 for w in greeting)
-        echo = [w for w in windows if tone_share(w, 8000, CALLER_TONE_HZ) > 0.5]
-        parts = [f"{len(capture.packets)} RTP packets ({len(pcm) / second:.1f} s)"]
-        if chime:
-            parts.append("the greeting (chime)")
-        elif spoken:
-            parts.append("the greeting (spoken by espeak-ng)")
-        if echo:
-            parts.append(
-                f"its own {CALLER_TONE_HZ:.0f} Hz tone echoed "
-                f"(in {len(echo)} of {len(windows)} one-second windows)"
-            )
-        return ", ".join(parts)
+        self.say(f"  channels left     {len(channels)} in Asterisk")
+        return record
 
     async def stay(self) -> None:
         """Keeps running until Ctrl-C."""
@@ -310,6 +210,159 @@ class Lab:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
+
+
+def _caller_tone(state_dir: Path) -> Path:
+    """The caller's tone as SIPp plays it (raw μ-law)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tone = state_dir / "caller-tone.ulaw"
+    tone.write_bytes(pcm_to_ulaw(sine(CALLER_TONE_HZ, 2.0)))
+    return tone
+
+
+async def demo_call(
+    client: ApiClient, sip_target: str, state_dir: Path, say: Callable[[str], None]
+) -> tuple[int | None, dict[str, Any], RtpCapture]:
+    """Creates the demo assistant and its SIP number on a running sipbridge, calls the number
+    through the PBX at ``sip_target`` (host:port) with SIPp, and returns the SIP status, the
+    call record and what the caller heard."""
+    assistant = await asyncio.to_thread(
+        client.request, "POST", "/assistant", {"name": "Demo", "firstMessage": FIRST_MESSAGE}
+    )
+    host = sip_target.rsplit(":", 1)[0]
+    sip_uri = f"sip:demo@{host}"
+    existing = await asyncio.to_thread(client.request, "GET", "/phone-number")
+    for number in existing:
+        if number.get("sipUri", "").lower() == sip_uri:
+            await asyncio.to_thread(client.request, "DELETE", f"/phone-number/{number['id']}")
+    await asyncio.to_thread(
+        client.request,
+        "POST",
+        "/phone-number",
+        {"provider": "vapi", "sipUri": sip_uri, "assistantId": assistant["id"], "name": "Lab demo"},
+    )
+    say(f"  assistant     Demo ({assistant['id']}): firstMessage {FIRST_MESSAGE!r}")
+    say(f"  phone number  {sip_uri} → Demo")
+    say("")
+    say(
+        f"Calling {sip_uri} at {sip_target} from SIPp with X-First_Name: John; the caller "
+        f"listens for 3 s, then plays a {CALLER_TONE_HZ:.0f} Hz tone for 3 s and listens for "
+        "2 s more…"
+    )
+    tone = _caller_tone(state_dir)
+    media_port = free_port(pair=True)
+    capture = RtpCapture(media_port)
+    capture.start()
+    caller = SippCaller(sip_target, state_dir / "sipp")
+    try:
+        result = await caller.call(
+            CallPlan(
+                user="demo",
+                to_host=host,
+                headers=[("X-First_Name", "John")],
+                tone_file=tone,
+                silent_ms=3000,
+                talk_ms=3000,
+                listen_ms=2000,
+            ),
+            name="demo",
+            media_port=media_port,
+        )
+    finally:
+        capture.stop()
+    record: dict[str, Any] = {}
+    # The record is written when the call's report is: a moment after the caller's BYE.
+    for _ in range(50):
+        calls = await asyncio.to_thread(client.request, "GET", "/call", None, {"limit": "1"})
+        record = calls[0] if calls else {}
+        if record.get("status") == "ended":
+            break
+        await asyncio.sleep(0.1)  # polling another process's API
+    return result.final_status, record, capture
+
+
+def summary(
+    say: Callable[[str], None],
+    status: int | None,
+    call: dict[str, Any],
+    capture: RtpCapture,
+    api_url: str,
+) -> None:
+    """What happened to the demo call, one line per fact."""
+    say("")
+    if not call:
+        say(f"  no call record; SIPp got {status}")
+        return
+    extension = call.get("sipbridge") or {}
+    media = extension.get("media") or {}
+    assistant = call.get("assistant") or {}
+    variables = (call.get("assistantOverrides") or {}).get("variableValues") or {}
+    say(
+        f"  call              {call['id']}: SIP {status}, ended: {call.get('endedReason')} "
+        f"after {extension.get('durationSeconds', 0):.1f} s"
+    )
+    say(f"  assistant chosen  {assistant.get('name')} ({call.get('assistantId')})")
+    say(f"  variables         {', '.join(f'{k}={v}' for k, v in variables.items()) or '(none)'}")
+    say(f"  first message     {assistant.get('firstMessage')!r}")
+    say(f"  caller → pipeline {media.get('framesFromCaller', 0)} frames of 20 ms")
+    say(
+        f"  pipeline → caller {media.get('framesToCaller', 0)} frames of 20 ms "
+        f"({media.get('silenceFramesToCaller', 0)} of them silence fill), "
+        f"{media.get('lateFrames', 0)} sent late"
+    )
+    say(f"  caller heard      {heard(capture)}")
+    say(
+        f"  call record       GET {api_url}/call/{call['id']} "
+        f"(or: sipbridge --url {api_url} call show {call['id']})"
+    )
+
+
+def heard(capture: RtpCapture) -> str:
+    """What the caller heard: the greeting, and its own tone echoed by the demo pipeline."""
+    pcm = capture.pcm()
+    second = 16000
+    windows = [pcm[i : i + second] for i in range(0, len(pcm) - second + 1, second)]
+    # The caller is silent for its first 3 s: what it hears then is the greeting.
+    greeting = windows[:2]
+    chime = any(max(tone_share(w, 8000, f) for f in CHIME_HZ) > 0.05 for w in greeting)
+    spoken = not chime and any(rms(w) > 200 for w in greeting)
+    echo = [w for w in windows if tone_share(w, 8000, CALLER_TONE_HZ) > 0.5]
+    parts = [f"{len(capture.packets)} RTP packets ({len(pcm) / second:.1f} s)"]
+    if chime:
+        parts.append("the greeting (chime)")
+    elif spoken:
+        parts.append("the greeting (spoken by espeak-ng)")
+    if echo:
+        parts.append(
+            f"its own {CALLER_TONE_HZ:.0f} Hz tone echoed "
+            f"(in {len(echo)} of {len(windows)} one-second windows)"
+        )
+    return ", ".join(parts)
+
+
+def demo_call_went_through(call: dict[str, Any], capture: RtpCapture) -> bool:
+    """The demo call worked: answered, the caller ended it, and it heard its tone echoed."""
+    return call.get("endedReason") == "customer-ended-call" and "echoed" in heard(capture)
+
+
+async def call_running_sipbridge(
+    client: ApiClient, sip_target: str, state_dir: Path, out: TextIO = sys.stdout
+) -> int:
+    """``sipbridge lab-call``: the demo call against a sipbridge and PBX already running (the
+    compose lab's caller); 0 when it went through as expected."""
+
+    def say(text: str = "") -> None:
+        out.write(text + "\n")
+        out.flush()
+
+    say(f"sipbridge lab call: sipbridge {client.base_url}, PBX {sip_target}")
+    try:
+        status, record, capture = await demo_call(client, sip_target, state_dir, say)
+    except ApiClientError as exc:
+        say(f"  {exc}")
+        return 1
+    summary(say, status, record, capture, client.base_url)
+    return 0 if demo_call_went_through(record, capture) else 1
 
 
 async def run(
