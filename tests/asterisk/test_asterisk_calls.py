@@ -6,17 +6,24 @@ Audio is checked by content: the share of each 1 s window's energy at the expect
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
+import socket
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from bridge.audio import sine, ulaw_to_pcm
+from bridge.client import ApiClient
+from bridge.errors import ApiClientError
 from bridge.lab.rtp import RtpCapture
 from bridge.lab.sipp import CallPlan, SippCallee, SippResult, free_port
 from bridge.store import ListQuery
-from tests.asterisk_harness import AsteriskLab, share_of_windows
+from tests.asterisk_harness import AMI_SECRET, AsteriskLab, share_of_windows
 from tests.pipeline_server import PipelineSession
 
 pytestmark = [pytest.mark.asterisk, pytest.mark.integration]
@@ -552,3 +559,98 @@ def _type(recorded: object) -> str | None:
         return json.loads(recorded.body)["message"]["type"]  # type: ignore[attr-defined]
     except (ValueError, KeyError, TypeError):
         return None
+
+
+class ServeProcess:
+    """``sipbridge serve`` as its own process (so that it can be killed), on the lab's Asterisk."""
+
+    def __init__(self, lab: AsteriskLab, store: Path, api_port: int) -> None:
+        self.api = f"http://127.0.0.1:{api_port}"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("SIPBRIDGE_")},
+            "SIPBRIDGE_API__LAB_MODE": "true",
+            "SIPBRIDGE_API__PORT": str(api_port),
+            "SIPBRIDGE_STORE__PATH": str(store),
+            "SIPBRIDGE_ASTERISK__ENABLED": "true",
+            "SIPBRIDGE_ASTERISK__PORT": str(lab.asterisk.ami_port),
+            "SIPBRIDGE_ASTERISK__SECRET": AMI_SECRET,
+            "SIPBRIDGE_MEDIA__AUDIOSOCKET_PORT": str(free_port(socket.SOCK_STREAM)),
+            "SIPBRIDGE_PIPELINE__DEFAULT_URL": lab.pipeline.url,
+            "SIPBRIDGE_WEBHOOKS__DEFAULT_SERVER_URL": lab.sink.url,
+        }
+        self.log = store.with_suffix(".log")
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> ApiClient:
+        with self.log.open("ab") as output:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bridge", "serve", env=self.env,
+                stdout=output, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+        client = ApiClient(self.api, None, timeout_s=5)
+        for _ in range(300):  # another process: nothing to await but its answers
+            with contextlib.suppress(ApiClientError):
+                health = await asyncio.to_thread(client.request, "GET", "/health")
+                if health["pbx"].get("asterisk") == "up":
+                    return client
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"sipbridge did not come up:\n{self.log.read_text()[-3000:]}")
+
+    async def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()  # SIGKILL: no stopping step at all
+        await self.process.wait()
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            await self.process.wait()
+
+
+async def test_a_killed_sipbridge_leaves_no_ghost_call(
+    asterisk_lab: AsteriskLab, tmp_path: Path
+) -> None:
+    """[hardening] 4: after kill -9 mid-call the record stayed in-progress forever, with no
+    ended status update and no end-of-call-report. The next start settles it, once."""
+    lab = asterisk_lab
+    api_port = free_port(socket.SOCK_STREAM)
+    first, second, third = (
+        ServeProcess(lab, tmp_path / "sipbridge.sqlite3", api_port) for _ in range(3)
+    )
+    try:
+        client = await first.start()
+        assistant = await asyncio.to_thread(client.request, "POST", "/assistant", {"name": "A"})
+        await asyncio.to_thread(
+            client.request,
+            "POST",
+            "/phone-number",
+            {"sipUri": "sip:demo@127.0.0.1", "assistantId": assistant["id"]},
+        )
+        call = asyncio.ensure_future(
+            lab.call(CallPlan(user="demo", to_host="127.0.0.1", talk_ms=20000, listen_ms=0))
+        )
+        await lab.pipeline.session()
+        in_progress = await lab.sink.wait_for_message("status-update", status="in-progress")
+        call_id = in_progress.message["call"]["id"]
+        await first.kill()
+        # Asterisk ends the channel when its AudioSocket connection dies with the process.
+        result, _ = await call
+        assert result.bye_from_far_end
+        client = await second.start()
+        report = await lab.sink.wait_for_message("end-of-call-report")
+        assert report.message["call"]["id"] == call_id
+        assert report.message["endedReason"] == "call.in-progress.error-vapifault-worker-died"
+        record = await asyncio.to_thread(client.request, "GET", f"/call/{call_id}")
+        assert record["status"] == "ended"
+        ended = lab.sink.messages("status-update")[-1]
+        assert (ended["status"], ended["call"]["id"]) == ("ended", call_id)
+        # Settled once: a third start finds nothing left.
+        await second.stop()
+        await third.start()
+        await third.stop()
+        reports = [m for m in lab.sink.messages("end-of-call-report") if m["call"]["id"] == call_id]
+        assert len(reports) == 1
+        assert await lab.no_channels_left() == []
+    finally:
+        for process in (first, second, third):
+            await process.stop()
