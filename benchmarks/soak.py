@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import platform
 import socket
@@ -40,6 +41,7 @@ from bridge.audio import pcm_to_ulaw, sine  # noqa: E402
 from bridge.client import ApiClient  # noqa: E402
 from bridge.errors import ApiClientError  # noqa: E402
 from bridge.lab.asterisk import (  # noqa: E402
+    RTP_BLOCK_PORTS,
     AsteriskInstance,
     ensure_root,
     reserve_rtp_block,
@@ -100,7 +102,8 @@ async def soak(
     await asyncio.to_thread(state.mkdir, parents=True, exist_ok=True)
     root = await asyncio.to_thread(ensure_root)
     processes: list[asyncio.subprocess.Process] = []
-    with reserve_rtp_block() as (rtp_start, rtp_end):
+    # Two ports (RTP, RTCP) per call at Asterisk, and room for calls still closing.
+    with reserve_rtp_block(blocks=math.ceil(calls * 2.5 / RTP_BLOCK_PORTS)) as (rtp_start, rtp_end):
         asterisk = AsteriskInstance(
             root,
             f"soak{os.getpid()}",
@@ -221,6 +224,7 @@ async def soak(
                     if process.returncode is None:
                         process.kill()
             await asyncio.to_thread(asterisk.stop)
+    placed = int(sipp_stats.get("TotalCallCreated", 0) or 0)
     warm = [s for s in samples if s["t"] >= elapsed / 4]
     rss_growth = (
         round(100 * (warm[-1]["rssKiB"] - warm[0]["rssKiB"]) / warm[0]["rssKiB"], 2)
@@ -236,15 +240,22 @@ async def soak(
         "concurrentCalls": calls,
         "callSeconds": call_s,
         "minutes": round(elapsed / 60, 2),
-        "callsPlaced": int(sipp_stats.get("TotalCallCreated", 0) or 0),
+        "callsPlaced": placed,
         "sippSuccessful": int(sipp_stats.get("SuccessfulCall(C)", 0) or 0),
         "sippFailed": int(sipp_stats.get("FailedCall(C)", 0) or 0),
         "callRecords": len(records),
         "endedReasons": dict(reasons),
-        "callsLost": len(records) - reasons.get("customer-ended-call", 0),
+        # A call refused before sipbridge saw it (SIPp's scenario counts a rejection as an
+        # end) has no record: every call placed must have one, ended by its caller.
+        "callsLost": placed - reasons.get("customer-ended-call", 0),
         "framesToCallers": frames,
         "lateFrames": late,
         "rssGrowthAfterWarmupPercent": rss_growth,
+        "liveCallsAfterWarmup": (
+            f"{min(s['liveCalls'] for s in warm[:-1])} / {max(s['liveCalls'] for s in warm)}"
+            if len(warm) > 1
+            else None
+        ),
         "rssKiB": {
             "start": samples[0]["rssKiB"] if samples else None,
             "end": samples[-1]["rssKiB"] if samples else None,
@@ -280,7 +291,8 @@ def write_results(result: dict[str, Any]) -> None:
             f"{result['callsPlaced']} / {result['sippSuccessful']} / {result['sippFailed']}",
         ),
         ("call records", f"{result['callRecords']}, ended reasons {result['endedReasons']}"),
-        ("calls lost (any end but the caller's)", str(result["callsLost"])),
+        ("calls lost (placed minus ended by their caller)", str(result["callsLost"])),
+        ("live calls sampled after warm-up, min / max", result["liveCallsAfterWarmup"]),
         ("frames to callers, late > 5 ms", f"{result['framesToCallers']}, {result['lateFrames']}"),
         ("RSS KiB start / end / max", f"{rss['start']} / {rss['end']} / {rss['max']}"),
         ("RSS growth after warm-up", f"{result['rssGrowthAfterWarmupPercent']} %"),

@@ -244,6 +244,11 @@ class PlayoutBuffer:
     - A partial frame is held until more audio completes it; when the queue runs dry it goes
       out padded with silence (the end of an utterance), never held back behind later audio.
     - At most ``max_frames`` are queued; audio beyond that (the newest) is dropped and counted.
+    - A writer that fell behind drops (:meth:`skip`) the frames whose time has passed (counted as
+      shed), so that what the caller hears stays close to when it was due.
+
+    Every whole frame pushed is accounted for: ``pushed_frames == played_frames +
+    dropped_frames + shed_frames + cleared_frames + queued_frames``.
     """
 
     def __init__(self, frame_size: int, max_frames: int) -> None:
@@ -255,7 +260,11 @@ class PlayoutBuffer:
         # Marks placed inside the partial frame the reframer holds.
         self._held_marks: list[str] = []
         self._silence = bytes(frame_size)
+        self.pushed_frames = 0
+        self.played_frames = 0
         self.dropped_frames = 0
+        self.shed_frames = 0
+        self.cleared_frames = 0
         self.silence_frames = 0
 
     @property
@@ -272,6 +281,7 @@ class PlayoutBuffer:
         """Queues audio of any length; returns the frames dropped because the queue was full."""
         dropped = 0
         for frame in self._reframer.push(pcm):
+            self.pushed_frames += 1
             if self._frames >= self.max_frames:
                 dropped += 1
             else:
@@ -304,9 +314,29 @@ class PlayoutBuffer:
         marks += self._held_marks
         self._items.clear()
         self._held_marks.clear()
+        self.cleared_frames += self._frames
         self._frames = 0
         self._reframer.discard()
         return marks
+
+    def skip(self, count: int) -> tuple[int, list[str]]:
+        """Drops up to ``count`` frames from the head: their time to be played has passed.
+
+        Returns:
+            The frames dropped, and the marks whose place in the audio was passed meanwhile
+            (they count as played: the audio before them will never be).
+        """
+        marks: list[str] = []
+        shed = 0
+        while self._items and (shed < count or isinstance(self._items[0], Mark)):
+            item = self._items.popleft()
+            if isinstance(item, Mark):
+                marks.append(item.name)  # its audio has passed, as after next_frame
+            else:
+                shed += 1
+        self._frames -= shed
+        self.shed_frames += shed
+        return shed, marks
 
     def next_frame(self) -> tuple[bytes, list[str]]:
         """The frame to send now and the marks that are played once it is sent."""
@@ -319,12 +349,15 @@ class PlayoutBuffer:
                 # Underrun with a partial frame: it is the end of an utterance, play it now.
                 marks += self._held_marks
                 self._held_marks.clear()
+                self.pushed_frames += 1
+                self.played_frames += 1
                 return tail, marks
             self.silence_frames += 1
             return self._silence, marks
         frame = self._items.popleft()
         assert isinstance(frame, bytes)
         self._frames -= 1
+        self.played_frames += 1
         while self._items and isinstance(self._items[0], Mark):
             marks.append(self._items.popleft().name)  # type: ignore[union-attr]
         return frame, marks
@@ -334,8 +367,11 @@ class Pacer:
     """The absolute send schedule of a 20 ms stream: frame n is due at ``start + n * period``.
 
     Sleeping ``period`` after each send drifts by the time each send takes; an absolute
-    schedule does not. After a stall longer than ``max_late_s`` the schedule restarts from
-    ``now`` instead of bursting to catch up (a burst is what the caller hears as garble).
+    schedule does not. A writer up to ``max_late_s`` behind catches up frame by frame. One
+    further behind (a starved event loop) must not burst to catch up (a burst is what the
+    caller hears as garble) nor play everything late (the delay would grow with every stall):
+    :meth:`skip_missed` restarts the schedule from now and says how many frames' time passed,
+    for the writer to shed.
     """
 
     def __init__(
@@ -352,13 +388,21 @@ class Pacer:
         """When the next frame should go out."""
         return self._start + self._sent * self.period_s
 
-    def sent(self, now: float) -> None:
-        """Records that the due frame was sent at ``now``."""
+    def skip_missed(self, now: float) -> int:
+        """Before sending at ``now``: the frames whose time passed beyond catching up (0 when
+        the writer is at most ``max_late_s`` late); the schedule then restarts at ``now``."""
+        late = now - self.next_due
+        if late <= self.max_late_s:
+            return 0
+        self._start = now
+        self._sent = 0
+        self.resets += 1
+        # The frame sent now stands for the last due tick; the ones before it are missed.
+        return int(late / self.period_s)
+
+    def sent(self) -> None:
+        """Records that the due frame was sent."""
         self._sent += 1
-        if now - self.next_due > self.max_late_s:
-            self._start = now
-            self._sent = 1
-            self.resets += 1
 
 
 def sine(

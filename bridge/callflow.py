@@ -81,6 +81,7 @@ from bridge.routing import (
     Transfer,
     UseAssistant,
     accept,
+    admit,
     call_variables,
     decide_answer,
     fallback_or_reject,
@@ -195,6 +196,7 @@ class CallFlow:
         new_call_id: Callable[[], str],
         conversations: Conversations | None = None,
         assistant_request_budget_s: float = ASSISTANT_REQUEST_BUDGET_S,
+        event_loop_lag: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self._resources = resources
         self._recorder = recorder
@@ -209,6 +211,7 @@ class CallFlow:
         self._conversations = conversations
         # Fixed by Vapi's contract; only tests shorten it.
         self._budget_s = assistant_request_budget_s
+        self._event_loop_lag = event_loop_lag
         self._controls: dict[str, PbxControl] = {}
         self._by_id: dict[str, LiveCall] = {}
         self._by_pbx: dict[tuple[str, str], LiveCall] = {}
@@ -216,6 +219,8 @@ class CallFlow:
         self._unfinished: set[LiveCall] = set()
         self._tasks = TaskSet("callflow")
         self.draining = False
+        # The pipeline's frames shed because the event loop was starved (/health).
+        self.frames_shed = 0
 
     def register(self, control: PbxControl) -> None:
         """The PBX whose offers carry ``control.kind`` is controlled through ``control``."""
@@ -446,6 +451,12 @@ class CallFlow:
                     EndedReason.WORKER_SHUTDOWN,
                     "sipbridge is shutting down",
                 )
+            refusal = admit(len(self._by_id), self._event_loop_lag(), self._defaults)
+            if refusal is not None:
+                limit, reject = refusal
+                self._metrics.calls_refused_total.labels(limit).inc()
+                live.log.warning("refusing the call: %s", reject.message)
+                return reject
             return await self._decide(live)
         except StoreError as exc:
             live.log.error("routing failed, the store is unavailable: %s", exc)
@@ -649,6 +660,8 @@ class CallFlow:
         """Runs the conversation to its end, then ends the call the way its result says."""
         result = await self._converse_within_wrap_up(live, conversation, leg)
         live.call.media = dict(result.media)
+        self._metrics.count_assistant_frames(result.media)
+        self.frames_shed += result.media.get("assistantFramesShedLate", 0)
         outcome = result.session
         transfer = live.transfer_in_flight
         if transfer is not None:

@@ -79,6 +79,7 @@ class EndedReason(StrEnum):
     ASSISTANT_REQUEST_RETURNED_NO_ASSISTANT = "assistant-request-returned-no-assistant"
     ASSISTANT_REQUEST_RETURNED_FORWARDING = "assistant-request-returned-forwarding-phone-number"
     START_ERROR_DATABASE = "call.start.error-vapifault-database-error"
+    CONCURRENCY_LIMIT_REACHED = "call.start.error-subscription-concurrency-limit-reached"
     # Normal endings.
     CUSTOMER_ENDED_CALL = "customer-ended-call"
     CALLER_HUNG_UP_BEFORE_CONNECT = "call.ringing.sip-inbound-caller-hungup-before-call-connect"

@@ -110,28 +110,41 @@ class Conversation:
         finally:
             self.running = False
             self.session_over.set()
-        stats = session.stats
+        stats, playout = session.stats, session.playout
         logger.info(
             "media ended: %d frames from the caller, %d to the caller (%d of them silence), "
-            "%d dropped toward the pipeline, %d toward the caller, %d late",
+            "%d dropped toward the pipeline, %d toward the caller, %d late, %d shed late, "
+            "%d cleared, %d unplayed at the end",
             stats.frames_from_pbx,
             stats.frames_to_pbx,
-            session.playout.silence_frames,
+            playout.silence_frames,
             stats.dropped_to_pipeline,
             stats.dropped_to_pbx,
             stats.late_frames,
+            playout.shed_frames,
+            playout.cleared_frames,
+            playout.queued_frames,
         )
         return ConversationResult(
             result,
             {
                 "framesFromCaller": stats.frames_from_pbx,
                 "framesToCaller": stats.frames_to_pbx,
-                "silenceFramesToCaller": session.playout.silence_frames,
+                "silenceFramesToCaller": playout.silence_frames,
                 "framesToPipeline": stats.frames_to_pipeline,
                 "droppedToPipeline": stats.dropped_to_pipeline,
                 "droppedToCaller": stats.dropped_to_pbx,
                 "lateFrames": stats.late_frames,
                 "marksPlayed": stats.marks_played,
+                # The pipeline's audio, frame by frame: every one played, dropped (queue full),
+                # shed (its time passed while the event loop was starved), cleared (barge-in)
+                # or still queued when the call ended.
+                "assistantFrames": playout.pushed_frames,
+                "assistantFramesPlayed": playout.played_frames,
+                "assistantFramesDroppedFull": playout.dropped_frames,
+                "assistantFramesShedLate": playout.shed_frames,
+                "assistantFramesCleared": playout.cleared_frames,
+                "assistantFramesUnplayedAtEnd": playout.queued_frames,
             },
         )
 

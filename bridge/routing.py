@@ -25,11 +25,12 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from bridge.calls import (
     SIP_DECLINE,
     SIP_NOT_FOUND,
+    SIP_SERVICE_UNAVAILABLE,
     SIP_TEMPORARILY_UNAVAILABLE,
     EndedReason,
 )
@@ -89,6 +90,9 @@ class RoutingDefaults:
     pipeline_headers: Mapping[str, str] = field(default_factory=dict)
     # A pipeline failure sends the call to the number's fallbackDestination (else: hang up).
     pipeline_fallback: bool = True
+    # Admission: 0 means no limit.
+    max_calls: int = 0
+    max_event_loop_lag_s: float = 0.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RoutingDefaults:
@@ -111,6 +115,8 @@ class RoutingDefaults:
                 for name, value in settings.pipeline.default_headers.items()
             },
             pipeline_fallback=settings.pipeline.on_failure == "fallback",
+            max_calls=settings.service.max_calls,
+            max_event_loop_lag_s=settings.service.max_event_loop_lag_ms / 1000,
         )
 
 
@@ -150,6 +156,36 @@ class Reject:
 
 
 Decision = Accept | Transfer | Reject
+
+
+def admit(
+    live_calls: int, event_loop_lag_s: float, defaults: RoutingDefaults
+) -> tuple[Literal["max_calls", "event_loop_lag"], Reject] | None:
+    """Whether a new call may even be routed: None, or which limit refuses it with SIP 503.
+
+    Args:
+        live_calls: calls not yet ended, this new one included.
+        event_loop_lag_s: how late the event loop runs (the machine's saturation).
+
+    A call refused here costs nothing more (no webhook, no pipeline); the calls already up
+    keep the machine. 503 tells the PBX (and a SIP proxy in front of several PBXes) to try
+    elsewhere.
+    """
+    if defaults.max_calls and live_calls > defaults.max_calls:
+        return "max_calls", Reject(
+            SIP_SERVICE_UNAVAILABLE,
+            EndedReason.CONCURRENCY_LIMIT_REACHED,
+            f"{live_calls - 1} calls are up, the most this sipbridge takes "
+            f"(service.max_calls = {defaults.max_calls})",
+        )
+    if defaults.max_event_loop_lag_s and event_loop_lag_s > defaults.max_event_loop_lag_s:
+        return "event_loop_lag", Reject(
+            SIP_SERVICE_UNAVAILABLE,
+            EndedReason.CONCURRENCY_LIMIT_REACHED,
+            f"overloaded: the event loop runs {event_loop_lag_s * 1000:.0f} ms late "
+            f"(service.max_event_loop_lag_ms = {defaults.max_event_loop_lag_s * 1000:.0f})",
+        )
+    return None
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -26,12 +27,14 @@ from bridge.conversation import Conversations
 from bridge.errors import StoreError
 from bridge.events import LinkChanged, PbxEvent, PbxKind
 from bridge.metrics import Metrics
+from bridge.overload import EventLoopLag, watch_event_loop
 from bridge.pbx import build_backends
 from bridge.records import CallRecorder
 from bridge.resources import Resources
-from bridge.routing import RoutingDefaults
+from bridge.routing import RoutingDefaults, admit
 from bridge.settings import Settings, is_loopback
 from bridge.store import ListQuery, Store
+from bridge.tasks import cancel_and_wait
 from bridge.webhooks import WebhookClient, WebhookDispatcher
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,8 @@ class Service:
         self.pbx_links: dict[str, bool] = {}
         # Set and replaced on every change of a PBX link, so waiters wake up and look again.
         self._links_changed = asyncio.Event()
+        self.event_loop_lag = EventLoopLag()
+        self._lag_watch: asyncio.Task[None] | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -110,6 +115,10 @@ class Service:
     async def _start(self) -> None:
         settings = self.settings
         await self.store.open()
+        self._lag_watch = asyncio.create_task(
+            watch_event_loop(self.event_loop_lag, self.metrics.event_loop_lag_seconds.set),
+            name="event-loop-lag",
+        )
         if settings.api.org_id:
             self.resources.use_org_id(settings.api.org_id)
         org_id = await self.resources.org_id()
@@ -132,6 +141,7 @@ class Service:
             media_timeout_s=settings.media.connect_timeout_s,
             new_call_id=lambda: str(uuid.uuid4()),
             conversations=Conversations(settings.pipeline, settings.media),
+            event_loop_lag=lambda: self.event_loop_lag.current(time.monotonic()),
         )
         events = _Events(self, self._callflow)
         for backend in build_backends(settings):
@@ -234,6 +244,9 @@ class Service:
             self._http = None
         await self.recorder.aclose()
         await self.store.aclose()
+        if self._lag_watch is not None:
+            await cancel_and_wait([self._lag_watch])
+            self._lag_watch = None
 
     # ---- the API's backend --------------------------------------------------------------------
 
@@ -304,6 +317,22 @@ class Service:
             "media": self.callflow.describe_media(),
             "backends": {kind: backend.describe() for kind, backend in self.backends.items()},
             "pendingCallRecords": self.recorder.backlog,
+            "load": self._load(),
+        }
+
+    def _load(self) -> dict[str, Any]:
+        """Overload, as the admission rule sees it: would a call offered now be refused?"""
+        lag_s = self.event_loop_lag.current(time.monotonic())
+        limits = self.settings.service
+        refusal = admit(
+            len(self.callflow.active()) + 1, lag_s, RoutingDefaults.from_settings(self.settings)
+        )
+        return {
+            "eventLoopLagMs": round(lag_s * 1000, 1),
+            "maxEventLoopLagMs": limits.max_event_loop_lag_ms or None,
+            "maxCalls": limits.max_calls or None,
+            "refusingNewCalls": refusal[0] if refusal else None,
+            "assistantFramesShed": self.callflow.frames_shed,
         }
 
     def metrics_text(self) -> bytes:

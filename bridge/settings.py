@@ -279,6 +279,18 @@ class ServiceSettings(_Section):
     drain_timeout_s: float = Field(
         300.0, ge=0, description="On SIGTERM, how long live calls may continue before hang-up."
     )
+    max_calls: int = Field(
+        0,
+        ge=0,
+        description="Most calls at once (ringing or up); more are refused with SIP 503. "
+        "0: no limit.",
+    )
+    max_event_loop_lag_ms: int = Field(
+        150,
+        ge=0,
+        description="While the event loop runs this late (the machine is saturated), new calls "
+        "are refused with SIP 503 so that the calls already up keep their audio. 0: never.",
+    )
 
 
 class LogSettings(_Section):

@@ -47,12 +47,14 @@ class FakePbx:
     async def send_dtmf(self, facts: InviteFacts, digits: str) -> None:
         self._record("send_dtmf", digits)
 
-    async def wait_for(self, action: str, timeout: float = 5.0) -> Any:
+    async def wait_for(self, action: str, timeout: float = 5.0, nth: int = 1) -> Any:
+        """The detail of the ``nth`` ``action`` the PBX was asked for (waits for it)."""
+
         async def wait() -> Any:
             while True:
-                for name, detail in self.actions:
-                    if name == action:
-                        return detail
+                details = [detail for name, detail in self.actions if name == action]
+                if len(details) >= nth:
+                    return details[nth - 1]
                 self._changed.clear()
                 await self._changed.wait()
 

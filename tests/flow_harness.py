@@ -39,9 +39,16 @@ class Harness:
 
     async def ended(self, call_id: str, timeout: float = 5.0) -> dict[str, Any]:
         """Waits for the call's end-of-call-report and returns its message."""
-        report = await self.sink.wait_for_message("end-of-call-report", timeout)
-        assert report.message["call"]["id"] == call_id
-        return report.message
+
+        def reports(recorded: list[Any]) -> list[dict[str, Any]]:
+            return [
+                r.message
+                for r in recorded
+                if r.message.get("type") == "end-of-call-report"
+                and r.message["call"]["id"] == call_id
+            ]
+
+        return reports(await self.sink.wait_for(lambda found: bool(reports(found)), timeout))[0]
 
     async def assistant(self, **fields: Any) -> dict[str, Any]:
         body = {
@@ -86,6 +93,9 @@ async def make_harness(tmp_path: Path, sink: WebhookSink) -> AsyncIterator[Calla
         budget_s: float = 2.0,
         conversations: Conversations | None = None,
         pipeline_fallback: bool = True,
+        max_calls: int = 0,
+        max_event_loop_lag_s: float = 0.0,
+        event_loop_lag: Callable[[], float] = lambda: 0.0,
     ) -> Harness:
         store = Store(tmp_path / f"s{len(opened)}.sqlite3")
         await store.open()
@@ -106,6 +116,8 @@ async def make_harness(tmp_path: Path, sink: WebhookSink) -> AsyncIterator[Calla
                 pipeline_url="ws://127.0.0.1:9/pipe",
                 default_server={"url": sink.url} if default_server else None,
                 pipeline_fallback=pipeline_fallback,
+                max_calls=max_calls,
+                max_event_loop_lag_s=max_event_loop_lag_s,
             ),
             metrics=metrics,
             clock=lambda: datetime.now(UTC),
@@ -114,6 +126,7 @@ async def make_harness(tmp_path: Path, sink: WebhookSink) -> AsyncIterator[Calla
             new_call_id=lambda: f"call-{next(_ids)}",
             conversations=conversations,
             assistant_request_budget_s=budget_s,
+            event_loop_lag=event_loop_lag,
         )
         pbx = FakePbx()
         flow.register(pbx)

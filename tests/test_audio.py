@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from bridge.audio import (
@@ -194,11 +196,61 @@ def test_pacer_keeps_an_absolute_schedule() -> None:
     pacer = Pacer(100.0)
     assert pacer.next_due == 100.0
     for n in range(1, 51):
-        pacer.sent(100.0 + n * 0.02 - 0.019)  # each send slightly early or late does not drift
+        now = 100.0 + n * 0.02 - 0.019  # each send slightly early or late does not drift
+        assert pacer.skip_missed(now) == 0
+        pacer.sent()
     assert pacer.next_due == pytest.approx(101.0)
-    pacer.sent(101.5)  # a 0.5 s stall: restart from now instead of bursting 25 frames
+
+
+def test_a_pacer_far_behind_restarts_and_says_what_it_missed() -> None:
+    """[performance] overload: a starved writer sheds instead of playing ever later."""
+    pacer = Pacer(100.0, max_late_s=0.1)
+    pacer.sent()
+    assert pacer.skip_missed(100.02 + 0.09) == 0  # 90 ms late: caught up frame by frame
+    assert pacer.resets == 0
+    # 0.5 s late: 25 ticks passed; the frame sent now stands for the last of them.
+    assert pacer.skip_missed(100.52) == 25
     assert pacer.resets == 1
-    assert pacer.next_due == pytest.approx(101.52)
+    pacer.sent()
+    assert pacer.next_due == pytest.approx(100.54)
+
+
+def test_skip_drops_the_frames_whose_time_passed_and_releases_their_marks() -> None:
+    buffer = PlayoutBuffer(4, max_frames=10)
+    buffer.push(b"aaaabbbb")
+    buffer.mark("m1")
+    buffer.push(b"ccccdddd")
+    buffer.mark("m2")
+    assert buffer.skip(2) == (2, ["m1"])  # m1's place passed with the frames before it
+    assert buffer.next_frame() == (b"cccc", [])
+    assert buffer.skip(5) == (1, ["m2"])  # fewer queued than missed
+    assert buffer.idle and buffer.skip(3) == (0, [])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_every_frame_pushed_is_accounted_for(seed: int) -> None:
+    """played + dropped (full) + shed + cleared + still queued == pushed, whatever happens."""
+    rng = random.Random(seed)
+    buffer = PlayoutBuffer(4, max_frames=6)
+    for _ in range(200):
+        action = rng.choice(["push", "push", "next", "next", "skip", "clear", "mark"])
+        if action == "push":
+            buffer.push(bytes(rng.randrange(0, 30)))
+        elif action == "next":
+            buffer.next_frame()
+        elif action == "skip":
+            buffer.skip(rng.randrange(0, 5))
+        elif action == "clear":
+            buffer.clear()
+        else:
+            buffer.mark("m")
+        assert buffer.pushed_frames == (
+            buffer.played_frames
+            + buffer.dropped_frames
+            + buffer.shed_frames
+            + buffer.cleared_frames
+            + buffer.queued_frames
+        )
 
 
 def test_tone_share_tells_tones_apart() -> None:

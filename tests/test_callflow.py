@@ -297,6 +297,44 @@ async def test_duplicate_offers_and_draining(make_harness: Callable[..., Any]) -
     assert late.ended_reason is EndedReason.WORKER_SHUTDOWN
 
 
+async def test_admission_refuses_calls_beyond_the_limits_with_503(
+    make_harness: Callable[..., Any],
+) -> None:
+    """[performance] overload: a call beyond max_calls, or offered while the event loop runs
+    late, is refused before any webhook or pipeline; the calls already up are untouched."""
+    lag = [0.0]
+    h: Harness = await make_harness(
+        max_calls=1, max_event_loop_lag_s=0.15, event_loop_lag=lambda: lag[0]
+    )
+    assistant = await h.assistant()
+    await h.number(assistantId=assistant["id"])
+    first = h.flow.offer(facts(), h.pbx)
+    assert first is not None
+    await h.pbx.wait_for("connect_media")
+    second = h.flow.offer(facts(), h.pbx)
+    assert second is not None
+    assert await h.pbx.wait_for("reject") == 503
+    await h.ended(second.id)
+    assert second.ended_reason is EndedReason.CONCURRENCY_LIMIT_REACHED
+    assert "service.max_calls = 1" in (second.ended_message or "")
+    assert h.metrics.calls_refused_total.labels("max_calls")._value.get() == 1
+    h.flow.post(CallGone("test", first.facts.pbx_call_id, by_caller=True))
+    await h.ended(first.id)
+    lag[0] = 0.4  # the machine is saturated
+    third = h.flow.offer(facts(), h.pbx)
+    assert third is not None
+    await h.ended(third.id)
+    assert third.ended_reason is EndedReason.CONCURRENCY_LIMIT_REACHED
+    assert "event loop runs 400 ms late" in (third.ended_message or "")
+    assert h.metrics.calls_refused_total.labels("event_loop_lag")._value.get() == 1
+    lag[0] = 0.01  # and calm again: calls are taken
+    fourth = h.flow.offer(facts(), h.pbx)
+    assert fourth is not None
+    assert await h.pbx.wait_for("connect_media", nth=2) == fourth.id
+    # No assistant-request or pipeline was tried for the refused calls.
+    assert first.status is CallStatus.ENDED and fourth.status is CallStatus.IN_PROGRESS
+
+
 async def test_shutdown_hangs_up_live_calls(make_harness: Callable[..., Any]) -> None:
     h: Harness = await make_harness()
     assistant = await h.assistant()

@@ -122,7 +122,7 @@ def test_rtp_blocks_are_never_held_twice(tmp_path: Path) -> None:
         with reserve_rtp_block(tmp_path, only_two) as second:
             assert {first, second} == {(20000, 20099), (20100, 20199)}
             with (
-                pytest.raises(RuntimeError, match="all 2 RTP port blocks are in use"),
+                pytest.raises(RuntimeError, match="no 1 adjacent RTP port blocks of 2 are free"),
                 reserve_rtp_block(tmp_path, only_two),
             ):
                 pass
@@ -130,3 +130,17 @@ def test_rtp_blocks_are_never_held_twice(tmp_path: Path) -> None:
         with reserve_rtp_block(tmp_path, only_two) as again:
             assert again == second
     assert first[0] == 20000 + RTP_BLOCK_PORTS * (os.getpid() % 2)  # the pid picks the start
+
+
+def test_several_adjacent_rtp_blocks_for_many_calls(tmp_path: Path) -> None:
+    """The soak and load benchmarks hold 100-200 calls: one range of adjacent blocks."""
+    three = (20300, 65535)  # leaves 20000-20299: three blocks
+    with reserve_rtp_block(tmp_path, three, blocks=2) as pair:
+        assert pair in {(20000, 20199), (20100, 20299)}
+        with reserve_rtp_block(tmp_path, three) as single:
+            assert single[1] < pair[0] or single[0] > pair[1]
+        with (
+            pytest.raises(RuntimeError, match="no 3 adjacent"),
+            reserve_rtp_block(tmp_path, three, blocks=3),
+        ):
+            pass

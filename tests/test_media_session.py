@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -352,3 +353,35 @@ async def test_a_tap_sees_both_directions_as_the_caller_did(server: PipelineServ
     assert tap.closed
     # A tap that fails is dropped after its first failure; the call went on to its end.
     assert broken.heard == [] and not broken.closed
+
+
+async def test_a_starved_event_loop_sheds_audio_instead_of_playing_it_ever_later(
+    server: PipelineServer,
+) -> None:
+    """[performance] overload: the delay a caller hears stays bounded when the loop starves.
+
+    The event loop is blocked for 0.6 s (what a saturated machine does to every call at once).
+    The reply's frames due meanwhile are shed and counted, not played late: after the stall
+    the caller hears the part of the reply that is due now. No timing is asserted beyond the
+    bound's own arithmetic: a stall of at least 0.6 s passes at least 29 ticks, of which the
+    pacer catches up 5 (``max_late_s``) at most, so at least 25 frames are shed.
+    """
+    tap = RecordingTap()
+    rig = await start(server, taps=(tap,))
+    await send_chunks(rig.remote, sine(1000, 3.0, 16000))
+    await rig.remote.send_json({"type": "mark", "name": "end-of-reply"})
+    await rig.leg.wait_sent(10)  # the reply is playing
+    time.sleep(0.6)  # noqa: ASYNC251 - the point: a starved event loop, not a wait
+    count = len(rig.leg.sent)
+    await rig.leg.wait_sent(count + 3)
+    playout = rig.session.playout
+    assert playout.shed_frames >= 25
+    # The tap heard silence for every tick that passed without a frame: it keeps the call's time.
+    assert len(tap.heard) == len(rig.leg.sent) + playout.shed_frames
+    # The end-of-reply mark still comes back once its audio's time has passed, played or shed.
+    await rig.remote.wait_control("mark", name="end-of-reply")
+    rig.ended.set()
+    await rig.task
+    assert rig.session.stats.shed_stalls >= 1
+    assert playout.pushed_frames == 150
+    assert playout.played_frames + playout.shed_frames + playout.queued_frames == 150

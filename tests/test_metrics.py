@@ -18,3 +18,22 @@ def test_each_service_has_its_own_registry() -> None:
     assert 'outcome="accepted"' not in second.render().decode()
     assert "_created" not in text  # no per-series creation timestamps cluttering the output
     assert CONTENT_TYPE.startswith("text/plain")
+
+
+def test_a_calls_assistant_audio_is_counted_by_outcome() -> None:
+    metrics = Metrics()
+    metrics.count_assistant_frames(
+        {
+            "assistantFrames": 160,
+            "assistantFramesPlayed": 100,
+            "assistantFramesDroppedFull": 0,
+            "assistantFramesShedLate": 30,
+            "assistantFramesCleared": 20,
+            "assistantFramesUnplayedAtEnd": 10,
+        }
+    )
+    text = metrics.render().decode()
+    assert 'sipbridge_assistant_frames_total{outcome="played"} 100.0' in text
+    assert 'sipbridge_assistant_frames_total{outcome="shed_late"} 30.0' in text
+    assert 'sipbridge_assistant_frames_total{outcome="unplayed_at_end"} 10.0' in text
+    assert 'outcome="dropped_full"' not in text  # nothing to count, no series

@@ -22,6 +22,7 @@ from bridge.routing import (
     UseAssistant,
     WebhookResult,
     accept,
+    admit,
     decide_answer,
     match_phone_number,
     parse_answer,
@@ -429,3 +430,18 @@ def test_defaults_from_settings_carry_the_secret_pipeline_headers() -> None:
     assert defaults.pipeline_headers == {"X-Token": "t0k"}
     target = pipeline_target({}, defaults)
     assert target is not None and target.headers == {"X-Token": "t0k"}
+
+
+def test_admission_limits() -> None:
+    """0 means no limit; the count includes the call being offered."""
+    assert admit(10_000, 5.0, RoutingDefaults()) is None
+    limits = RoutingDefaults(max_calls=2, max_event_loop_lag_s=0.15)
+    assert admit(2, 0.1, limits) is None
+    limit, reject = admit(3, 0.1, limits) or ("", None)
+    assert limit == "max_calls" and reject is not None
+    assert (reject.sip_status, reject.ended_reason) == (
+        503,
+        EndedReason.CONCURRENCY_LIMIT_REACHED,
+    )
+    limit, reject = admit(1, 0.2, limits) or ("", None)
+    assert limit == "event_loop_lag" and reject is not None and "200 ms late" in reject.message

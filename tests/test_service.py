@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -39,6 +40,20 @@ async def test_health_reports_the_store_and_pbx_links(service: Service) -> None:
     await service.store.aclose()
     report = await service.health()
     assert report["status"] == "degraded" and report["store"] == "unavailable"
+
+
+async def test_health_and_metrics_show_the_load(service: Service) -> None:
+    """[performance] overload is visible: the event loop's lag, and whether new calls would be
+    refused (a saturated machine stays healthy: its calls go on, new ones go elsewhere)."""
+    now = time.monotonic()
+    load = (await service.health())["load"]
+    assert load["refusingNewCalls"] is None and load["assistantFramesShed"] == 0
+    assert load["maxEventLoopLagMs"] == service.settings.service.max_event_loop_lag_ms
+    service.event_loop_lag.observe(0.5, now)
+    report = await service.health()
+    assert report["load"]["eventLoopLagMs"] >= 500
+    assert report["load"]["refusingNewCalls"] == "event_loop_lag"
+    assert report["status"] == "ok"
 
 
 async def test_metrics_text(service: Service) -> None:

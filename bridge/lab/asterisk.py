@@ -215,36 +215,38 @@ def rtp_block_starts(ephemeral: tuple[int, int]) -> list[int]:
 
 @contextlib.contextmanager
 def reserve_rtp_block(
-    lock_dir: Path | None = None, ephemeral: tuple[int, int] | None = None
+    lock_dir: Path | None = None, ephemeral: tuple[int, int] | None = None, blocks: int = 1
 ) -> Iterator[tuple[int, int]]:
-    """An RTP port block (first, last) that no other holder, in any process, has meanwhile.
+    """An RTP port range (first, last) of ``blocks`` adjacent blocks that no other holder, in
+    any process, has meanwhile. One block carries 50 calls (RTP and RTCP each take a port).
 
     Each block has a lock file (``flock``, which the kernel releases when the holder exits,
     even by a crash). The search starts at an offset from the pid, so concurrent test
     processes rarely even try the same block.
 
     Raises:
-        RuntimeError: every block is held.
+        RuntimeError: no ``blocks`` adjacent blocks are free.
     """
     starts = rtp_block_starts(ephemeral or ephemeral_port_range())
+    known = set(starts)
     locks = lock_dir or Path(tempfile.gettempdir()) / "sipbridge-rtp-blocks"
     locks.mkdir(parents=True, exist_ok=True)
     offset = os.getpid() % len(starts) if starts else 0
     for index in range(len(starts)):
-        start = starts[(offset + index) % len(starts)]
-        handle = (locks / f"{start}.lock").open("w")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            continue
-        try:
-            yield start, start + RTP_BLOCK_PORTS - 1
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
-        return
-    raise RuntimeError(f"all {len(starts)} RTP port blocks are in use")
+        first = starts[(offset + index) % len(starts)]
+        run = [first + n * RTP_BLOCK_PORTS for n in range(blocks)]
+        if not known.issuperset(run):
+            continue  # the run would cross the ephemeral range or the ceiling
+        with contextlib.ExitStack() as held:
+            try:
+                for start in run:
+                    handle = held.enter_context((locks / f"{start}.lock").open("w"))
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # closing a lock file releases its lock
+            yield first, first + blocks * RTP_BLOCK_PORTS - 1
+            return
+    raise RuntimeError(f"no {blocks} adjacent RTP port blocks of {len(starts)} are free")
 
 
 @dataclass

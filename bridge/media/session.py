@@ -156,6 +156,7 @@ class SessionStats:
     marks_played: int = 0
     late_frames: int = 0
     max_lateness_s: float = 0.0
+    shed_stalls: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -382,6 +383,9 @@ class MediaSession:
             if lateness > 0.005:
                 stats.late_frames += 1
                 stats.max_lateness_s = max(stats.max_lateness_s, lateness)
+            missed = pacer.skip_missed(now)
+            if missed:
+                self._shed(missed)
             frame, marks = playout.next_frame()
             if leg.send_audio(frame):
                 stats.frames_to_pbx += 1
@@ -390,8 +394,27 @@ class MediaSession:
                 frame = bytes(len(frame))  # the caller heard nothing of it
             for tap in self.taps:
                 self._tap(tap, tap.played_audio, frame)
-            pacer.sent(now)
+            pacer.sent()
             if marks:
                 self._marks_played(marks)
             if self._ending is not None and (playout.idle or now >= self._ending_deadline):
                 return self._ending
+
+    def _shed(self, missed: int) -> None:
+        """The loop was starved past catching up: the audio due meanwhile is dropped, not
+        played late, so the caller's delay stays bounded by the pacer's ``max_late_s``."""
+        shed, marks = self.playout.skip(missed)
+        self.stats.shed_stalls += 1
+        if shed and self.stats.shed_stalls <= 3:
+            self.log.warning(
+                "media writer starved for %d ms: shed %d frames of queued audio",
+                missed * FRAME_MS,
+                shed,
+            )
+        silence = bytes(self.playout.frame_size)
+        for _ in range(missed):
+            for tap in self.taps:
+                # What the caller heard meanwhile: nothing (recordings keep the call's time).
+                self._tap(tap, tap.played_audio, silence)
+        if marks:
+            self._marks_played(marks)
