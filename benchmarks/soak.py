@@ -100,8 +100,8 @@ async def soak(
     calls: int, minutes: float, call_s: int, sample_s: float, state: Path
 ) -> dict[str, Any]:
     await asyncio.to_thread(state.mkdir, parents=True, exist_ok=True)
-    for leftover in state.glob("soak.sqlite3*"):  # every run starts from an empty store
-        leftover.unlink()
+    for suffix in ("", "-wal", "-shm"):  # every run starts from an empty store
+        await asyncio.to_thread((state / f"soak.sqlite3{suffix}").unlink, missing_ok=True)
     root = await asyncio.to_thread(ensure_root)
     processes: list[asyncio.subprocess.Process] = []
     # Two ports (RTP, RTCP) per call at Asterisk, and room for calls still closing.

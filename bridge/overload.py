@@ -2,11 +2,15 @@
 
 Every call's paced writer, its websocket and its PBX leg share one event loop. When the
 machine is saturated (too many calls, or another process taking the CPU), everything that is
-due runs late by the same amount: the loop's lag. :class:`EventLoopLag` keeps the largest lag
-of the last few seconds from samples a watcher task takes (:func:`watch_event_loop`: sleep a
-known interval, see how much longer it took). The call flow refuses new calls while the lag is
-over a threshold (``service.max_event_loop_lag_ms``), so that the calls already up keep their
-audio; ``/health`` and ``/metrics`` show it.
+due runs late by about the same amount: the loop's lag. A watcher task samples it
+(:func:`watch_event_loop`: sleep a known interval, see how much longer it took) into
+:class:`EventLoopLag`, which answers two questions:
+
+- the *sustained* lag, the least of the last second's samples: late on every sample means the
+  machine is saturated, while one late sample is a burst (a garbage collection, ten offers at
+  once) that the calls already up absorb. The call flow refuses new calls while it is over
+  ``service.max_event_loop_lag_ms``, so that the calls already up keep their audio;
+- the *peak* lag of the last few seconds, for ``/health`` and ``/metrics``.
 """
 
 from __future__ import annotations
@@ -17,37 +21,37 @@ from collections import deque
 from collections.abc import Callable
 
 # One sample per interval: cheap (a timer per 100 ms for the whole process) and fine enough
-# for a threshold in the hundreds of milliseconds.
+# for a threshold in the tens of milliseconds.
 SAMPLE_INTERVAL_S = 0.1
-# The lag reported is the largest of this window, so that one quiet sample between busy ones
-# does not open the door to new calls; short enough to reopen soon after a burst.
+# Saturation is lag on every sample for this long (10 samples).
+SUSTAINED_S = 1.0
+# The peak reported covers this window.
 WINDOW_S = 3.0
 
 
 class EventLoopLag:
-    """The largest event-loop lag sampled within the last ``window_s`` seconds (pure)."""
+    """Event-loop lag samples of the last ``window_s`` seconds (pure: time comes in)."""
 
-    def __init__(self, window_s: float = WINDOW_S) -> None:
+    def __init__(self, window_s: float = WINDOW_S, sustained_s: float = SUSTAINED_S) -> None:
         self.window_s = window_s
-        self._samples: deque[tuple[float, float]] = deque()  # (when, lag), maxima kept only
+        self.sustained_s = sustained_s
+        self._samples: deque[tuple[float, float]] = deque()  # (when, lag), oldest first
 
     def observe(self, lag_s: float, now: float) -> None:
         """Records a lag sampled at ``now``."""
-        lag_s = max(0.0, lag_s)
-        # A monotonic deque: a sample no larger than a newer one can never be the maximum.
-        while self._samples and self._samples[-1][1] <= lag_s:
-            self._samples.pop()
-        self._samples.append((now, lag_s))
-        self._expire(now)
-
-    def current(self, now: float) -> float:
-        """The largest lag seen in the window ending at ``now`` (0 with no sample)."""
-        self._expire(now)
-        return self._samples[0][1] if self._samples else 0.0
-
-    def _expire(self, now: float) -> None:
+        self._samples.append((now, max(0.0, lag_s)))
         while self._samples and self._samples[0][0] < now - self.window_s:
             self._samples.popleft()
+
+    def peak(self, now: float) -> float:
+        """The largest lag sampled in the last ``window_s`` (0 with no sample)."""
+        return max((lag for when, lag in self._samples if when >= now - self.window_s), default=0.0)
+
+    def sustained(self, now: float) -> float:
+        """The least lag sampled in the last ``sustained_s``: how late the loop runs all the
+        time (0 with no sample, or when the watcher itself was not run for that long)."""
+        recent = [lag for when, lag in self._samples if when >= now - self.sustained_s]
+        return min(recent, default=0.0)
 
 
 async def watch_event_loop(
@@ -62,4 +66,4 @@ async def watch_event_loop(
         await asyncio.sleep(interval_s)
         now = clock()
         lag.observe(now - before - interval_s, now)
-        on_sample(lag.current(now))
+        on_sample(lag.peak(now))

@@ -141,7 +141,7 @@ class Service:
             media_timeout_s=settings.media.connect_timeout_s,
             new_call_id=lambda: str(uuid.uuid4()),
             conversations=Conversations(settings.pipeline, settings.media),
-            event_loop_lag=lambda: self.event_loop_lag.current(time.monotonic()),
+            event_loop_lag=lambda: self.event_loop_lag.sustained(time.monotonic()),
         )
         events = _Events(self, self._callflow)
         for backend in build_backends(settings):
@@ -322,13 +322,17 @@ class Service:
 
     def _load(self) -> dict[str, Any]:
         """Overload, as the admission rule sees it: would a call offered now be refused?"""
-        lag_s = self.event_loop_lag.current(time.monotonic())
+        now = time.monotonic()
+        sustained_s = self.event_loop_lag.sustained(now)
         limits = self.settings.service
         refusal = admit(
-            len(self.callflow.active()) + 1, lag_s, RoutingDefaults.from_settings(self.settings)
+            len(self.callflow.active()) + 1,
+            sustained_s,
+            RoutingDefaults.from_settings(self.settings),
         )
         return {
-            "eventLoopLagMs": round(lag_s * 1000, 1),
+            "eventLoopLagMs": round(sustained_s * 1000, 1),
+            "eventLoopLagPeakMs": round(self.event_loop_lag.peak(now) * 1000, 1),
             "maxEventLoopLagMs": limits.max_event_loop_lag_ms or None,
             "maxCalls": limits.max_calls or None,
             "refusingNewCalls": refusal[0] if refusal else None,

@@ -286,10 +286,11 @@ class ServiceSettings(_Section):
         "0: no limit.",
     )
     max_event_loop_lag_ms: int = Field(
-        150,
+        100,
         ge=0,
-        description="While the event loop runs this late (the machine is saturated), new calls "
-        "are refused with SIP 503 so that the calls already up keep their audio. 0: never.",
+        description="While the event loop runs at least this late for a whole second (the "
+        "machine is saturated), new calls are refused with SIP 503 so that the calls already "
+        "up keep their audio. 0: never.",
     )
 
 

@@ -6,21 +6,27 @@ import asyncio
 import contextlib
 import time
 
+import pytest
+
 from bridge.overload import EventLoopLag, watch_event_loop
 
 
-def test_the_lag_is_the_largest_sample_of_the_window() -> None:
-    lag = EventLoopLag(window_s=3.0)
-    assert lag.current(0.0) == 0.0
-    lag.observe(0.010, 10.0)
-    lag.observe(0.250, 10.1)
-    lag.observe(0.020, 10.2)  # one quiet sample does not hide the busy one before it
-    assert lag.current(10.2) == 0.250
-    assert lag.current(13.0) == 0.250
-    assert lag.current(13.15) == 0.020  # the busy sample left the window
-    assert lag.current(20.0) == 0.0
+def test_sustained_lag_is_late_on_every_sample_and_peak_is_the_worst() -> None:
+    lag = EventLoopLag(window_s=3.0, sustained_s=1.0)
+    assert (lag.sustained(0.0), lag.peak(0.0)) == (0.0, 0.0)
+    for tick in range(10):
+        lag.observe(0.2 if tick != 5 else 0.01, 10.0 + tick / 10)
+    # One quiet sample in the last second: busy, not saturated. The peak remembers the worst.
+    assert lag.sustained(10.9) == 0.01
+    assert lag.peak(10.9) == 0.2
+    for tick in range(10):
+        lag.observe(0.25 + tick / 100, 11.0 + tick / 10)
+    assert lag.sustained(11.95) == pytest.approx(0.25)  # late on every sample: saturated
+    assert lag.peak(13.5) == pytest.approx(0.34)
+    assert lag.sustained(13.5) == 0.0  # nothing sampled for a second (the watcher stopped)
+    assert lag.peak(20.0) == 0.0
     lag.observe(-0.001, 21.0)  # a timer that fired early is no lag
-    assert lag.current(21.0) == 0.0
+    assert lag.peak(21.0) == 0.0
 
 
 async def test_the_watcher_sees_a_blocked_loop() -> None:
@@ -33,7 +39,7 @@ async def test_the_watcher_sees_a_blocked_loop() -> None:
         sampled.clear()
         await sampled.wait()  # the first sample after the block
         # The sleep in flight when the loop blocked took at least the 0.3 s block.
-        assert lag.current(time.monotonic()) >= 0.3 - 0.01 - 0.01
+        assert lag.peak(time.monotonic()) >= 0.3 - 0.01 - 0.01
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):

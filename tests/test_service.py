@@ -13,6 +13,7 @@ import pytest
 from bridge.audio import sine, tone_share
 from bridge.errors import PbxAuthError
 from bridge.events import invite_facts
+from bridge.overload import EventLoopLag
 from bridge.pbx.freeswitch.backend import FreeswitchBackend
 from bridge.protocol import esl
 from bridge.service import Service
@@ -49,7 +50,14 @@ async def test_health_and_metrics_show_the_load(service: Service) -> None:
     load = (await service.health())["load"]
     assert load["refusingNewCalls"] is None and load["assistantFramesShed"] == 0
     assert load["maxEventLoopLagMs"] == service.settings.service.max_event_loop_lag_ms
-    service.event_loop_lag.observe(0.5, now)
+    service.event_loop_lag = EventLoopLag()
+    for tick in range(10):  # one late sample in the last second: a burst, not saturation
+        service.event_loop_lag.observe(0.5 if tick == 5 else 0.001, now - 0.9 + tick / 10)
+    load = (await service.health())["load"]
+    assert load["eventLoopLagPeakMs"] >= 500 and load["refusingNewCalls"] is None
+    service.event_loop_lag = EventLoopLag()
+    for tick in range(10):  # late on every sample of the last second: saturated
+        service.event_loop_lag.observe(0.5, now - 0.9 + tick / 10)
     report = await service.health()
     assert report["load"]["eventLoopLagMs"] >= 500
     assert report["load"]["refusingNewCalls"] == "event_loop_lag"
