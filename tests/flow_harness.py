@@ -50,6 +50,20 @@ class Harness:
 
         return reports(await self.sink.wait_for(lambda found: bool(reports(found)), timeout))[0]
 
+    async def status(self, call_id: str, status: str, timeout: float = 5.0) -> dict[str, Any]:
+        """Waits for the call's status-update saying ``status`` and returns its message."""
+
+        def updates(recorded: list[Any]) -> list[dict[str, Any]]:
+            return [
+                r.message
+                for r in recorded
+                if r.message.get("type") == "status-update"
+                and r.message.get("status") == status
+                and r.message["call"]["id"] == call_id
+            ]
+
+        return updates(await self.sink.wait_for(lambda found: bool(updates(found)), timeout))[0]
+
     async def assistant(self, **fields: Any) -> dict[str, Any]:
         body = {
             "name": "Support",

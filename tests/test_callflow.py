@@ -331,8 +331,11 @@ async def test_admission_refuses_calls_beyond_the_limits_with_503(
     fourth = h.flow.offer(facts(), h.pbx)
     assert fourth is not None
     assert await h.pbx.wait_for("connect_media", nth=2) == fourth.id
-    # No assistant-request or pipeline was tried for the refused calls.
+    # connect_media is recorded when it is called; the call is up once the PBX answered.
+    await h.status(fourth.id, "in-progress")
     assert first.status is CallStatus.ENDED and fourth.status is CallStatus.IN_PROGRESS
+    # The refused calls never got as far as the media: two connects, for the first and fourth.
+    assert h.pbx.names().count("connect_media") == 2
 
 
 async def test_shutdown_hangs_up_live_calls(make_harness: Callable[..., Any]) -> None:
