@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -94,6 +95,10 @@ from bridge.templating import render_destination
 from bridge.webhooks import WebhookClient, WebhookDispatcher
 
 log = logging.getLogger(__name__)
+
+# Templates render on the event loop; this clock bounds the CPU they may take there
+# (templating.RENDER_BUDGET_S). CPU time, so a busy machine does not turn templates literal.
+RENDER_CPU_CLOCK = time.thread_time
 
 PBX_ACTION_TIMEOUT_S = 10.0
 # A transfer is done once the PBX knows it worked: the destination may ring for a minute
@@ -500,6 +505,7 @@ class CallFlow:
                 assistant_id=plan.assistant_id,
                 now=now,
                 defaults=self._defaults,
+                cpu_clock=RENDER_CPU_CLOCK,
             )
         assert isinstance(plan, AskServer)
         target = WebhookTarget.from_server(plan.server)
@@ -520,6 +526,7 @@ class CallFlow:
             now=self._clock(),
             defaults=self._defaults,
             saved_assistant=saved,
+            cpu_clock=RENDER_CPU_CLOCK,
         )
 
     async def _apply(self, live: LiveCall, decision: Decision) -> None:
@@ -728,7 +735,9 @@ class CallFlow:
             live.log.warning("refused a transfer request: %s", "; ".join(exc.problems))
             return False
         call = live.call
-        rendered = render_destination(checked, call.variables, self._clock())
+        rendered = render_destination(
+            checked, call.variables, self._clock(), cpu_clock=RENDER_CPU_CLOCK
+        )
         previous = call.status
         call.destination = rendered
         call.apply(CallEvent.FORWARD, self._clock())
@@ -765,6 +774,7 @@ class CallFlow:
             detail,
             variables=(call.variable_values, call.variables),
             now=self._clock(),
+            cpu_clock=RENDER_CPU_CLOCK,
         )
         return decision if isinstance(decision, Transfer) else None
 

@@ -16,6 +16,7 @@
     │   ├── PbxConnectionError    the control link is down (retryable)
     │   ├── PbxAuthError          the PBX refused our credentials (never retried)
     │   └── PbxActionError        one action failed or timed out
+    ├── TemplateLimitError        a template went over a rendering limit (it is then used literally)
     ├── MediaError                a call's audio leg failed
     ├── PipelineError             the conversational pipeline's websocket failed
     ├── WebhookError              a server message could not be delivered
@@ -108,6 +109,13 @@ class PbxAuthError(PbxError):
 
 class PbxActionError(PbxError):
     """One PBX action failed or did not answer in time."""
+
+
+class TemplateLimitError(SipbridgeError):
+    """A template went over one of the renderer's limits; the message names the limit, no values.
+
+    Never leaves ``templating.render``: the template is then used literally.
+    """
 
 
 class MediaError(SipbridgeError):

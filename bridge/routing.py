@@ -52,6 +52,7 @@ from bridge.protocol.dialects import (
 )
 from bridge.settings import Settings
 from bridge.templating import (
+    CpuClock,
     header_variables,
     merge_variables,
     render_assistant,
@@ -374,12 +375,14 @@ def accept(
     defaults: RoutingDefaults,
     overrides: Mapping[str, Any] | None = None,
     invalid_reason: EndedReason = EndedReason.ASSISTANT_NOT_VALID,
+    cpu_clock: CpuClock | None = None,
 ) -> Accept | Reject:
     """Renders the assistant for this call, or rejects it if it cannot run.
 
     Args:
         overrides: ``assistantOverrides`` from an assistant-request answer.
         invalid_reason: the endedReason when the assistant (with overrides) is not valid.
+        cpu_clock: bounds the rendering's CPU time (``templating.RENDER_BUDGET_S``).
     """
     values = (overrides or {}).get("variableValues") or {}
     variable_values, variables = call_variables(facts, call_id, number, now, values)
@@ -402,7 +405,7 @@ def accept(
             "no pipeline URL: set the assistant's sipbridge.pipeline.url or pipeline.default_url",
             variable_values,
         )
-    rendered = render_assistant(merged, variables, now)
+    rendered = render_assistant(merged, variables, now, cpu_clock=cpu_clock)
     return Accept(rendered, assistant_id, variable_values, variables, target)
 
 
@@ -414,12 +417,15 @@ def fallback_or_reject(
     variables: tuple[dict[str, Any], dict[str, Any]],
     now: datetime,
     sip_status: int = SIP_TEMPORARILY_UNAVAILABLE,
+    cpu_clock: CpuClock | None = None,
 ) -> Transfer | Reject:
     """A failed assistant-request: to the number's fallbackDestination if set, else reject."""
     variable_values, all_variables = variables
     fallback = (number or {}).get("fallbackDestination")
     if isinstance(fallback, Mapping):
-        destination = render_destination(fallback, all_variables, now)
+        destination = render_destination(
+            fallback, all_variables, now, field="fallbackDestination", cpu_clock=cpu_clock
+        )
         return Transfer(destination, reason, detail, variable_values, all_variables)
     return Reject(sip_status, reason, detail, variable_values)
 
@@ -554,6 +560,7 @@ def decide_answer(
     now: datetime,
     defaults: RoutingDefaults,
     saved_assistant: Mapping[str, Any] | None = None,
+    cpu_clock: CpuClock | None = None,
 ) -> Decision:
     """Step 3: the decision from an assistant-request answer.
 
@@ -569,10 +576,10 @@ def decide_answer(
         )
     if isinstance(parsed, AnswerFailed):
         return fallback_or_reject(
-            number, parsed.reason, parsed.detail, variables=variables, now=now
+            number, parsed.reason, parsed.detail, variables=variables, now=now, cpu_clock=cpu_clock
         )
     if isinstance(parsed, AnswerDestination):
-        destination = render_destination(parsed.destination, variables[1], now)
+        destination = render_destination(parsed.destination, variables[1], now, cpu_clock=cpu_clock)
         return Transfer(
             destination,
             EndedReason.ASSISTANT_REQUEST_RETURNED_FORWARDING,
@@ -586,6 +593,7 @@ def decide_answer(
             f"assistant-request named assistant {parsed.assistant_id!r}, which does not exist",
             variables=variables,
             now=now,
+            cpu_clock=cpu_clock,
         )
     if isinstance(parsed, AnswerAssistantId):
         assert saved_assistant is not None
@@ -602,9 +610,15 @@ def decide_answer(
         defaults=defaults,
         overrides=overrides,
         invalid_reason=EndedReason.ASSISTANT_REQUEST_RETURNED_INVALID_ASSISTANT,
+        cpu_clock=cpu_clock,
     )
     if isinstance(decision, Reject):
         return fallback_or_reject(
-            number, decision.ended_reason, decision.message, variables=variables, now=now
+            number,
+            decision.ended_reason,
+            decision.message,
+            variables=variables,
+            now=now,
+            cpu_clock=cpu_clock,
         )
     return decision

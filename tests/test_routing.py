@@ -142,16 +142,20 @@ def test_squads_on_a_number_are_refused_clearly() -> None:
 # ---- accept ----------------------------------------------------------------------------------------
 
 
-def test_accept_renders_the_first_message_from_headers() -> None:
-    decision = accept(
-        make_facts(),
+def accept_assistant(assistant: dict[str, Any], facts: InviteFacts | None = None) -> Any:
+    return accept(
+        facts or make_facts(),
         call_id="c1",
         number=None,
-        assistant=ASSISTANT,
+        assistant=assistant,
         assistant_id="a1",
         now=NOW,
         defaults=DEFAULTS,
     )
+
+
+def test_accept_renders_the_first_message_from_headers() -> None:
+    decision = accept_assistant(ASSISTANT)
     assert isinstance(decision, Accept)
     assert decision.assistant["firstMessage"] == "Hello John, you've reached me over SIP."
     # As Vapi shows them to webhooks: lowercased, dashes kept, no underscore alias.
@@ -445,3 +449,16 @@ def test_admission_limits() -> None:
     )
     limit, reject = admit(1, 0.2, limits) or ("", None)
     assert limit == "event_loop_lag" and reject is not None and "200 ms late" in reject.message
+
+
+def test_a_template_broken_by_a_callers_header_still_accepts_the_call() -> None:
+    # [hardening] 1: a 300-character X-Tz made the date filter raise OSError out of accept().
+    assistant = {
+        "firstMessage": '{{ "now" | date: "%H:%M", tz }}',
+        "model": {"messages": [{"role": "system", "content": "Caller: {{ first_name }}"}]},
+    }
+    facts = make_facts(headers=[("X-First_Name", "John"), ("X-Tz", "A" * 300)])
+    decision = accept_assistant(assistant, facts)
+    assert isinstance(decision, Accept)
+    assert decision.assistant["firstMessage"] == assistant["firstMessage"]
+    assert decision.assistant["model"]["messages"][0]["content"] == "Caller: John"

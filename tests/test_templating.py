@@ -5,7 +5,12 @@ from datetime import UTC, datetime
 
 import pytest
 
+from bridge import templating
 from bridge.templating import (
+    MAX_MARKUP,
+    MAX_OUTPUT_CHARS,
+    MAX_SOURCE_CHARS,
+    MAX_VALUE_CHARS,
     header_variables,
     merge_variables,
     render,
@@ -120,7 +125,7 @@ def test_malformed_templates_render_literally_with_a_warning(
 ) -> None:
     with caplog.at_level(logging.WARNING):
         assert render(template, {"x": 1}, NOW) == template
-    assert "using it literally" in caplog.text
+    assert "used literally" in caplog.text
 
 
 def test_header_values_are_data_not_templates() -> None:
@@ -184,3 +189,131 @@ def test_render_destination_with_custom_message() -> None:
     assert rendered["message"]["content"] == "Hi Ann"
     assert rendered["message"]["contents"] == [{"content": "Bye Ann"}]
     assert rendered["callerId"] == "sip:x@y"
+
+
+# ---- [hardening] 1: any exception while rendering means the template is used literally -------
+
+
+@pytest.mark.parametrize(
+    ("template", "variables"),
+    [
+        ('{{ "now" | date: "%H:%M", tz }}', {"tz": "A" * 300}),  # OSError: name too long
+        ("{{ 3.5 | modulo: 0 }}", {}),  # decimal.InvalidOperation
+        ('{{ x | split: "," | sum }}', {"x": "1,a"}),  # decimal.InvalidOperation
+        ('{{ 99999999999999999999 | date: "%Y" }}', {}),  # OSError/OverflowError
+    ],
+)
+def test_any_failure_renders_literally_with_one_warning_naming_the_field(
+    template: str, variables: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="bridge.templating"):
+        rendered = render(template, variables, NOW, field="firstMessage")
+    assert rendered == template
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].getMessage().startswith("firstMessage (")
+    assert warnings[0].exc_info is None  # one line, no traceback
+    assert "AAAA" not in caplog.text  # the caller's value is not logged
+
+
+def test_a_broken_template_in_an_assistant_leaves_the_other_fields_rendered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assistant = {
+        "firstMessage": "Hi {{ first_name }}",
+        "model": {"messages": [{"role": "system", "content": "{{ 3.5 | modulo: 0 }}"}]},
+    }
+    with caplog.at_level(logging.WARNING, logger="bridge.templating"):
+        rendered = render_assistant(assistant, {"first_name": "Ann"}, NOW)
+    assert rendered["firstMessage"] == "Hi Ann"
+    assert rendered["model"]["messages"][0]["content"] == "{{ 3.5 | modulo: 0 }}"
+    assert "model.messages[0].content (" in caplog.text
+
+
+# ---- [hardening] 2: a template cannot stall the service ------------------------------------
+
+
+def _doublings(filter_: str, rounds: int, start: str) -> str:
+    """``rounds`` assigns of x to x combined with itself; says what became of x (not x itself:
+    a number of millions of digits cannot be printed, so printing it would fail anyway)."""
+    tail = "{{ x | size }}" if start.startswith('"') else "{% if x > 1 %}grew{% endif %}"
+    return f"{{% assign x = {start} %}}" + f"{{% assign x = x | {filter_}: x %}}" * rounds + tail
+
+
+# Each renders (slowly, or to something huge) without the limits; 22 doublings stay within what
+# a test machine can hold without them: 2**22-digit numbers, 8 M characters.
+HOSTILE = {
+    "times squares a number each round": _doublings("times", 22, "2"),
+    "times in a loop": "{% assign x = 2 %}{% for i in (1..22) %}{% assign x = x | times: x %}"
+    "{% endfor %}{% if x > 1 %}grew{% endif %}",
+    "append doubles a string each round": _doublings("append", 22, '"ab"'),
+    "prepend in a loop": '{% assign x = "ab" %}{% for i in (1..22) %}'
+    "{% assign x = x | prepend: x %}{% endfor %}{{ x | size }}",
+    "replace squares a string": '{% assign x = "' + "a" * 400 + '" %}'
+    '{% assign y = x | replace: "a", x %}{{ y | size }}',
+    "join with a long separator": '{% assign s = "' + "b" * 1000 + '" %}'
+    "{{ (1..5000) | join: s | size }}",
+    "uniq on many items": '{{ (1..5000) | join: "," | split: "," | uniq | size }}',
+    "deep nesting": "{% if true %}" * 1000 + "x" + "{% endif %}" * 1000,
+    "a long output": '{% for i in (1..10000) %}{{ "0123456789" | append: i }}{% endfor %}',
+    "a template too long": "{{ x }}" + " " * MAX_SOURCE_CHARS,
+    "too many tags to parse": "{{ x }}" * (MAX_MARKUP + 1),
+}
+
+
+@pytest.mark.parametrize("template", HOSTILE.values(), ids=HOSTILE.keys())
+def test_hostile_templates_render_literally(template: str) -> None:
+    assert render(template, {}, NOW) == template
+
+
+def test_values_within_the_limits_still_render() -> None:
+    assert render(_doublings("times", 10, "2"), {}, NOW) == "grew"  # 1024 bits
+    assert render("{{ x | times: x }}", {"x": 2**2000}, NOW) == str(2**4000)
+    assert render(_doublings("append", 10, '"ab"'), {}, NOW) == "2048"
+    assert render("{{ x | append: x | size }}", {"x": "y" * 1000}, NOW) == "2000"
+    assert render("{{ (1..500) | join: ',' | split: ',' | uniq | size }}", {}, NOW) == "500"
+    long = "{% for i in (1..2000) %}{{ i | modulo: 10 }}{% endfor %}"
+    assert len(render(long, {}, NOW)) == 2000
+
+
+def test_output_is_bounded() -> None:
+    template = "{% for i in (1..10000) %}{{ s }}{% endfor %}"
+    rendered = render(template, {"s": "z" * 100}, NOW)
+    assert rendered == template or len(rendered) <= MAX_OUTPUT_CHARS
+    assert len(render("{{ s | append: s }}", {"s": "z" * MAX_VALUE_CHARS}, NOW)) <= MAX_OUTPUT_CHARS
+
+
+class TickingClock:
+    """A CPU clock that advances 10 ms each time it is read: no real time involved."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return self.reads * 0.01
+
+
+def test_the_cpu_budget_stops_loops_without_filters() -> None:
+    # Many empty loops in a row have no filter to check limits in; each iteration counts.
+    endless = "{% for i in (1..10000) %}{% endfor %}" * 20 + "done"
+    assert render(endless, {}, NOW, cpu_clock=TickingClock()) == endless
+    assert render(endless, {}, NOW) == "done"  # no clock, no time budget: only the size limits
+    short = "{% for i in (1..10) %}{{ i | plus: 1 }}{% endfor %}"
+    assert render(short, {}, NOW, cpu_clock=TickingClock()) == "234567891011"
+
+
+def test_an_assistants_templates_share_one_budget() -> None:
+    slow = "{% for i in (1..10000) %}{% endfor %}" * 20
+    assistant = {
+        "firstMessage": slow,
+        "endCallMessage": "Bye {{ first_name }}",  # rendered after the budget is spent
+    }
+    rendered = render_assistant(assistant, {"first_name": "Ann"}, NOW, cpu_clock=TickingClock())
+    assert rendered == assistant
+
+
+def test_only_reviewed_filters_exist() -> None:
+    # A filter python-liquid adds is unknown until its cost is reviewed (see _LINEAR_FILTERS).
+    reviewed = templating._LINEAR_FILTERS | templating._SIZE_ESTIMATES.keys()
+    assert set(templating._ENVIRONMENT.filters) == reviewed
