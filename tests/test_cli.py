@@ -22,6 +22,7 @@ from bridge.service import Service
 from tests.conftest import API_KEY
 from tests.fake_pbx import FakePbx
 from tests.pipeline_server import PipelineServer
+from tests.test_store import corrupt_calls_table, filled_store
 
 
 async def run(
@@ -379,3 +380,22 @@ async def test_serve_lab_mode_says_so_and_cli_works_against_it(tmp_path: Path) -
         code, stderr = await stop_serve(process, signal.SIGINT)
     assert code == 0
     assert "LAB MODE" in stderr
+
+
+async def test_serve_refuses_a_damaged_store_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "serve.sqlite3"
+    await filled_store(path)
+    corrupt_calls_table(path)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SIPBRIDGE_")}
+    environment["SIPBRIDGE_STORE__PATH"] = str(path)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "serve", "--lab", "--port", "0",
+        env=environment, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    text = stderr.decode()
+    assert process.returncode == 1, text
+    assert (
+        f"cannot start: the store {path} is damaged" in text and "restore it from a backup" in text
+    )
+    assert "Traceback" not in text
