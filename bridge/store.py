@@ -6,16 +6,20 @@ waits on disk; every method is a coroutine that hands its work to that thread. T
 versioned with ``PRAGMA user_version`` and upgraded by :data:`MIGRATIONS` on open.
 
 A damaged or read-only file is refused at open, with a message naming the file and what to do;
-:meth:`Store.health` says the same while running (see :class:`StoreHealth`).
+:meth:`Store.health` says the same while running (see :class:`StoreHealth`). One sipbridge at a
+time uses a file: a second one is refused (see :class:`StoreLock`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import json
 import logging
 import operator
+import os
 import sqlite3
 import time
 import uuid
@@ -189,6 +193,57 @@ def _dumps(document: dict[str, Any]) -> str:
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False)
 
 
+class StoreLock:
+    """An exclusive advisory lock on a sidecar file (``<store>.lock``) for one sipbridge.
+
+    Two sipbridge processes on one SQLite file would each settle the other's live calls as left
+    over from a crash at start, and both answer the same PBX. ``flock`` locks belong to the
+    open file, so the kernel releases this one when the process ends however it ends (a
+    ``kill -9`` leaves no stale lock), and a second open in the same process is refused too.
+    The holder's pid is written into the file for the refusal message. SQLite-only: a shared
+    database server (several instances on one PostgreSQL) will not take this lock.
+    """
+
+    def __init__(self, store_path: Path) -> None:
+        self.store_path = store_path
+        self.path = store_path.with_name(store_path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Takes the lock.
+
+        Raises:
+            StoreError: another process (or store object) holds it, or it cannot be created.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise StoreError(read_only_message(self.path, str(exc))) from exc
+            raise StoreError(f"cannot create the store's lock file {self.path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip()
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise StoreError(f"cannot lock {self.path}: {exc}") from exc
+            raise StoreError(
+                f"another sipbridge{f' (pid {holder})' if holder else ''} is using the store "
+                f"{self.store_path}: it holds {self.path}. Stop it first, or give this "
+                "one a store.path of its own"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Lets the lock go (closing the file releases it); a second call does nothing."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Store:
     """SQLite-backed persistence. Use ``await store.open()`` first and ``await store.aclose()``."""
 
@@ -203,6 +258,7 @@ class Store:
         self._integrity_check_interval_s = integrity_check_interval_s
         self._executor: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
+        self._lock = StoreLock(path)
         # Damage stays until a restart; read-only clears with the next write that succeeds.
         self._problem: StoreHealth | None = None
         self._checked_at: float | None = None  # time.monotonic() of the last integrity check
@@ -231,6 +287,14 @@ class Store:
     def _open_sync(self) -> None:
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        try:
+            self._connect()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _connect(self) -> None:
         db = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None)
         try:
             self._prepare(db)
@@ -280,6 +344,7 @@ class Store:
         if self._db is not None:
             self._db.close()
             self._db = None
+        self._lock.release()
 
     async def _run(self, func: Callable[[], T], operation: str, *, write: bool = False) -> T:
         if self._executor is None:

@@ -292,3 +292,23 @@ async def test_a_write_refused_while_running_makes_health_say_read_only(tmp_path
         assert await store.health() == StoreHealth("ok")
     finally:
         await store.aclose()
+
+
+# ---- one sipbridge per file ------------------------------------------------------------------------
+
+
+async def test_a_second_store_on_the_same_file_is_refused_until_the_first_closes(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.sqlite3"
+    first = Store(path)
+    await first.open()
+    try:
+        message = await refusal(path)
+        assert f"another sipbridge (pid {os.getpid()}) is using the store {path}" in message
+        assert f"{path}.lock" in message and "store.path of its own" in message
+    finally:
+        await first.aclose()
+    second = Store(path)
+    await second.open()  # the lock went with the first store
+    await second.aclose()
