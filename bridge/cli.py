@@ -440,6 +440,10 @@ def settings_toml(data: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _sighup_ignored() -> None:
+    log.warning("SIGHUP ignored: sipbridge has no reload; restart it to apply settings")
+
+
 def _serve(settings: Settings) -> int:
     from bridge.logs import configure  # noqa: PLC0415 - only serve needs logging and the service
     from bridge.service import Service  # noqa: PLC0415
@@ -447,16 +451,22 @@ def _serve(settings: Settings) -> int:
     configure(settings.log.level, settings.log.format)
 
     async def run() -> int:
+        loop = asyncio.get_running_loop()
+        # SIGHUP's default action ends the process without its stopping step (no drain, no
+        # records flushed); a terminal closing or a habit of `kill -HUP` to reload sends it.
+        # There is nothing to reload (settings are read once), so it is ignored, with a word.
+        loop.add_signal_handler(signal.SIGHUP, _sighup_ignored)
+        # Before starting, so that a SIGTERM arriving while the service starts (or just after
+        # it says it listens) is handled once it has started instead of killing it outright.
+        stop, drain = asyncio.Event(), asyncio.Event()
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, drain.set)
         service = Service(settings)
         try:
             await service.start()
         except (SipbridgeError, OSError) as exc:
             log.error("cannot start: %s", exc)
             return EXIT_FAILED
-        loop = asyncio.get_running_loop()
-        stop, drain = asyncio.Event(), asyncio.Event()
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGTERM, drain.set)
         stop_wait = asyncio.ensure_future(stop.wait())
         drain_wait = asyncio.ensure_future(drain.wait())
         try:

@@ -42,7 +42,7 @@ MAX_CUSTOM_HEADERS = 32
 SIP_URI = re.compile(
     r"^sip:(?P<user>[A-Za-z0-9\-_.!~*'()&=+$,?/%]{1,128})"
     r"@(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])"
-    r"(?::(?P<port>\d{1,5}))?$"
+    r"(?::(?P<port>[0-9]{1,5}))?$"  # [0-9]: \d also matches every script's decimal digits
 )
 # Transfer targets may carry parameters and use sips:.
 _TRANSFER_SIP_URI = re.compile(r"^sips?:[^\s<>\"@]{1,128}@[^\s<>\"]{1,255}$")

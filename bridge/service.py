@@ -24,7 +24,6 @@ from bridge.api import create_app
 from bridge.backend import PbxBackend
 from bridge.callflow import CallFlow
 from bridge.conversation import Conversations
-from bridge.errors import StoreError
 from bridge.events import LinkChanged, PbxEvent, PbxKind
 from bridge.metrics import Metrics
 from bridge.overload import EventLoopLag, watch_event_loop
@@ -300,17 +299,13 @@ class Service:
         return await self.callflow.hangup(call_id)
 
     async def health(self) -> dict[str, Any]:
-        """Store reachability, PBX links, live calls, queued webhooks."""
-        store_ok = True
-        try:
-            await self.store.ping()
-        except StoreError:
-            store_ok = False
+        """Store state, PBX links, live calls, queued webhooks."""
+        store = await self.store.health()
         links_ok = all(self.pbx_links.values())
-        return {
-            "status": "ok" if store_ok and links_ok else "degraded",
+        report: dict[str, Any] = {
+            "status": "ok" if store.state == "ok" and links_ok else "degraded",
             "version": __version__,
-            "store": "ok" if store_ok else "unavailable",
+            "store": store.state,
             "pbx": {name: ("up" if up else "down") for name, up in self.pbx_links.items()},
             "activeCalls": len(self.callflow.active()),
             "pendingWebhooks": self.dispatcher.pending,
@@ -319,6 +314,9 @@ class Service:
             "pendingCallRecords": self.recorder.backlog,
             "load": self._load(),
         }
+        if store.detail is not None:
+            report["storeDetail"] = store.detail
+        return report
 
     def _load(self) -> dict[str, Any]:
         """Overload, as the admission rule sees it: would a call offered now be refused?"""

@@ -22,6 +22,7 @@ from bridge.service import Service
 from tests.conftest import API_KEY
 from tests.fake_pbx import FakePbx
 from tests.pipeline_server import PipelineServer
+from tests.test_store import corrupt_calls_table, filled_store
 
 
 async def run(
@@ -379,3 +380,81 @@ async def test_serve_lab_mode_says_so_and_cli_works_against_it(tmp_path: Path) -
         code, stderr = await stop_serve(process, signal.SIGINT)
     assert code == 0
     assert "LAB MODE" in stderr
+
+
+async def refused_serve(store_path: Path) -> tuple[int | None, str]:
+    """Runs a lab serve on ``store_path`` that should refuse to start: (exit code, stderr).
+    A serve that starts after all is killed, so a failing test leaves no process behind."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SIPBRIDGE_")}
+    environment["SIPBRIDGE_STORE__PATH"] = str(store_path)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "serve", "--lab", "--port", "0",
+        env=environment, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    return process.returncode, stderr.decode()
+
+
+async def test_serve_refuses_a_damaged_store_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "serve.sqlite3"
+    await filled_store(path)
+    corrupt_calls_table(path)
+    code, text = await refused_serve(path)
+    assert code == 1, text
+    assert (
+        f"cannot start: the store {path} is damaged" in text and "restore it from a backup" in text
+    )
+    assert "Traceback" not in text
+
+
+async def read_until(process: asyncio.subprocess.Process, text: str) -> str:
+    """Reads the process's stderr up to the line holding ``text`` (that line)."""
+    assert process.stderr is not None
+    while True:
+        line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
+        assert line, f"the process ended before saying {text!r}"
+        if text in line:
+            return line
+
+
+async def health_status(port: int) -> int:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/health") as response,
+    ):
+        return response.status
+
+
+async def test_serve_ignores_sighup_saying_so_then_stops_cleanly(tmp_path: Path) -> None:
+    process, port = await start_serve(tmp_path, "--lab")
+    try:
+        process.send_signal(signal.SIGHUP)
+        line = await read_until(process, "SIGHUP")
+        assert "SIGHUP ignored: sipbridge has no reload; restart it to apply settings" in line
+        assert await health_status(port) == 200
+    finally:
+        code, stderr = await stop_serve(process, signal.SIGTERM)
+    assert code == 0 and "stopping" in stderr and "Traceback" not in stderr
+
+
+async def test_a_second_serve_on_the_same_store_is_refused_and_kill_9_leaves_no_lock(
+    tmp_path: Path,
+) -> None:
+    first, port = await start_serve(tmp_path, "--lab")
+    try:
+        code, text = await refused_serve(tmp_path / "serve.sqlite3")
+        assert code == 1, text
+        assert f"cannot start: another sipbridge (pid {first.pid}) is using the store" in text
+        assert "Traceback" not in text
+        assert await health_status(port) == 200  # the first goes on
+    finally:
+        first.kill()  # SIGKILL: no stopping step, no unlocking
+        await asyncio.wait_for(first.communicate(), 30)
+    third, port = await start_serve(tmp_path, "--lab")
+    code, stderr = await stop_serve(third, signal.SIGTERM)
+    assert code == 0, stderr

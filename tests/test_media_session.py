@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -299,6 +300,26 @@ async def test_transfer_dtmf_reports_and_nonsense(server: PipelineServer) -> Non
     assert rig.hooks.reports[0][0] == "transcript"
     assert [d["type"] for d in rig.hooks.transfers] == ["number", "sip"]
     assert rig.session.stats.ignored_messages == 2
+
+
+async def test_ignored_messages_are_logged_once_per_kind(
+    server: PipelineServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = await start(server)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(20):
+            await rig.remote.send("not json")
+        await rig.remote.send_json({"type": "warp-drive"})
+        await rig.remote.send_json({"type": "hyper-drive"})
+        await rig.remote.send_json({"type": "mark"})
+        await rig.remote.send_json({"type": "end-call"})
+        await rig.task
+    assert rig.session.stats.ignored_messages == 23
+    assert [r.getMessage() for r in caplog.records if "ignored a pipeline" in r.getMessage()] == [
+        "ignored a pipeline message: text frame is not JSON (logged once per call)",
+        "ignored a pipeline message: unknown message type: 'warp-drive' (logged once per call)",
+        "ignored a pipeline message: mark without a usable name (logged once per call)",
+    ]
 
 
 async def test_a_broken_leg_ends_with_the_media_reason(server: PipelineServer) -> None:

@@ -49,6 +49,7 @@ def test_sip_uri_parsing(uri: str, expected: tuple[str, str, int | None]) -> Non
         "sip:a@x:0",
         "sip:a@x:70000",
         "sip:a@-x",
+        "sip:a@x:\u0665\u0660\u0666\u0660",  # Arabic-Indic 5060: \\d and int() take it
     ],
 )
 def test_malformed_sip_uris(uri: str) -> None:

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bridge.errors import LocalProtocolError, PbxActionError, RemoteProtocolError
 from bridge.protocol import ami
@@ -66,6 +69,65 @@ def test_truncated_flag_and_repeated_keys() -> None:
 )
 def test_name_addr(value: str, expected: tuple[str | None, str | None]) -> None:
     assert ami.parse_name_addr(value) == expected
+
+
+SPACES = " " * 100_000
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        # Each of these took the old regex (\s*, lazy token, \s* before "<") cubic time.
+        (SPACES, (None, None)),
+        (SPACES + "<sip:a@x>", (None, "sip:a@x")),
+        ("a" + SPACES + "b <sip:a@x>", ("a" + SPACES + "b", "sip:a@x")),
+        ('"' + SPACES, (None, '"')),
+        (SPACES + '"x"' + SPACES + "<" + SPACES, (None, '"x"' + SPACES + "<")),
+        ('"' + "\\ " * 50_000 + '" <sip:a@x>', (" " * 50_000, "sip:a@x")),
+        ("<" * 100_000, (None, "<" * 100_000)),
+        (SPACES + "<" + SPACES + ">", (None, None)),
+        (
+            "a" + SPACES + '"' + SPACES + "<sip:a@x>",
+            (None, "a" + SPACES + '"' + SPACES + "<sip:a@x>"),
+        ),
+    ],
+    ids=lambda value: repr(value)[:24] if isinstance(value, str) else "",
+)
+def test_name_addr_on_pathological_values(
+    value: str, expected: tuple[str | None, str | None]
+) -> None:
+    # The scanner is linear by construction (no regex: each character is read by one step).
+    assert ami.parse_name_addr(value) == expected
+
+
+# What parse_name_addr meant when it was a regex: the reference for short values, where its
+# backtracking costs nothing. (A quoted-pair of "\\" and CR differs: RFC 3261 forbids it.)
+REFERENCE = re.compile(
+    r'^\s*(?:"(?P<quoted>(?:[^"\\]|\\.)*)"|(?P<token>[^<"]*?))\s*<(?P<uri>[^>]*)>'
+)
+
+
+def reference_name_addr(value: str) -> tuple[str | None, str | None]:
+    match = REFERENCE.match(value)
+    if not match:
+        return None, value.split(";", 1)[0].strip() or None
+    quoted = match.group("quoted")
+    name = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else match.group("token").strip()
+    return name or None, match.group("uri").strip() or None
+
+
+@given(st.text(alphabet=' \t\n\u00a0"\\<>;:@as', max_size=24))
+def test_name_addr_agrees_with_the_regex_it_replaced(value: str) -> None:
+    assert ami.parse_name_addr(value) == reference_name_addr(value)
+
+
+def test_a_quoted_pair_never_escapes_a_line_break() -> None:
+    assert ami.parse_name_addr('"a\\\r" <sip:a@x>') == (None, '"a\\\r" <sip:a@x>')
+
+
+@pytest.mark.parametrize("cause", ["²", "١٦", " 16", "+16", "1_6", "9" * 5000, "-1", ""])
+def test_a_hangup_cause_is_ascii_digits_or_nothing(cause: str) -> None:
+    assert ami.hangup_cause({"Cause": cause}) == 0
 
 
 def test_uri_user() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -279,6 +280,47 @@ def test_limits_and_broken_streams() -> None:
         invite_facts_of(
             parse_event(EslMessage((("Content-Type", EVENT_PLAIN),), b"Event-Name: X\n\n"))
         )
+
+
+@pytest.mark.parametrize("length", ["²", "١٢", "+5", " 5", "5 ", "1_0", "-1", "9" * 5000, ""])
+def test_a_content_length_of_anything_but_ascii_digits_is_a_protocol_error(length: str) -> None:
+    decoder = EslDecoder()
+    decoder.receive_data(f"Content-Type: api/response\nContent-Length: {length}\n\n".encode())
+    with pytest.raises(RemoteProtocolError, match="not a number"):
+        decoder.next_message()
+    plain = f"Event-Name: BACKGROUND_JOB\nContent-Length: {length}\n\nbody".encode()
+    with pytest.raises(RemoteProtocolError, match="not a number"):
+        parse_event(EslMessage((("Content-Type", EVENT_PLAIN),), plain))
+
+
+@pytest.mark.parametrize("number", ["²", "١٦", "+16", " 16", "9" * 5000])
+def test_numeric_channel_variables_are_ascii_digits_or_unknown(number: str) -> None:
+    event = EslEvent({"variable_hangup_cause_q850": number, "Event-Date-Timestamp": number})
+    assert hangup_cause_code(event) == 0 and event_time(event) is None
+
+
+class CountingBuffer(bytearray):
+    """A decoder's buffer that counts the bytes its searches look at."""
+
+    searched = 0
+
+    def find(self, sub: Any, start: Any = 0, *args: Any) -> int:
+        CountingBuffer.searched += len(self) - (start or 0)
+        return super().find(sub, start, *args)
+
+
+def test_a_header_block_arriving_byte_by_byte_is_searched_once() -> None:
+    block = b"Content-Type: text/event-plain\n" + b"X-Pad: " + b"a" * 20_000 + b"\n\n"
+    decoder = EslDecoder()
+    decoder._buffer = CountingBuffer()
+    CountingBuffer.searched = 0
+    for index in range(len(block)):
+        decoder.receive_data(block[index : index + 1])
+        if index < len(block) - 1:
+            assert decoder.next_message() is None
+    assert decoder.next_message() is not None
+    # Linear: each byte is searched about once (the old decoder searched ~len²/2 = 200 million).
+    assert CountingBuffer.searched <= 2 * len(block)
 
 
 @pytest.mark.parametrize("name", LIVE_FILES)

@@ -9,10 +9,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from hypothesis import given
 
 from bridge.audio import pcm_to_ulaw, sine, tone_share, ulaw_to_pcm
 from bridge.protocol.pipeline import AudioIn, Clear, EndCall, Ignored, MarkIn, SessionInfo
 from bridge.protocol.twilio import TwilioDialect, custom_parameters, flatten, twilio_sid
+from tests.test_protocol_pipeline import PIPELINE_MESSAGES, is_event
 
 INFO = SessionInfo(
     call_id="3f2c7d0e-9a51-4c1b-8e3a-1d2f3a4b5c6d",
@@ -119,6 +121,36 @@ def test_messages_from_a_twilio_pipeline() -> None:
         "[]",
     ):
         assert isinstance(dialect.receive(bad), Ignored)
+
+
+@pytest.mark.parametrize(
+    ("media", "reason"),
+    [
+        # a2b_base64 raises a plain ValueError (not binascii.Error) beyond ASCII.
+        ({"payload": "é"}, "not base64"),
+        ({"payload": "/w==\u00a0"}, "not base64"),
+        ({"payload": "//8=\u2028"}, "not base64"),
+        ({"payload": "!!"}, "not base64"),
+        ({"payload": "/w"}, "not base64"),  # missing padding
+        ({"payload": 255}, "without a payload"),
+        ({"payload": ["//8="]}, "without a payload"),
+        ({"payload": None}, "without a payload"),
+        ({"payload": 10**300}, "without a payload"),
+        ({}, "without a payload"),
+        ("//8=", "without a payload"),
+        (None, "without a payload"),
+    ],
+    ids=repr,
+)
+def test_every_malformed_media_message_is_ignored(media: Any, reason: str) -> None:
+    message = json.dumps({"event": "media", "streamSid": "x", "media": media})
+    event = TwilioDialect(INFO, ORG).receive(message)
+    assert isinstance(event, Ignored) and reason in event.reason
+
+
+@given(PIPELINE_MESSAGES)
+def test_the_twilio_dialect_decodes_every_message(message: str | bytes) -> None:
+    assert is_event(TwilioDialect(INFO, ORG).receive(message))
 
 
 # ---- Pipecat ------------------------------------------------------------------------------------

@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import socket
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
+import aiohttp
 import pytest
 
 from bridge.audio import sine, tone_share
@@ -29,6 +32,7 @@ from tests.esl_peer import (
 )
 from tests.fake_pbx import FakePbx
 from tests.pipeline_server import PipelineServer, PipelineSession
+from tests.test_store import corrupt_calls_table
 from tests.webhook_sink import WebhookSink
 
 
@@ -64,6 +68,26 @@ async def test_health_and_metrics_show_the_load(service: Service) -> None:
     assert report["status"] == "ok"
 
 
+async def test_health_is_503_naming_the_file_when_the_store_is_damaged(service: Service) -> None:
+    path = service.settings.store.path
+    await service.store.save_calls(
+        [
+            {"id": f"c{n}", "createdAt": "2026-01-01T00:00:00.000Z", "updatedAt": "x"}
+            | {"status": "ended", "pad": "x" * 400}
+            for n in range(300)
+        ]
+    )
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page into the main file
+    corrupt_calls_table(path)
+    service.store._integrity_check_interval_s = 0  # due now, not in an hour
+    url = f"http://127.0.0.1:{service.api_port}/health"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        report = await response.json()
+    assert response.status == 503 and report["status"] == "degraded"
+    assert report["store"] == "damaged" and f"the store {path} is damaged" in report["storeDetail"]
+
+
 async def test_metrics_text(service: Service) -> None:
     text = service.metrics_text().decode()
     for name in (
@@ -87,7 +111,7 @@ async def test_a_busy_port_fails_start_and_leaves_nothing_running(
             await service.start()
     assert service._runner is None and service._callflow is None
     with pytest.raises(Exception, match="not open"):
-        await service.store.ping()
+        await service.store.org_id()
 
 
 async def test_drain_waits_for_live_calls(service: Service, pipeline: PipelineServer) -> None:
@@ -264,7 +288,7 @@ async def test_a_wrong_freeswitch_password_fails_start_cleanly(
             await service.start()
         assert service._runner is None and service.backends == {}
         with pytest.raises(Exception, match="not open"):
-            await service.store.ping()  # the rest was stopped too
+            await service.store.org_id()  # the rest was stopped too
         await service.aclose()  # and a second stop is harmless
     finally:
         await peer.stop()

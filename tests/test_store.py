@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 
 from bridge.errors import Conflict, StoreError
-from bridge.store import MIGRATIONS, ListQuery, Store
+from bridge.store import MIGRATIONS, ListQuery, Store, StoreHealth
 
 
 async def fetched(store: Store, resource_id: str) -> dict[str, Any]:
@@ -157,3 +158,157 @@ async def test_closed_store_raises(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.sqlite3")
     with pytest.raises(StoreError, match="not open"):
         await store.get("assistant", "a")
+
+
+# ---- a damaged or read-only file -----------------------------------------------------------------
+
+
+async def filled_store(path: Path) -> None:
+    """A store with enough call records that the calls table has pages of its own, closed (so
+    every page is in the main file, none in the -wal file)."""
+    store = Store(path)
+    await store.open()
+    await store.save_calls(
+        [
+            doc(f"c{n}", f"2026-01-01T00:00:{n % 60:02d}.000Z", status="ended", pad="x" * 400)
+            for n in range(300)
+        ]
+    )
+    await store.aclose()
+
+
+def corrupt_calls_table(path: Path) -> None:
+    """Overwrites the header of the calls table's root page, as a bad disk sector would."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'calls'").fetchone()[0]
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    with path.open("r+b") as file:
+        file.seek((root - 1) * page_size)
+        file.write(b"\xff" * 16)
+
+
+async def refusal(path: Path) -> str:
+    """Why a store on ``path`` refuses to open."""
+    store = Store(path)
+    with pytest.raises(StoreError) as refused:
+        await store.open()
+    await store.aclose()
+    return str(refused.value)
+
+
+async def test_a_damaged_file_is_refused_at_open_saying_what_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    await filled_store(path)
+    corrupt_calls_table(path)
+    message = await refusal(path)
+    assert f"the store {path} is damaged" in message and "restore it from a backup" in message
+    assert ".recover" in message and ("btreeInitPage" in message or "malformed" in message)
+
+
+async def test_damage_found_while_running_makes_health_say_damaged(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    await filled_store(path)
+    store = Store(path, integrity_check_interval_s=0)
+    await store.open()
+    try:
+        assert await store.health() == StoreHealth("ok")
+        corrupt_calls_table(path)
+        health = await store.health()
+        assert health.state == "damaged" and health.detail and str(path) in health.detail
+        assert (await store.health()).state == "damaged"  # until a restart
+    finally:
+        await store.aclose()
+
+
+async def test_a_read_that_meets_damage_makes_health_say_damaged_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    await filled_store(path)
+    store = Store(path)  # the default interval: no integrity check is due for an hour
+    await store.open()
+    try:
+        corrupt_calls_table(path)
+        # Another connection's commit makes the store drop its page cache and read the file.
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+            other.execute("INSERT INTO meta (key, value) VALUES ('elsewhere', 'x')")
+        with pytest.raises(StoreError, match="malformed"):
+            await store.list_calls(ListQuery())
+        health = await store.health()
+        assert health.state == "damaged" and "restore it from a backup" in (health.detail or "")
+    finally:
+        await store.aclose()
+
+
+def read_only_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every connection the store opens is read-only (``mode=ro``), as with a read-only file or
+    mount. chmod cannot show this when the tests run as root, who may write any file."""
+    connect = sqlite3.connect
+
+    def read_only(database: Any, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if isinstance(database, Path):
+            kwargs["uri"] = True
+            database = f"{database.resolve().as_uri()}?mode=ro"
+        return connect(database, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", read_only)
+
+
+async def test_a_read_only_file_is_refused_at_open_saying_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "s.sqlite3"
+    await filled_store(path)
+    read_only_connect(monkeypatch)
+    message = await refusal(path)
+    assert f"the store {path} is read-only" in message and "writable by sipbridge's user" in message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes a file whatever its mode")
+async def test_a_file_without_write_permission_is_refused_as_read_only(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    await filled_store(path)
+    path.chmod(0o444)
+    assert "is read-only" in await refusal(path)
+
+
+async def test_a_write_refused_while_running_makes_health_say_read_only(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    store = Store(path)
+    await store.open()
+    try:
+        writable = store._db
+        assert writable is not None
+        # The filesystem turning read-only under a running store (a remount after I/O errors).
+        store._db = sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
+            check_same_thread=False,
+        )  # fmt: skip
+        with pytest.raises(StoreError, match="readonly"):
+            await store.insert("assistant", doc("a1", "2026-01-01T00:00:00.000Z"))
+        health = await store.health()
+        assert health.state == "read-only" and "writable" in (health.detail or "")
+        store._db.close()
+        store._db = writable
+        await store.insert("assistant", doc("a1", "2026-01-01T00:00:00.000Z"))
+        assert await store.health() == StoreHealth("ok")
+    finally:
+        await store.aclose()
+
+
+# ---- one sipbridge per file ------------------------------------------------------------------------
+
+
+async def test_a_second_store_on_the_same_file_is_refused_until_the_first_closes(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.sqlite3"
+    first = Store(path)
+    await first.open()
+    try:
+        message = await refusal(path)
+        assert f"another sipbridge (pid {os.getpid()}) is using the store {path}" in message
+        assert f"{path}.lock" in message and "store.path of its own" in message
+    finally:
+        await first.aclose()
+    second = Store(path)
+    await second.open()  # the lock went with the first store
+    await second.aclose()

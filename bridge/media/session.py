@@ -187,6 +187,7 @@ class MediaSession:
         self.log = logger
         self.clock = clock
         self.stats = SessionStats()
+        self._ignored_reasons: set[str] = set()
         self.taps = tuple(taps)
         self._ending: SessionResult | None = None
         self._ending_deadline = 0.0
@@ -338,8 +339,15 @@ class MediaSession:
             self.control.report(event.kind, event.payload)
         elif isinstance(event, Ignored):
             self.stats.ignored_messages += 1
-            if self.stats.ignored_messages <= 5:
-                self.log.warning("ignored a pipeline message: %s", event.reason)
+            # Once per kind of fault: a pipeline repeating one 50 times a second logs it once,
+            # and a second kind of fault is still seen. Reasons are a fixed set of phrases.
+            if event.reason not in self._ignored_reasons:
+                self._ignored_reasons.add(event.reason)
+                self.log.warning(
+                    "ignored a pipeline message: %s%s (logged once per call)",
+                    event.reason,
+                    f": {event.detail}" if event.detail else "",
+                )
         return None
 
     def _tap(self, tap: MediaTap, call: Callable[..., None], *args: bytes) -> None:

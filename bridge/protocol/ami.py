@@ -24,14 +24,12 @@ from urllib.parse import quote, unquote
 
 from bridge.errors import LocalProtocolError, PbxActionError, RemoteProtocolError
 from bridge.events import InviteFacts, invite_facts
+from bridge.protocol.decimals import ascii_decimal
 
 OFFER_EVENT = "SipbridgeOffer"
 HEARTBEAT_VARIABLE = "SIPBRIDGE_HEARTBEAT"
 NORMAL_CLEARING = 16
 
-_NAME_ADDR = re.compile(
-    r'^\s*(?:"(?P<quoted>(?:[^"\\]|\\.)*)"|(?P<token>[^<"]*?))\s*<(?P<uri>[^>]*)>'
-)
 _SIP_USER = re.compile(r"^sips?:(?P<user>[^@;>]+)@", re.IGNORECASE)
 # What may appear in a Dial() target built from a destination: no argument separators
 # (, & |), no parentheses, quotes, braces, $ or whitespace.
@@ -59,17 +57,73 @@ def decode_headers(text: str | None) -> list[tuple[str, str]]:
 
 
 def parse_name_addr(value: str) -> tuple[str | None, str | None]:
-    """(display name, URI) of a From/To header value such as ``"Ann" <sip:ann@x>;tag=1``."""
-    match = _NAME_ADDR.match(value)
-    if match:
-        name = match.group("quoted")
-        if name is not None:
-            name = re.sub(r"\\(.)", r"\1", name)
-        else:
-            name = (match.group("token") or "").strip() or None
-        return name or None, match.group("uri").strip() or None
-    uri = value.split(";", 1)[0].strip()
-    return None, uri or None
+    """(display name, URI) of a From/To header value such as ``"Ann" <sip:ann@x>;tag=1``.
+
+    RFC 3261 section 25.1: ``name-addr = [ display-name ] LAQUOT addr-spec RAQUOT``, the display
+    name a quoted-string (backslash escapes) or tokens; a value that is not a name-addr is taken
+    as a bare addr-spec, up to its first ``;`` parameter.
+
+    A hand scanner, linear in the length: each character is read once by one of the steps
+    below. The caller controls this text, and the regex it replaces (``\\s*``, a lazy token and
+    ``\\s*`` again before ``<``) backtracked cubically: 1,600 spaces took two seconds.
+    """
+    name_addr = _scan_name_addr(value)
+    if name_addr is None:
+        uri = value.split(";", 1)[0].strip()
+        return None, uri or None
+    name, uri = name_addr
+    return name or None, uri.strip() or None
+
+
+def _skip_space(value: str, position: int) -> int:
+    while position < len(value) and value[position].isspace():
+        position += 1
+    return position
+
+
+def _scan_name_addr(value: str) -> tuple[str | None, str] | None:
+    """(display name, URI between ``<`` and ``>``), or None when ``value`` is no name-addr."""
+    position = _skip_space(value, 0)
+    if value.startswith('"', position):
+        quoted = _scan_quoted(value, position + 1)
+        if quoted is None:
+            return None
+        name: str | None
+        name, position = quoted
+        position = _skip_space(value, position)
+        if not value.startswith("<", position):
+            return None
+        opening = position
+    else:
+        # Tokens up to the "<"; a quote before it makes this no name-addr.
+        opening = value.find("<", position)
+        quote_at = value.find('"', position)
+        if opening < 0 or 0 <= quote_at < opening:
+            return None
+        name = value[position:opening].strip() or None
+    closing = value.find(">", opening + 1)
+    if closing < 0:
+        return None
+    return name, value[opening + 1 : closing]
+
+
+def _scan_quoted(value: str, position: int) -> tuple[str, int] | None:
+    """A quoted-string's text (escapes undone) from just after its opening quote, and the
+    position after its closing one; None when it never closes or escapes a line break."""
+    text: list[str] = []
+    while position < len(value):
+        char = value[position]
+        if char == '"':
+            return "".join(text), position + 1
+        if char == "\\":
+            # quoted-pair: a backslash and any character but CR or LF (RFC 3261 section 25.1).
+            if position + 1 >= len(value) or value[position + 1] in "\r\n":
+                return None
+            char = value[position + 1]
+            position += 1
+        text.append(char)
+        position += 1
+    return None
 
 
 def uri_user(uri: str | None) -> str | None:
@@ -127,10 +181,8 @@ def decode_offer(event: Mapping[str, Any]) -> Offer:
 
 def hangup_cause(event: Mapping[str, Any]) -> int:
     """The Q.850 cause of a Hangup event (0 when absent or not a number)."""
-    try:
-        return int(_field(event, "Cause") or 0)
-    except ValueError:
-        return 0
+    # ASCII digits only: int() also takes " 16", "+16", "1_6" and "١٦" (Arabic-Indic digits).
+    return ascii_decimal(_field(event, "Cause"), 3) or 0
 
 
 # ---- actions ------------------------------------------------------------------------------------

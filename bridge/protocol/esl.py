@@ -34,6 +34,7 @@ from urllib.parse import unquote
 
 from bridge.errors import LocalProtocolError, RemoteProtocolError
 from bridge.events import InviteFacts, invite_facts
+from bridge.protocol.decimals import ascii_decimal
 
 AUTH_REQUEST = "auth/request"
 COMMAND_REPLY = "command/reply"
@@ -47,6 +48,8 @@ DISCONNECT_NOTICE = "text/disconnect-notice"
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 1024 * 1024
 _SIP_HEADER_VARIABLE = "variable_sip_h_"
+# Enough for any length under a limit of a terabyte and leading zeros; more is not a length.
+CONTENT_LENGTH_DIGITS = 15
 
 
 def _decode_value(raw: bytes) -> str:
@@ -130,6 +133,7 @@ class EslDecoder:
         self._buffer = bytearray()
         self._headers: tuple[tuple[str, str], ...] | None = None
         self._body_length = 0
+        self._scanned = 0  # how much of the buffer is known to hold no block end
         self._eof = False
 
     def receive_data(self, data: bytes) -> None:
@@ -163,10 +167,13 @@ class EslDecoder:
         """
         if self._headers is None:
             # Stray newlines between messages carry nothing.
-            while self._buffer[:1] == b"\n":
-                del self._buffer[:1]
-            end = self._buffer.find(b"\n\n")
+            if self._buffer.startswith(b"\n"):
+                del self._buffer[: len(self._buffer) - len(self._buffer.lstrip(b"\n"))]
+            # From where the last search stopped: a block arriving a byte at a time is scanned
+            # once, not once per byte (quadratic up to max_header_bytes).
+            end = self._buffer.find(b"\n\n", self._scanned)
             if end < 0:
+                self._scanned = max(0, len(self._buffer) - 1)
                 if len(self._buffer) > self.max_header_bytes:
                     raise RemoteProtocolError(
                         f"ESL header block longer than {self.max_header_bytes} bytes"
@@ -178,6 +185,7 @@ class EslDecoder:
                 )
             headers = tuple(parse_header_block(bytes(self._buffer[:end])))
             del self._buffer[: end + 2]
+            self._scanned = 0
             self._body_length = content_length(headers, self.max_body_bytes)
             self._headers = headers
         if len(self._buffer) < self._body_length:
@@ -208,9 +216,10 @@ def content_length(headers: Iterable[tuple[str, str]], limit: int = MAX_BODY_BYT
     if len(values) > 1:
         raise RemoteProtocolError(f"ESL message with conflicting Content-Length {sorted(values)}")
     text = values.pop()
-    if not text.isdigit():
+    # ASCII digits only: "²".isdigit() is true and int("²") raises a bare ValueError.
+    length = ascii_decimal(text, CONTENT_LENGTH_DIGITS)
+    if length is None:
         raise RemoteProtocolError(f"ESL Content-Length is not a number: {text[:20]!r}")
-    length = int(text)
     if length > limit:
         raise RemoteProtocolError(f"ESL body of {length} bytes is over the {limit}-byte limit")
     return length
@@ -355,18 +364,19 @@ def ended_by_caller(event: EslEvent) -> bool:
 
 def hangup_cause_code(event: EslEvent) -> int:
     """The Q.850 cause of a hangup event (16 normal clearing), 0 when it has none."""
-    cause = event.headers.get("variable_hangup_cause_q850", "")
-    return int(cause) if cause.isdigit() else 0
+    # Q.850 causes are 1 to 127.
+    return ascii_decimal(event.headers.get("variable_hangup_cause_q850", ""), 3) or 0
 
 
 def event_time(event: EslEvent) -> datetime | None:
     """When FreeSWITCH fired the event (``Event-Date-Timestamp``, microseconds since the
     epoch), None when it does not say."""
-    stamp = event.headers.get("Event-Date-Timestamp", "")
-    if not stamp.isdigit():
+    # Microseconds: 16 digits until the year 2286; 20 covers anything fromtimestamp takes.
+    stamp = ascii_decimal(event.headers.get("Event-Date-Timestamp", ""), 20)
+    if stamp is None:
         return None
     try:
-        return datetime.fromtimestamp(int(stamp) / 1_000_000, UTC)
+        return datetime.fromtimestamp(stamp / 1_000_000, UTC)
     except (OverflowError, OSError, ValueError):
         return None
 

@@ -2,8 +2,9 @@
 
 sipbridge is the websocket client. A dialect turns session facts and audio into messages for
 the pipeline, and the pipeline's messages into :data:`PipelineEvent` values. Translators have no
-side effects; malformed or unknown messages become :class:`Ignored` (to be logged), never
-exceptions, so a pipeline cannot crash a call.
+side effects, and ``receive`` is total: any text or binary message yields an event, malformed or
+unknown ones :class:`Ignored` (to be logged), never an exception, so a pipeline cannot end a call
+except by asking to (``end-call``).
 
 ``raw`` (this module), like Vapi's websocket transport: binary frames carry audio (PCM s16le at
 8, 16 or 24 kHz, or μ-law 8 kHz) both ways; text frames carry JSON control. ``twilio``
@@ -18,6 +19,7 @@ dialects, so they cannot import it.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -116,15 +118,32 @@ class Report:
 
 @dataclass(frozen=True)
 class Ignored:
-    """A message that was malformed or unknown; ``reason`` says which (for the log)."""
+    """A message that was malformed or unknown.
+
+    Attributes:
+        reason: what was wrong, a fixed phrase per kind of fault: the session logs each reason
+            once per call, so a pipeline repeating a fault 50 times a second logs it once.
+        detail: the message's own part of the fault (an unknown type's name), already cut short.
+    """
 
     reason: str
+    detail: str = ""
 
 
 PipelineEvent = AudioIn | Clear | MarkIn | EndCall | TransferCall | SendDtmf | Report | Ignored
 
 _DTMF = set("0123456789*#ABCDabcdwW")
 MAX_MARK_NAME = 256
+MAX_DETAIL_CHARS = 64
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff). Paired ones decode to one character; an
+# unpaired one decodes to a lone surrogate, which no UTF-8 encoder (SQLite's, the API's) accepts.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def detail(value: object) -> str:
+    """A value from a message, short enough for a log line."""
+    text = repr(value)
+    return text if len(text) <= MAX_DETAIL_CHARS else text[: MAX_DETAIL_CHARS - 1] + "…"
 
 
 def json_object(text: str | bytes) -> dict[str, Any] | Ignored:
@@ -132,12 +151,18 @@ def json_object(text: str | bytes) -> dict[str, Any] | Ignored:
     try:
         message = json.loads(text)
     except ValueError:
+        # Also a number of more than sys.get_int_max_str_digits() digits, and bytes not UTF-8.
         return Ignored("text frame is not JSON")
     except RecursionError:
         # '[[[[…' nested deeper than the parser's stack, small enough to pass max_size.
         return Ignored("JSON nested too deeply")
     if not isinstance(message, dict):
         return Ignored("JSON message is not an object")
+    if isinstance(text, bytes) or _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(message, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return Ignored("JSON string with an unpaired UTF-16 surrogate")
     return message
 
 
@@ -150,6 +175,8 @@ def parse_control(text: str) -> PipelineEvent:
 def control_event(message: dict[str, Any]) -> PipelineEvent:
     """A decoded control message (``type``, or Twilio's ``event`` key)."""
     kind = message.get("type", message.get("event"))
+    if not isinstance(kind, str):
+        return Ignored("message without a string type or event", detail(kind))
     if kind == "clear":
         return Clear()
     if kind == "mark":
@@ -178,12 +205,14 @@ def control_event(message: dict[str, Any]) -> PipelineEvent:
         ):
             return Ignored("send-dtmf without valid digits")
         return SendDtmf(digits.upper())
+    if kind == "transcript" and not isinstance(message.get("transcript", ""), str):
+        return Ignored("transcript that is not a string")
     if kind in ("transcript", "message", "conversation-update"):
         report_kind: Literal["transcript", "message"] = (
             "transcript" if kind == "transcript" else "message"
         )
         return Report(report_kind, message)
-    return Ignored(f"unknown message type {kind!r}")
+    return Ignored("unknown message type", detail(kind))
 
 
 class Dialect(Protocol):

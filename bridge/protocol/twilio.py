@@ -190,5 +190,7 @@ class TwilioDialect:
         try:
             # Strict: the lenient default silently skips junk and would play a corrupted frame.
             return AudioIn(binascii.a2b_base64(payload, strict_mode=True))
-        except binascii.Error:
+        except ValueError:
+            # binascii.Error (a ValueError) for bad base64; a plain ValueError for a payload
+            # with characters beyond ASCII, which a2b_base64 refuses before decoding.
             return Ignored("media payload is not base64")
