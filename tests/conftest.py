@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -67,3 +68,17 @@ async def service(make_settings: Callable[..., Settings]) -> AsyncIterator[Servi
     await running.start()
     yield running
     await running.aclose()
+
+
+async def raw_request(port: int | None, request: bytes) -> tuple[int, bytes]:
+    """Sends ``request`` as bytes (no client library to refuse them); the status and body."""
+    assert port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        answer = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
