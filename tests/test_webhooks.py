@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import socket
@@ -11,6 +12,7 @@ import pytest
 
 from bridge.messages import WebhookTarget
 from bridge.metrics import Metrics
+from bridge.routing import ASSISTANT_REQUEST_BUDGET_S
 from bridge.settings import WebhookSettings
 from bridge.webhooks import (
     MAX_ANSWER_BYTES,
@@ -227,3 +229,42 @@ async def test_full_queue_drops_and_counts(
     dispatcher.start()
     await dispatcher.aclose()
     assert len(sink.requests) == 1
+
+
+async def test_the_assistant_request_budget_is_exact(
+    sink: WebhookSink, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Vapi's 7.5 s, not aiohttp's whole-second rounding above 5 s (8-8.5 s before).
+
+    The loop's clock is watched (every reading, every timer set), then moved past the deadline
+    so that the test does not wait 7.5 s for the request to be abandoned.
+    """
+    loop = asyncio.get_running_loop()
+    real_time = loop.time
+    shift = 0.0
+    readings: list[float] = []
+    deadlines: list[float] = []
+    real_call_at = loop.call_at
+
+    def watched_time() -> float:
+        readings.append(real_time() + shift)
+        return readings[-1]
+
+    def watched_call_at(when: float, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        deadlines.append(when)
+        return real_call_at(when, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "time", watched_time)
+    monkeypatch.setattr(loop, "call_at", watched_call_at)
+    client = WebhookClient(session, settings(), Metrics())
+    sink.answer(hang=True)
+    answer = asyncio.ensure_future(
+        client.assistant_request(WebhookTarget(sink.url, timeout_s=300), {"message": {}})
+    )
+    await sink.wait_for(lambda requests: len(requests) == 1)
+    budget = ASSISTANT_REQUEST_BUDGET_S
+    exact = [when for when in deadlines if any(when == now + budget for now in readings)]
+    assert exact, "no timer at exactly 7.5 s after a reading of the clock"
+    shift = max(exact) - real_time() + 0.001  # now just past the deadline
+    result = await answer
+    assert result.status is None and result.failure == "no answer within 7.5 s"
