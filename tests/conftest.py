@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from bridge.service import Service
 from bridge.settings import Settings, load_settings
@@ -48,6 +50,46 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
 @pytest.fixture
 async def sink() -> AsyncIterator[WebhookSink]:
     server = WebhookSink()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture(scope="session")
+def authority() -> trustme.CA:
+    """A certificate authority made for the tests, trusted by nothing else."""
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def server_tls(authority: trustme.CA) -> ssl.SSLContext:
+    """A server context with a certificate for 127.0.0.1 issued by ``authority``."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(context)
+    return context
+
+
+@pytest.fixture
+def ca_file(authority: trustme.CA, tmp_path: Path) -> Path:
+    """``authority``'s certificate as a PEM file, what tls.ca_file names."""
+    path = tmp_path / "private-ca.pem"
+    authority.cert_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.fixture
+async def tls_sink(server_tls: ssl.SSLContext) -> AsyncIterator[WebhookSink]:
+    """A webhook sink on https:// with a certificate from ``authority``."""
+    server = WebhookSink(tls=server_tls)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def tls_pipeline(server_tls: ssl.SSLContext) -> AsyncIterator[PipelineServer]:
+    """A pipeline on wss:// with a certificate from ``authority``."""
+    server = PipelineServer(tls=server_tls)
     await server.start()
     yield server
     await server.stop()

@@ -5,6 +5,7 @@ import hashlib
 import hmac
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -13,12 +14,14 @@ import pytest
 from bridge.messages import WebhookTarget
 from bridge.metrics import Metrics
 from bridge.routing import ASSISTANT_REQUEST_BUDGET_S
-from bridge.settings import WebhookSettings
+from bridge.settings import TlsSettings, WebhookSettings
+from bridge.tls import client_context
 from bridge.webhooks import (
     MAX_ANSWER_BYTES,
     WebhookClient,
     WebhookDispatcher,
     encode_payload,
+    open_session,
     request_headers,
     signature,
 )
@@ -229,6 +232,27 @@ async def test_full_queue_drops_and_counts(
     dispatcher.start()
     await dispatcher.aclose()
     assert len(sink.requests) == 1
+
+
+async def test_https_server_urls_are_verified_against_the_system_and_the_private_ca(
+    tls_sink: WebhookSink, ca_file: Path
+) -> None:
+    payload = encode_payload({"message": {"type": "status-update"}})
+    for ca, expected in ((ca_file, 200), (None, None)):
+        async with open_session(
+            WebhookSettings(), client_context(TlsSettings(ca_file=ca))
+        ) as verifying:
+            client = WebhookClient(verifying, settings(), Metrics())
+            result = await client.post(
+                WebhookTarget(tls_sink.url), payload, message_type="t", message_id="m", timeout_s=5
+            )
+        assert result.status == expected
+        if expected is None:
+            assert result.failure == (
+                "certificate verify failed: unable to get local issuer certificate "
+                "(a private CA goes in tls.ca_file)"
+            )
+    assert len(tls_sink.requests) == 1  # the unverified server was never sent the message
 
 
 async def test_the_assistant_request_budget_is_exact(
