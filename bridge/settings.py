@@ -583,7 +583,8 @@ def masked(settings: Settings) -> dict[str, Any]:
 def _type_name(annotation: Any) -> str:
     text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
     text = text or str(annotation).replace("typing.", "").replace("pydantic.types.", "")
-    text = text.replace("pathlib.", "").replace("NoneType", "None")
+    # Python 3.13 spells Path pathlib._local.Path.
+    text = text.replace("pathlib._local.", "").replace("pathlib.", "").replace("NoneType", "None")
     return text.replace("|", "\\|")
 
 
