@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _OPEN_PATHS = frozenset({"/health"})
 _MAX_LIMIT = 1000
+# Deeper bodies are refused before validation: nothing in Vapi's resources nests near this, and
+# deep nesting is what breaks recursive code (json's ~1,000-level RecursionError, pydantic's
+# 255-level "Circular reference" when serialising). Documented in docs/api.md.
+MAX_BODY_DEPTH = 64
 _CALL_STATUSES = ("ringing", "in-progress", "forwarding", "ended")
 
 
@@ -92,11 +96,14 @@ def _error_response(exc: Exception) -> web.Response:
 def _parse_time(name: str, value: str) -> str:
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return format_timestamp(moment)
     except ValueError:
         raise ValidationFailed([f"{name}: must be an ISO 8601 date-time"]) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return format_timestamp(moment)
+    except OverflowError:
+        # 0001-01-01T00:00:00+14:00 is a valid date-time that is before year 1 in UTC.
+        raise ValidationFailed([f"{name}: must be within the years 1 to 9999 in UTC"]) from None
 
 
 def list_query(params: Mapping[str, str]) -> ListQuery:
@@ -128,14 +135,49 @@ def list_query(params: Mapping[str, str]) -> ListQuery:
     return ListQuery(limit=limit, **bounds)
 
 
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if number in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is out of range")
+    return number
+
+
+def nesting_depth(value: Any) -> int:
+    """How deeply objects and arrays nest in ``value`` (a scalar is 0), without recursing."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 async def _body(request: web.Request) -> Mapping[str, Any]:
     raw = await request.read()
+    too_deep = f"body: nested deeper than {MAX_BODY_DEPTH} levels"
     try:
-        body = json.loads(raw or b"{}")
+        # NaN, Infinity and numbers beyond a float's range are not JSON: refused, not stored
+        # as null.
+        body = json.loads(raw or b"{}", parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValidationFailed([too_deep]) from None
     except (ValueError, UnicodeDecodeError):
         raise ValidationFailed(["body: must be valid JSON"]) from None
     if not isinstance(body, dict):
         raise ValidationFailed(["body: must be a JSON object"])
+    if nesting_depth(body) > MAX_BODY_DEPTH:
+        raise ValidationFailed([too_deep])
     return body
 
 
@@ -152,7 +194,10 @@ def create_app(backend: Backend, settings: ApiSettings) -> web.Application:
         if key is not None and not open_path:
             supplied = request.headers.get("Authorization", "")
             scheme, _, token = supplied.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
+            # aiohttp decodes header bytes as UTF-8 with surrogateescape: bytes that are not
+            # UTF-8 arrive as lone surrogates, which encode back to the bytes that were sent.
+            supplied_key = token.strip().encode("utf-8", "surrogateescape")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(supplied_key, key):
                 log.warning(
                     "rejected %s %s from %s: bad or missing key",
                     request.method,

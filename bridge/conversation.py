@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -169,6 +170,7 @@ class Conversations:
 
     Args:
         taps: each may give an accepted call a media tap (see docs/architecture.md).
+        tls: the context wss:// pipelines are opened with (see :mod:`bridge.tls`).
     """
 
     def __init__(
@@ -176,8 +178,10 @@ class Conversations:
         pipeline: PipelineSettings,
         media: MediaSettings,
         taps: Sequence[TapFactory] = (),
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._pipeline_settings = pipeline
+        self._tls = tls
         self._media_settings = media
         self._tap_factories = taps
 
@@ -193,7 +197,9 @@ class Conversations:
             PipelineError: the pipeline cannot be reached.
         """
         target = decision.pipeline
-        stream = await PipelineConnection.open(target.url, target.headers, self._pipeline_settings)
+        stream = await PipelineConnection.open(
+            target.url, target.headers, self._pipeline_settings, self._tls
+        )
         info = session_info(call, decision, str(uuid.uuid4()))
         dialect = dialect_for(target, info, call.org_id)
         try:

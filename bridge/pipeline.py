@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 from collections.abc import Mapping
+from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -39,16 +41,30 @@ class PipelineConnection:
 
     @classmethod
     async def open(
-        cls, url: str, headers: Mapping[str, str], settings: PipelineSettings
+        cls,
+        url: str,
+        headers: Mapping[str, str],
+        settings: PipelineSettings,
+        tls: ssl.SSLContext | None = None,
     ) -> PipelineConnection:
         """Connects within ``settings.connect_timeout_s``.
 
+        Args:
+            tls: the context a wss:// URL is opened with (None: websockets' default, the
+                system's trust store); unused for ws://, which websockets refuses it for.
+
         Raises:
-            PipelineError: refused, unreachable, timed out, or not a websocket.
+            PipelineError: refused, unreachable, timed out, not a websocket, or (wss://) a
+                certificate that does not verify.
         """
+        # websockets refuses ssl= (even None) with ws://, and makes a default context for wss://.
+        options: dict[str, Any] = {}
+        if tls is not None and url.lower().startswith("wss://"):
+            options["ssl"] = tls
         try:
             ws = await connect(
                 url,
+                **options,
                 additional_headers=dict(headers),
                 user_agent_header=f"sipbridge/{__version__}",
                 open_timeout=settings.connect_timeout_s,
@@ -64,6 +80,11 @@ class PipelineConnection:
                 # grow), while control messages still go through.
                 write_limit=4 * MAX_UNSENT_BYTES,
             )
+        except ssl.SSLCertVerificationError as exc:
+            raise PipelineError(
+                f"cannot open the pipeline websocket {url}: certificate verify failed: "
+                f"{exc.verify_message} (a private CA goes in tls.ca_file)"
+            ) from exc
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             raise PipelineError(
                 f"cannot open the pipeline websocket {url}: {exc or 'timeout'}"

@@ -34,7 +34,8 @@ from bridge.routing import RoutingDefaults, admit
 from bridge.settings import Settings, is_loopback
 from bridge.store import ListQuery, Store
 from bridge.tasks import cancel_and_wait
-from bridge.webhooks import WebhookClient, WebhookDispatcher
+from bridge.tls import client_context
+from bridge.webhooks import WebhookClient, WebhookDispatcher, open_session
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +123,8 @@ class Service:
             self.resources.use_org_id(settings.api.org_id)
         org_id = await self.resources.org_id()
         self.recorder.start()
-        self._http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=settings.webhooks.concurrency * 4)
-        )
+        tls = client_context(settings.tls)
+        self._http = open_session(settings.webhooks, tls)
         client = WebhookClient(self._http, settings.webhooks, self.metrics)
         self._dispatcher = WebhookDispatcher(client, settings.webhooks, self.metrics)
         self._dispatcher.start()
@@ -139,7 +139,7 @@ class Service:
             org_id=org_id,
             media_timeout_s=settings.media.connect_timeout_s,
             new_call_id=lambda: str(uuid.uuid4()),
-            conversations=Conversations(settings.pipeline, settings.media),
+            conversations=Conversations(settings.pipeline, settings.media, tls=tls),
             event_loop_lag=lambda: self.event_loop_lag.sustained(time.monotonic()),
         )
         events = _Events(self, self._callflow)

@@ -9,6 +9,7 @@ in step.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import ipaddress
 import json
@@ -19,7 +20,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -43,9 +52,29 @@ ENV_PREFIX = "SIPBRIDGE_"
 CONFIG_FILE_ENV = "SIPBRIDGE_CONFIG"
 
 
+def _is_integer_choice(annotation: Any) -> bool:
+    """Whether ``annotation`` is ``Literal[8000, 16000, ...]`` (possibly ``| None``)."""
+    if typing.get_origin(annotation) is Literal:
+        return all(isinstance(choice, int) for choice in typing.get_args(annotation))
+    return any(_is_integer_choice(arg) for arg in typing.get_args(annotation))
+
+
 class _Section(BaseModel):
     # A misspelt key in a TOML file or a SIPBRIDGE_X__Y variable is an error, not a silent default.
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _integer_choice_from_text(cls, value: Any, info: ValidationInfo) -> Any:
+        # Environment variables are text, and pydantic matches a Literal's integers only
+        # against integers (SIPBRIDGE_PIPELINE__DEFAULT_SAMPLE_RATE=8000 was "Input should be
+        # 8000, 16000 or 24000"); TOML has integers already.
+        if isinstance(value, str) and info.field_name is not None:
+            field = cls.model_fields[info.field_name]
+            if _is_integer_choice(field.annotation):
+                with contextlib.suppress(ValueError):
+                    return int(value)
+        return value
 
 
 class ApiSettings(_Section):
@@ -253,6 +282,26 @@ class WebhookSettings(_Section):
     concurrency: int = Field(8, ge=1, le=256, description="Deliveries in flight at once.")
 
 
+class TlsSettings(_Section):
+    """TLS of the connections sipbridge opens: wss:// pipelines, https:// server URLs."""
+
+    ca_file: Path | None = Field(
+        None,
+        description=(
+            "PEM file of CA certificates to trust besides the system's (a private PKI). "
+            "Certificates and host names are always verified."
+        ),
+    )
+
+    @field_validator("ca_file")
+    @classmethod
+    def _existing_file(cls, value: Path | None) -> Path | None:
+        # Named at start-up rather than at the first call that needs it.
+        if value is not None and not value.is_file():
+            raise ValueError(f"{str(value)!r} is not a file")
+        return value
+
+
 class SipSettings(_Section):
     """Which SIP URIs reach which phone number."""
 
@@ -322,6 +371,7 @@ class Settings(BaseSettings):
     media: MediaSettings = MediaSettings()
     pipeline: PipelineSettings = PipelineSettings()
     webhooks: WebhookSettings = WebhookSettings()
+    tls: TlsSettings = TlsSettings()
     sip: SipSettings = SipSettings()
     service: ServiceSettings = ServiceSettings()
     log: LogSettings = LogSettings()
@@ -546,7 +596,8 @@ def masked(settings: Settings) -> dict[str, Any]:
 def _type_name(annotation: Any) -> str:
     text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
     text = text or str(annotation).replace("typing.", "").replace("pydantic.types.", "")
-    text = text.replace("pathlib.", "").replace("NoneType", "None")
+    # Python 3.13 spells Path pathlib._local.Path.
+    text = text.replace("pathlib._local.", "").replace("pathlib.", "").replace("NoneType", "None")
     return text.replace("|", "\\|")
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from bridge.service import Service
 from bridge.settings import Settings, load_settings
@@ -52,6 +55,46 @@ async def sink() -> AsyncIterator[WebhookSink]:
     await server.stop()
 
 
+@pytest.fixture(scope="session")
+def authority() -> trustme.CA:
+    """A certificate authority made for the tests, trusted by nothing else."""
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def server_tls(authority: trustme.CA) -> ssl.SSLContext:
+    """A server context with a certificate for 127.0.0.1 issued by ``authority``."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(context)
+    return context
+
+
+@pytest.fixture
+def ca_file(authority: trustme.CA, tmp_path: Path) -> Path:
+    """``authority``'s certificate as a PEM file, what tls.ca_file names."""
+    path = tmp_path / "private-ca.pem"
+    authority.cert_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.fixture
+async def tls_sink(server_tls: ssl.SSLContext) -> AsyncIterator[WebhookSink]:
+    """A webhook sink on https:// with a certificate from ``authority``."""
+    server = WebhookSink(tls=server_tls)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def tls_pipeline(server_tls: ssl.SSLContext) -> AsyncIterator[PipelineServer]:
+    """A pipeline on wss:// with a certificate from ``authority``."""
+    server = PipelineServer(tls=server_tls)
+    await server.start()
+    yield server
+    await server.stop()
+
+
 @pytest.fixture
 async def pipeline() -> AsyncIterator[PipelineServer]:
     """A real websocket server standing in for the conversational pipeline."""
@@ -67,3 +110,17 @@ async def service(make_settings: Callable[..., Settings]) -> AsyncIterator[Servi
     await running.start()
     yield running
     await running.aclose()
+
+
+async def raw_request(port: int | None, request: bytes) -> tuple[int, bytes]:
+    """Sends ``request`` as bytes (no client library to refuse them); the status and body."""
+    assert port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        answer = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body

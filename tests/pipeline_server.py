@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import ssl
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,8 +86,10 @@ Script = Callable[[PipelineSession], Coroutine[Any, Any, None]]
 class PipelineServer:
     """Start with ``await server.start()``; ``server.url`` is the websocket URL."""
 
-    def __init__(self, script: Script | None = None) -> None:
+    def __init__(self, script: Script | None = None, tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: serve wss:// with this server context (ws:// without)."""
         self.script = script
+        self.tls = tls
         self.sessions: list[PipelineSession] = []
         self.url = ""
         self.refuse = False
@@ -94,9 +97,11 @@ class PipelineServer:
         self._arrived = asyncio.Event()
 
     async def start(self) -> str:
-        self._server = await serve(self._handle, "127.0.0.1", 0, compression=None, max_size=2**20)
+        self._server = await serve(
+            self._handle, "127.0.0.1", 0, compression=None, max_size=2**20, ssl=self.tls
+        )
         port = next(iter(self._server.sockets)).getsockname()[1]
-        self.url = f"ws://127.0.0.1:{port}/pipeline"
+        self.url = f"{'wss' if self.tls else 'ws'}://127.0.0.1:{port}/pipeline"
         return self.url
 
     async def stop(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,11 +15,11 @@ from vapi.core.api_error import ApiError
 from vapi.phone_numbers import CreatePhoneNumbersRequest_Vapi, UpdatePhoneNumbersRequestBody_Vapi
 from vapi.types import Server
 
-from bridge.api import list_query
+from bridge.api import MAX_BODY_DEPTH, list_query, nesting_depth
 from bridge.errors import ValidationFailed
 from bridge.events import invite_facts
 from bridge.service import Service
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, raw_request
 from tests.fake_pbx import FakePbx
 from tests.pipeline_server import PipelineServer
 
@@ -75,6 +76,68 @@ async def test_aiohttp_refusals_have_the_vapi_error_shape(http: aiohttp.ClientSe
     ) as response:
         assert response.status == 413
         assert (await response.json())["statusCode"] == 413
+
+
+async def test_a_key_that_is_not_utf8_is_refused_not_a_500(service: Service) -> None:
+    status, body = await raw_request(
+        service.api_port,
+        b"GET /assistant HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\x80\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    assert status == 401
+    assert json.loads(body) == {
+        "message": "missing or invalid API key",
+        "error": "Unauthorized",
+        "statusCode": 401,
+    }
+
+
+async def test_bodies_too_deep_or_not_json_are_400s(http: aiohttp.ClientSession) -> None:
+    headers = {"Content-Type": "application/json"}
+    too_deep = [f"body: nested deeper than {MAX_BODY_DEPTH} levels"]
+
+    def metadata(depth: int) -> bytes:
+        """An assistant whose body nests ``depth`` objects deep."""
+        return b'{"metadata":' + b'{"a":' * (depth - 2) + b"{}" + b"}" * (depth - 2) + b"}"
+
+    async with http.post("/assistant", data=metadata(MAX_BODY_DEPTH), headers=headers) as response:
+        assert response.status == 201
+    for depth in (MAX_BODY_DEPTH + 1, 255, 300, 5000):  # 255: pydantic's "Circular reference"
+        for body in (metadata(depth), b'{"name":' + b"[" * depth + b"]" * depth + b"}"):
+            async with http.post("/assistant", data=body, headers=headers) as response:
+                assert response.status == 400, (depth, await response.text())
+                assert (await response.json())["message"] == too_deep, depth
+    # NaN and Infinity are not JSON; 1e400 is beyond a float: refused, not stored as null.
+    for value in (b"NaN", b"-Infinity", b"1e400"):
+        body = b'{"metadata": {"a": ' + value + b"}}"
+        async with http.post("/assistant", data=body, headers=headers) as response:
+            assert response.status == 400
+            assert (await response.json())["message"] == ["body: must be valid JSON"]
+    status, _ = await call_api(http, "POST", "/assistant", {"metadata": {"a": 10**30}})
+    assert status == 201
+
+
+def test_nesting_depth_is_measured_without_recursion() -> None:
+    assert nesting_depth(1) == 0
+    assert nesting_depth({"a": [1, {"b": []}], "c": {}}) == 4
+    deep: Any = []
+    for _ in range(100_000):  # far past the recursion limit
+        deep = [deep]
+    assert nesting_depth(deep) == 100_001
+
+
+async def test_list_bounds_beyond_utc_years_are_400s(http: aiohttp.ClientSession) -> None:
+    for path in ("/assistant", "/phone-number", "/call"):
+        for name, value in (
+            ("createdAtGt", "0001-01-01T00:00:00+14:00"),
+            ("updatedAtLe", "9999-12-31T23:59:59-14:00"),
+        ):
+            status, body = await call_api(http, "GET", path, params={name: value})
+            assert status == 400, (path, body)
+            assert body["message"] == [f"{name}: must be within the years 1 to 9999 in UTC"]
+        for limit in ("9" * 5000, "1e3", "\xff", "nan"):
+            status, body = await call_api(http, "GET", path, params={"limit": limit})
+            assert status == 400 and body["message"][0].startswith("limit:")
 
 
 def test_metrics_need_the_key_off_loopback_unless_told() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from bridge.audio import sine, tone_share
@@ -12,7 +13,8 @@ from bridge.calls import Call, EndedReason
 from bridge.conversation import Conversations, TapFactory
 from bridge.events import LegAudio, LegClosed, LegConnected
 from bridge.routing import Accept
-from bridge.settings import MediaSettings, PipelineSettings
+from bridge.settings import MediaSettings, PipelineSettings, TlsSettings
+from bridge.tls import client_context
 from tests.flow_harness import Harness, facts
 from tests.memory_leg import MemoryLeg
 from tests.pipeline_server import PipelineServer, PipelineSession
@@ -300,3 +302,36 @@ async def test_a_tap_factory_gives_each_accepted_call_its_tap(
     await h.ended(call.id)
     [(call_id, tap)] = made
     assert call_id == call.id and tap.said == [sine(700, 0.02)] and tap.closed
+
+
+async def test_a_wss_pipeline_with_a_private_ca(
+    make_harness: Callable[..., Any], tls_pipeline: PipelineServer, ca_file: Path
+) -> None:
+    """tls.ca_file lets a call reach a wss:// pipeline whose certificate a private CA issued."""
+    conversations = Conversations(
+        PipelineSettings(), MediaSettings(), tls=client_context(TlsSettings(ca_file=ca_file))
+    )
+    h: Harness = await make_harness(conversations=conversations)
+    call = await offered(h, tls_pipeline.url)
+    await h.pbx.wait_for("connect_media")
+    assert (await tls_pipeline.session()).call_id == call.id
+    h.flow.hung_up("test", call.facts.pbx_call_id)
+    await h.ended(call.id)
+
+
+async def test_a_wss_pipeline_whose_certificate_does_not_verify_fails_the_call(
+    make_harness: Callable[..., Any], tls_pipeline: PipelineServer
+) -> None:
+    conversations = Conversations(
+        PipelineSettings(), MediaSettings(), tls=client_context(TlsSettings())
+    )
+    h: Harness = await make_harness(conversations=conversations, pipeline_fallback=False)
+    call = await offered(h, tls_pipeline.url)
+    assert await h.pbx.wait_for("reject") == 480
+    report = await h.ended(call.id)
+    assert report["endedReason"] == EndedReason.PIPELINE_CONNECTION_FAILED.value
+    assert (
+        "certificate verify failed: unable to get local issuer certificate"
+        in (report["call"]["endedMessage"])
+    )
+    assert tls_pipeline.sessions == []

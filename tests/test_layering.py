@@ -122,7 +122,7 @@ def test_only_the_root_and_the_cli_know_the_service() -> None:
 # every module below that package.
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("core", frozenset(CORE | {"bridge.backend", "bridge.protocol", "bridge.protocol.*"})),
-    ("tools", frozenset({"bridge.tasks", "bridge.logs", "bridge.overload"})),
+    ("tools", frozenset({"bridge.tasks", "bridge.logs", "bridge.overload", "bridge.tls"})),
     ("edges", frozenset({"bridge.store", "bridge.webhooks", "bridge.pipeline", "bridge.client"})),
     ("backends", frozenset({"bridge.pbx", "bridge.pbx.*"})),
     ("engine", frozenset({"bridge.media", "bridge.media.*"})),

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 
 import pytest
 
 from bridge.errors import PipelineError
 from bridge.pipeline import PipelineConnection
-from bridge.settings import PipelineSettings
+from bridge.settings import PipelineSettings, TlsSettings
+from bridge.tls import client_context
 from tests.pipeline_server import PipelineServer
 from tests.webhook_sink import WebhookSink
 
@@ -92,3 +94,36 @@ async def test_a_pipeline_that_stops_reading_gets_audio_dropped_never_waited_for
     await asyncio.wait_for(stream.send('{"type": "mark", "name": "m"}'), 2.0)
     session.ws.transport.resume_reading()
     await stream.aclose()
+
+
+async def test_wss_is_verified_against_the_system_and_the_private_ca(
+    tls_pipeline: PipelineServer, ca_file: Path
+) -> None:
+    settings = PipelineSettings(connect_timeout_s=5)
+    trusted = client_context(TlsSettings(ca_file=ca_file))
+    stream = await PipelineConnection.open(tls_pipeline.url, {}, settings, trusted)
+    await stream.send('{"type": "start", "callId": "c1"}')
+    assert (await tls_pipeline.session()).call_id == "c1"
+    await stream.aclose()
+    # The system's trust store (explicitly, and websockets' own default) does not know the CA.
+    for tls in (client_context(TlsSettings()), None):
+        with pytest.raises(PipelineError) as caught:
+            await PipelineConnection.open(tls_pipeline.url, {}, settings, tls)
+        assert str(caught.value).startswith(
+            f"cannot open the pipeline websocket {tls_pipeline.url}: certificate verify failed: "
+            "unable to get local issuer certificate"
+        )
+        assert "tls.ca_file" in str(caught.value)
+    # The CA is trusted, but the certificate is for 127.0.0.1, not localhost.
+    with pytest.raises(PipelineError, match="certificate verify failed: Hostname mismatch"):
+        await PipelineConnection.open(
+            tls_pipeline.url.replace("127.0.0.1", "localhost"), {}, settings, trusted
+        )
+    # A context is only for wss://; a ws:// URL is opened without it.
+    plain = PipelineServer()
+    await plain.start()
+    try:
+        stream = await PipelineConnection.open(plain.url, {}, settings, trusted)
+        await stream.aclose()
+    finally:
+        await plain.stop()

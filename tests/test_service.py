@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from bridge.audio import sine, tone_share
-from bridge.errors import PbxAuthError
+from bridge.errors import ConfigError, PbxAuthError
 from bridge.events import invite_facts
 from bridge.overload import EventLoopLag
 from bridge.pbx.freeswitch.backend import FreeswitchBackend
@@ -112,6 +112,17 @@ async def test_a_busy_port_fails_start_and_leaves_nothing_running(
     assert service._runner is None and service._callflow is None
     with pytest.raises(Exception, match="not open"):
         await service.store.org_id()
+
+
+async def test_a_ca_file_without_certificates_fails_start(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    service = Service(make_settings(tls={"ca_file": str(junk)}))
+    with pytest.raises(ConfigError, match="tls.ca_file: cannot load CA certificates"):
+        await service.start()
+    assert service._runner is None and service._callflow is None
 
 
 async def test_drain_waits_for_live_calls(service: Service, pipeline: PipelineServer) -> None:

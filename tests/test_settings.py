@@ -1,8 +1,17 @@
 from __future__ import annotations
 
+import json
+import re
+import types
+import typing
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import annotated_types
 import pytest
+from pydantic import BaseModel, SecretStr
+from pydantic.fields import FieldInfo
 
 from bridge.errors import ConfigError
 from bridge.settings import (
@@ -167,3 +176,139 @@ def test_configuration_reference_is_current() -> None:
         assert isinstance(info.annotation, type)
         for name in info.annotation.model_fields:
             assert f"| `{section}.{name}` |" in embedded
+
+
+def setting_fields(
+    model: type[BaseModel] = Settings, prefix: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], FieldInfo]]:
+    """Every leaf setting of ``model``, found by walking the models (none listed by hand)."""
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from setting_fields(annotation, (*prefix, name))
+        else:
+            yield (*prefix, name), info
+
+
+def bounded(info: FieldInfo, candidates: list[Any]) -> Any:
+    """The first candidate that is not the default and within the field's bounds."""
+    default = info.get_default(call_default_factory=True)
+    for value in candidates:
+        within = all(
+            (not isinstance(c, annotated_types.Ge) or value >= c.ge)
+            and (not isinstance(c, annotated_types.Gt) or value > c.gt)
+            and (not isinstance(c, annotated_types.Le) or value <= c.le)
+            and (not isinstance(c, annotated_types.Lt) or value < c.lt)
+            for c in info.metadata
+        )
+        if within and value != default:
+            return value
+    raise AssertionError(f"no value for {info}")
+
+
+def other_value(info: FieldInfo, existing_file: Path) -> Any:
+    """A valid value of ``info`` other than its default, as plain data."""
+    annotation: Any = info.annotation
+    choices = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = choices[0]
+    default = info.get_default(call_default_factory=True)
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return next(c for c in typing.get_args(annotation) if c != default)
+    if origin is dict:
+        return {"X-Test": "value"}
+    if origin is list:
+        return ["sip.example.com"]
+    if annotation is bool:
+        return not default
+    if annotation is int:
+        return bounded(info, [default + 1, default - 1])
+    if annotation is float:
+        return bounded(info, [default * 2, default / 2])
+    if annotation is SecretStr:
+        return "secret-0123456789abcdef"
+    if annotation is Path or typing.get_origin(annotation) is typing.Annotated:  # FilePath
+        return str(existing_file)
+    if annotation is str:
+        pattern = next((c.pattern for c in info.metadata if hasattr(c, "pattern")), None)
+        value = "other_value_1"
+        assert pattern is None or re.fullmatch(pattern, value)
+        return value
+    raise AssertionError(f"a value for settings of type {annotation} is needed here")
+
+
+def loaded(settings: Settings, path: tuple[str, ...]) -> Any:
+    """The value at ``path`` as plain data (secrets revealed, paths as text)."""
+    value: Any = settings
+    for name in path:
+        value = getattr(value, name)
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, dict):
+        return {
+            k: v.get_secret_value() if isinstance(v, SecretStr) else v for k, v in value.items()
+        }
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return (
+            "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+        )
+    return json.dumps(value)  # strings, numbers and lists of strings are spelled alike
+
+
+def env_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)
+
+
+@pytest.fixture
+def every_setting(ca_file: Path) -> dict[tuple[str, ...], Any]:
+    """A valid value other than the default for every setting."""
+    values = {path: other_value(info, ca_file) for path, info in setting_fields()}
+    assert len(values) > 60 and ("pipeline", "default_sample_rate") in values
+    return values
+
+
+def test_every_setting_can_be_set_from_the_environment(
+    every_setting: dict[tuple[str, ...], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for path, value in every_setting.items():
+        monkeypatch.setenv("SIPBRIDGE_" + "__".join(path).upper(), env_value(value))
+    settings = load_settings(for_service=False)
+    assert {path: loaded(settings, path) for path in every_setting} == every_setting
+
+
+def test_every_setting_can_be_set_from_the_toml_file(
+    every_setting: dict[tuple[str, ...], Any], tmp_path: Path
+) -> None:
+    sections: dict[str, list[str]] = {}
+    for (section, name), value in every_setting.items():
+        sections.setdefault(section, []).append(f"{name} = {toml_value(value)}")
+    config = tmp_path / "every.toml"
+    config.write_text(
+        "".join(f"[{s}]\n" + "\n".join(lines) + "\n" for s, lines in sections.items())
+    )
+    settings = load_settings(config, for_service=False)
+    assert {path: loaded(settings, path) for path in every_setting} == every_setting
+
+
+def test_integer_choices_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIPBRIDGE_PIPELINE__DEFAULT_SAMPLE_RATE", "8000")
+    assert load_settings(for_service=False).pipeline.default_sample_rate == 8000
+    monkeypatch.setenv("SIPBRIDGE_PIPELINE__DEFAULT_SAMPLE_RATE", "8001")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(for_service=False)
+    assert caught.value.problems == [
+        "pipeline.default_sample_rate: Input should be 8000, 16000 or 24000"
+    ]

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -11,12 +13,15 @@ import pytest
 
 from bridge.messages import WebhookTarget
 from bridge.metrics import Metrics
-from bridge.settings import WebhookSettings
+from bridge.routing import ASSISTANT_REQUEST_BUDGET_S
+from bridge.settings import TlsSettings, WebhookSettings
+from bridge.tls import client_context
 from bridge.webhooks import (
     MAX_ANSWER_BYTES,
     WebhookClient,
     WebhookDispatcher,
     encode_payload,
+    open_session,
     request_headers,
     signature,
 )
@@ -227,3 +232,63 @@ async def test_full_queue_drops_and_counts(
     dispatcher.start()
     await dispatcher.aclose()
     assert len(sink.requests) == 1
+
+
+async def test_https_server_urls_are_verified_against_the_system_and_the_private_ca(
+    tls_sink: WebhookSink, ca_file: Path
+) -> None:
+    payload = encode_payload({"message": {"type": "status-update"}})
+    for ca, expected in ((ca_file, 200), (None, None)):
+        async with open_session(
+            WebhookSettings(), client_context(TlsSettings(ca_file=ca))
+        ) as verifying:
+            client = WebhookClient(verifying, settings(), Metrics())
+            result = await client.post(
+                WebhookTarget(tls_sink.url), payload, message_type="t", message_id="m", timeout_s=5
+            )
+        assert result.status == expected
+        if expected is None:
+            assert result.failure == (
+                "certificate verify failed: unable to get local issuer certificate "
+                "(a private CA goes in tls.ca_file)"
+            )
+    assert len(tls_sink.requests) == 1  # the unverified server was never sent the message
+
+
+async def test_the_assistant_request_budget_is_exact(
+    sink: WebhookSink, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Vapi's 7.5 s, not aiohttp's whole-second rounding above 5 s (8-8.5 s before).
+
+    The loop's clock is watched (every reading, every timer set), then moved past the deadline
+    so that the test does not wait 7.5 s for the request to be abandoned.
+    """
+    loop = asyncio.get_running_loop()
+    real_time = loop.time
+    shift = 0.0
+    readings: list[float] = []
+    deadlines: list[float] = []
+    real_call_at = loop.call_at
+
+    def watched_time() -> float:
+        readings.append(real_time() + shift)
+        return readings[-1]
+
+    def watched_call_at(when: float, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        deadlines.append(when)
+        return real_call_at(when, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "time", watched_time)
+    monkeypatch.setattr(loop, "call_at", watched_call_at)
+    client = WebhookClient(session, settings(), Metrics())
+    sink.answer(hang=True)
+    answer = asyncio.ensure_future(
+        client.assistant_request(WebhookTarget(sink.url, timeout_s=300), {"message": {}})
+    )
+    await sink.wait_for(lambda requests: len(requests) == 1)
+    budget = ASSISTANT_REQUEST_BUDGET_S
+    exact = [when for when in deadlines if any(when == now + budget for now in readings)]
+    assert exact, "no timer at exactly 7.5 s after a reading of the clock"
+    shift = max(exact) - real_time() + 0.001  # now just past the deadline
+    result = await answer
+    assert result.status is None and result.failure == "no answer within 7.5 s"

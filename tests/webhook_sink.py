@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class WebhookSink:
     answers: deque[Answer] = field(default_factory=deque)
     default: Answer = field(default_factory=Answer)
     url: str = ""
+    tls: ssl.SSLContext | None = None  # serve https:// with this server context
     _runner: web.AppRunner | None = None
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -76,10 +78,10 @@ class WebhookSink:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls)
         await site.start()
         port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}/hook"
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{port}/hook"
         return self.url
 
     async def stop(self) -> None:
