@@ -255,9 +255,12 @@ async def test_marks_come_back_in_order_only_after_their_audio(
     result, _ = await lab.call(CallPlan(user="demo", talk_ms=500, listen_ms=3500), capture=True)
     assert result.answered
     assert wire.marks(await lab.pipeline.session()) == ["first", "second"]
-    # When "first" came back the caller had heard (nearly) all of the first part and none of
-    # the second; Asterisk may still have had a frame or two in flight.
-    assert seen["first"][0] >= 47 and seen["first"][1] <= 1, seen
+    # When "first" came back the caller had heard (nearly) all of the first part: the mark is
+    # never early. How soon after that it reaches the pipeline is latency, which a busy machine
+    # stretches (the echo queues behind the caller's media in the same event loop) and
+    # benchmarks/media_path.py measures; here it must only come back well before the second
+    # part is over, which a mark held until the end of the queued audio would not.
+    assert seen["first"][0] >= 47 and seen["first"][1] < 25, seen
     assert seen["second"][1] >= 47, seen
 
 
