@@ -40,6 +40,9 @@ _REFUSED = _messages((DATA / "ami_login_refused.rx.bin").read_bytes())
 _OFFER = _messages((DATA / "ami_offer_event.txt").read_bytes())[0]
 # PlayDTMF on a ringing channel and on a missing one (Asterisk 22.10.1).
 _PLAYDTMF = _messages((DATA / "ami_playdtmf.rx.bin").read_bytes())
+# Filter by a user with write = all, and by the sample's user without "system" (Asterisk 22.10.1).
+_FILTER = _messages((DATA / "ami_filter.rx.bin").read_bytes())
+_FILTER_REFUSED = _messages((DATA / "ami_filter_refused.rx.bin").read_bytes())
 
 
 def _by_action_id(action_id: str) -> list[list[tuple[str, str]]]:
@@ -57,6 +60,8 @@ TEMPLATES = {
     "playdtmf-ok": next(m for m in _PLAYDTMF if ("ActionID", "dtmf-1") in m),
     "playdtmf-missing": next(m for m in _PLAYDTMF if ("ActionID", "dtmf-bad") in m),
     "logoff": _by_action_id("logoff-1")[0],
+    "filter-ok": next(m for m in _FILTER if ("ActionID", "filter-1") in m),
+    "filter-denied": next(m for m in _FILTER_REFUSED if ("ActionID", "filter-1") in m),
     "show-start": _by_action_id("show-1")[0],
     "show-row": _by_action_id("show-1")[1],
     "show-complete": _by_action_id("show-1")[-1],
@@ -96,6 +101,8 @@ class AmiPeer:
     # Accept the login, then abort the connection when the next action arrives.
     drop_after_login: bool = False
     refused_delay_s: float = 0.05  # Asterisk waits 1 s before refusing a login
+    # The user may set session filters (write = system); the shipped sample's may not.
+    may_filter: bool = False
     _server: asyncio.Server | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -227,6 +234,9 @@ class AmiPeer:
             )
         elif name == "ping":
             writer.write(render(TEMPLATES["ping"], ActionID=action_id))
+        elif name == "filter":
+            template = "filter-ok" if self.may_filter else "filter-denied"
+            writer.write(render(TEMPLATES[template], ActionID=action_id))
         elif name == "logoff":
             writer.write(render(TEMPLATES["logoff"], ActionID=action_id))
             writer.close()

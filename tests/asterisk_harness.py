@@ -22,6 +22,7 @@ import pytest
 
 from bridge.audio import pcm_to_ulaw, sine, tone_share
 from bridge.lab.asterisk import (
+    AmiUser,
     AsteriskInstance,
     ensure_root,
     reserve_rtp_block,
@@ -37,6 +38,11 @@ from tests.webhook_sink import WebhookSink
 
 API_KEY = "asterisk-test-key-0123456789"
 AMI_SECRET = "ami-test-secret"
+# Manager users as existing PBXes often have them, next to the least-privileged sample's.
+READ_ALL_USERS = [
+    AmiUser("everything", AMI_SECRET, "all", "all"),
+    AmiUser("readall", AMI_SECRET, "all", "call,reporting"),
+]
 _instances = itertools.count(1)
 
 
@@ -206,7 +212,7 @@ async def asterisk_lab(asterisk_root: Path, tmp_path: Path) -> AsyncIterator[Ast
             ami_port=free_port(socket.SOCK_STREAM),
             rtp_start=rtp_start,
             rtp_end=rtp_end,
-            ami_users=[sipbridge_ami_user(AMI_SECRET)],
+            ami_users=[sipbridge_ami_user(AMI_SECRET), *READ_ALL_USERS],
         )
         await asyncio.to_thread(asterisk.start)
         pipeline = PipelineServer()

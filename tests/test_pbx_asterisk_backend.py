@@ -6,6 +6,7 @@ The end-to-end behaviour with real Asterisk is in tests/asterisk/test_asterisk_c
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -80,6 +81,38 @@ async def test_offer_events_become_invite_facts(
     await peer.send(render(HANGUP_EVENT))
     await sink.wait_for(lambda s: s.hangups)
     assert sink.hangups == [("1795455892.1", 1)]
+
+
+@pytest.mark.parametrize("may_filter", [True, False])
+async def test_the_session_asks_only_for_the_events_it_uses(
+    peer: AmiPeer, caplog: pytest.LogCaptureFixture, may_filter: bool
+) -> None:
+    """[performance] AMI floods: the login's event classes, then a session filter per event
+    used, on every connect; a user without "system" write is told once, and works the same."""
+    caplog.set_level(logging.INFO, logger="bridge.pbx.asterisk.backend")
+    peer.may_filter = may_filter
+    sink = RecordingSink()
+    adapter = AsteriskBackend(settings(peer), media())
+    await adapter.start(sink)
+    try:
+        await peer.wait_for(lambda p: len(p.actions_named("setvar")) >= 1)
+        peer.drop_all()
+        await peer.wait_for(lambda p: p.logins == 2 and len(p.actions_named("setvar")) >= 3)
+        logins = peer.actions_named("login")
+        assert [login["Events"] for login in logins] == ["call,user", "call,user"]
+        criteria = [f["MatchCriteria"] for f in peer.actions_named("filter")]
+        wanted = ["action(include),name(UserEvent)", "action(include),name(Hangup)"]
+        # Refused, the first says so for all: no second try on that session.
+        assert criteria == 2 * (wanted if may_filter else wanted[:1])
+        # The filters go before the heartbeat, the first action that matters, on each session.
+        names = [a["Action"].lower() for a in peer.actions]
+        assert names.index("filter") < names.index("setvar")
+        said = caplog.text.count("AMI event filters not set")
+        assert said == (0 if may_filter else 1)
+        await peer.send(render(OFFER_EVENT))
+        await sink.wait_for(lambda s: s.offers)
+    finally:
+        await adapter.aclose()
 
 
 async def test_a_refused_login_is_an_error_not_a_retry_loop(peer: AmiPeer) -> None:

@@ -238,3 +238,13 @@ def test_channel_rows_and_hangup_causes() -> None:
     assert row == ami.ChannelState("PJSIP/a-1", "1.1", "sipbridge-offer", "Wait")
     assert ami.channel_state({"Event": "CoreShowChannelsComplete"}) is None
     assert ami.hangup_cause({"Cause": "16"}) == 16 and ami.hangup_cause({"Cause": "x"}) == 0
+
+
+def test_event_filters_name_only_the_events_acted_on() -> None:
+    filters = ami.event_filters()
+    assert [f["MatchCriteria"] for f in filters] == [
+        f"action(include),name({name})" for name in ami.EVENTS_USED
+    ]
+    assert all(f["Action"] == "Filter" and f["Operation"] == "Add" for f in filters)
+    # The login's event classes cover every event used: UserEvent is "user", Hangup "call".
+    assert set(ami.EVENT_CLASSES.split(",")) == {"call", "user"}

@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +25,7 @@ from bridge.client import ApiClient
 from bridge.errors import ApiClientError
 from bridge.lab.rtp import RtpCapture
 from bridge.lab.sipp import CallPlan, SippCallee, SippResult, free_port
+from bridge.pbx.asterisk.backend import AsteriskBackend
 from bridge.store import ListQuery
 from tests.asterisk_harness import AMI_SECRET, AsteriskLab, share_of_windows
 from tests.pipeline_server import PipelineSession
@@ -654,3 +658,60 @@ async def test_a_killed_sipbridge_leaves_no_ghost_call(
     finally:
         for process in (first, second, third):
             await process.stop()
+
+
+@pytest.mark.parametrize(
+    ("username", "allowed"),
+    [
+        # write = all includes system: the session filter passes the two events sipbridge uses.
+        ("everything", {"UserEvent", "Hangup"}),
+        # No system write: the login's event classes (call, user) still keep the dialplan's
+        # per-priority events, RTCP and CEL away.
+        ("readall", None),
+    ],
+)
+async def test_a_manager_user_that_reads_everything_sends_only_what_sipbridge_uses(
+    asterisk_lab: AsteriskLab,
+    caplog: pytest.LogCaptureFixture,
+    username: str,
+    allowed: set[str] | None,
+) -> None:
+    """[performance] AMI floods: sipbridge asks for the events it acts on, whatever the user may
+    read, and calls work the same."""
+    lab = asterisk_lab
+    caplog.set_level(logging.INFO, logger="bridge.pbx.asterisk.backend")
+    service = await lab.start_service(asterisk={"username": username})
+    backend = service.backends["asterisk"]
+    assert isinstance(backend, AsteriskBackend)
+    seen: list[str] = []
+    dispatch = backend.link._on_event
+
+    def counting(event: Mapping[str, Any]) -> None:
+        seen.append(str(event.get("Event")))
+        dispatch(event)
+
+    backend.link._on_event = counting
+    lab.pipeline.script = reply_tone(1200, 3.0)  # type: ignore[assignment]
+    assistant = await lab.assistant()
+    await lab.number(assistantId=assistant["id"])
+    result, rtp = await lab.call(
+        CallPlan(user="demo", tone_file=lab.tone_file(700), talk_ms=2500, listen_ms=500),
+        capture=True,
+    )
+    assert result.answered and result.bye_from_caller
+    report = await lab.sink.wait_for_message("end-of-call-report")
+    assert report.message["endedReason"] == "customer-ended-call"
+    assert rtp is not None  # the pipeline's tone reached the caller
+    fraction, count = share_of_windows(rtp.pcm(), 8000, 1200)
+    assert count >= 2 and fraction >= 0.95, (fraction, count)
+    assert "UserEvent" in seen and "Hangup" in seen
+    refused = "AMI event filters not set" in caplog.text
+    if allowed is not None:
+        assert set(seen) <= allowed, sorted(set(seen))
+        assert not refused
+    else:
+        assert refused
+        assert not {"Newexten", "VarSet", "RTCPSent", "RTCPReceived", "CEL"} & set(seen), sorted(
+            set(seen)
+        )
+    assert await lab.no_channels_left() == []

@@ -105,6 +105,7 @@ class AsteriskBackend:
         # channel is never announced twice, and a final action that could not be sent is
         # carried out by the next resync.
         self._announced: dict[str, _Announced] = {}
+        self._filters_refused = False
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -215,10 +216,28 @@ class AsteriskBackend:
         self._session_since = self._clock()
         self._post(LinkChanged(self.kind, True, "AMI link up"))
         try:
+            await self._filter_events()
             await self.link.action(ami.heartbeat(int(self._wall_clock())))
             await self.resync()
         except PbxError as exc:
             log.error("after connecting: %s", exc)
+
+    async def _filter_events(self) -> None:
+        """Asks Asterisk for the events sipbridge uses and no others, where the user may."""
+        try:
+            for action in ami.event_filters():
+                await self.link.action(action)
+        except PbxActionError as exc:
+            # The least-privileged user (dialplan/manager.conf.sample) has no "system" write
+            # and filters in manager.conf instead; only say so once per process.
+            if not self._filters_refused:
+                self._filters_refused = True
+                log.info(
+                    "AMI event filters not set (%s); the user's eventfilter and the login's "
+                    "event classes (%s) limit what Asterisk sends",
+                    exc,
+                    ami.EVENT_CLASSES,
+                )
 
     async def _watch(self) -> None:
         """Heartbeats until the link drops; a heartbeat not answered in time drops it."""

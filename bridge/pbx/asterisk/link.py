@@ -108,7 +108,7 @@ class AmiLink:
             port=settings.port,
             username=settings.username,
             secret=secret,
-            events="on",
+            events=ami.EVENT_CLASSES,
             encoding="utf8",
             protocol_factory=_Utf8Protocol,
             loop=asyncio.get_running_loop(),
