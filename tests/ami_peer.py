@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,9 @@ class AmiPeer:
     # Accept the login, then abort the connection when the next action arrives.
     drop_after_login: bool = False
     refused_delay_s: float = 0.05  # Asterisk waits 1 s before refusing a login
+    # Action name -> seconds the peer holds the whole event loop right after answering it: a
+    # busy machine, where the answer waits in the socket while the loop runs late.
+    stall_after: dict[str, float] = field(default_factory=dict)
     _server: asyncio.Server | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -163,6 +167,9 @@ class AmiPeer:
                     self.actions.append(action)
                     self._changed.set()
                     await self._answer(connection, action)
+                    stall_s = self.stall_after.get(action.get("Action", "").lower())
+                    if stall_s:
+                        time.sleep(stall_s)  # noqa: ASYNC251 - holding the loop is the point
         except (ConnectionError, asyncio.CancelledError):
             return
         finally:

@@ -238,3 +238,20 @@ def test_channel_rows_and_hangup_causes() -> None:
     assert row == ami.ChannelState("PJSIP/a-1", "1.1", "sipbridge-offer", "Wait")
     assert ami.channel_state({"Event": "CoreShowChannelsComplete"}) is None
     assert ami.hangup_cause({"Cause": "16"}) == 16 and ami.hangup_cause({"Cause": "x"}) == 0
+
+
+@pytest.mark.parametrize(
+    ("context", "outcome"),
+    [
+        ("sipbridge-media", ami.Redirected.DONE),
+        ("sipbridge-offer", ami.Redirected.NOT_DONE),
+        ("from-internal", ami.Redirected.ELSEWHERE),
+        (None, ami.Redirected.GONE),
+    ],
+)
+def test_a_lost_redirect_is_judged_by_where_the_channel_is(
+    context: str | None, outcome: ami.Redirected
+) -> None:
+    state = None if context is None else ami.ChannelState("PJSIP/a-1", "1.1", context, "Wait")
+    judged = ami.redirect_outcome(state, waiting="sipbridge-offer", target="sipbridge-media")
+    assert judged is outcome
