@@ -128,7 +128,12 @@ class AsteriskSettings(_Section):
     username: str = Field("sipbridge", description="AMI user (see dialplan/manager.conf.sample).")
     secret: SecretStr | None = Field(None, description="AMI secret.")
     ping_interval_s: float = Field(
-        5.0, gt=0, description="AMI Ping period; a dead link is noticed within two periods."
+        5.0,
+        gt=0,
+        description=(
+            "AMI heartbeat period. A silent link is dropped within two periods; one that is "
+            "slow to answer but still sending is kept."
+        ),
     )
     action_timeout_s: float = Field(5.0, gt=0, description="How long any AMI action may take.")
     reconnect_max_delay_s: float = Field(30.0, gt=0, description="Cap of the reconnect backoff.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,9 @@ class AmiPeer:
     refused_delay_s: float = 0.05  # Asterisk waits 1 s before refusing a login
     # The user may set session filters (write = system); the shipped sample's may not.
     may_filter: bool = False
+    # Action name -> seconds the peer holds the whole event loop right after answering it: a
+    # busy machine, where the answer waits in the socket while the loop runs late.
+    stall_after: dict[str, float] = field(default_factory=dict)
     _server: asyncio.Server | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -170,6 +174,9 @@ class AmiPeer:
                     self.actions.append(action)
                     self._changed.set()
                     await self._answer(connection, action)
+                    stall_s = self.stall_after.get(action.get("Action", "").lower())
+                    if stall_s:
+                        time.sleep(stall_s)  # noqa: ASYNC251 - holding the loop is the point
         except (ConnectionError, asyncio.CancelledError):
             return
         finally:

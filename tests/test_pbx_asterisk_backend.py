@@ -340,6 +340,85 @@ async def test_call_control_actions(
         await running.connect_media(FACTS, "c0ffee00-0000-4000-8000-000000000000")
 
 
+CALL_ID = "c0ffee00-0000-4000-8000-000000000000"
+
+
+@pytest.mark.parametrize(("context", "redirects"), [("sipbridge-media", 1), ("sipbridge-offer", 2)])
+async def test_a_media_connect_cut_off_by_the_link_is_finished_once_it_is_back(
+    peer: AmiPeer, adapter: tuple[AsteriskBackend, RecordingSink], context: str, redirects: int
+) -> None:
+    """The link dies as the Redirect goes out: its answer is lost, the outcome unknown. Once
+    AMI is back the channel's place decides: in the media context Asterisk answered the
+    caller and the leg is coming (ending the call would hang up a caller Asterisk answered);
+    still in the offer context Asterisk never got it, and it is sent again."""
+    running, sink = adapter
+    sink.known = {FACTS.pbx_call_id}  # the flow's call, waiting for its media
+    peer.channels = [_channel(FACTS.channel, FACTS.pbx_call_id, context, "Wait")]
+    peer.drop_on = {"redirect"}
+    await running.connect_media(FACTS, CALL_ID)
+    assert peer.logins == 2 and sink.links == [True, False, True]
+    sent = [(a["Channel"], a["Context"]) for a in peer.actions_named("redirect")]
+    assert sent == [(FACTS.channel, "sipbridge-media")] * redirects
+    calls = [
+        a["Value"] for a in peer.actions_named("setvar") if a["Variable"] == "SIPBRIDGE_CALL_ID"
+    ]
+    assert calls == [CALL_ID] * redirects
+
+
+async def test_a_media_connect_cut_off_fails_if_the_channel_is_gone_after(
+    peer: AmiPeer, adapter: tuple[AsteriskBackend, RecordingSink]
+) -> None:
+    running, sink = adapter
+    sink.known = {FACTS.pbx_call_id}
+    peer.drop_on = {"setvar"}  # the first Setvar; then the caller is gone
+    with pytest.raises(PbxActionError, match="is gone"):
+        await running.connect_media(FACTS, CALL_ID)
+    assert peer.actions_named("redirect") == []
+
+
+async def test_a_media_connect_cut_off_is_dropped_if_the_call_was_ended_meanwhile(
+    peer: AmiPeer, adapter: tuple[AsteriskBackend, RecordingSink]
+) -> None:
+    """The flow gave up on the call (its media timer) while AMI was down: its hangup is what
+    the resync carries out, not a late connect."""
+    running, sink = adapter
+    sink.known = {FACTS.pbx_call_id}
+    peer.channels = [_channel(FACTS.channel, FACTS.pbx_call_id, "sipbridge-offer", "Wait")]
+    peer.drop_on = {"redirect"}
+    connecting = asyncio.ensure_future(running.connect_media(FACTS, CALL_ID))
+    await sink.wait_for(lambda s: False in s.links)
+    with pytest.raises(PbxConnectionError):
+        await running.hangup(FACTS)
+    sink.known = set()
+    with pytest.raises(PbxActionError, match="ended while AMI was down"):
+        await connecting
+    assert len(peer.actions_named("redirect")) == 1
+
+
+async def test_a_busy_asterisk_is_not_dropped_for_a_late_heartbeat(
+    peer: AmiPeer, adapter: tuple[AsteriskBackend, RecordingSink], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Asterisk answers a session's actions in order: with many calls being set up, the
+    heartbeat waits behind their actions while events and answers keep coming. That link is
+    alive; only one that says nothing at all for a heartbeat's limit is dropped."""
+    _, sink = adapter
+    peer.unanswered = {"setvar"}  # the heartbeats get no answer from now on ...
+
+    def heartbeats(count: int) -> Callable[[AmiPeer], bool]:
+        return lambda p: len(p.actions_named("setvar")) >= count
+
+    beats = len(peer.actions_named("setvar"))
+    for beat in range(1, 4):
+        await peer.wait_for(heartbeats(beats + beat))
+        await peer.send(render(HANGUP_EVENT))  # ... but Asterisk is plainly talking
+    await peer.wait_for(heartbeats(beats + 4))
+    assert sink.links == [True]
+    assert "but Asterisk is sending; keeping it" in caplog.text
+    # Silence from here: the next unanswered heartbeat drops the link.
+    await sink.wait_for(lambda s: False in s.links, timeout=3)
+    assert sink.links[:2] == [True, False]
+
+
 def _channel(channel: str, uniqueid: str, context: str, application: str) -> dict[str, str]:
     return {
         "Channel": channel,

@@ -248,3 +248,20 @@ def test_event_filters_name_only_the_events_acted_on() -> None:
     assert all(f["Action"] == "Filter" and f["Operation"] == "Add" for f in filters)
     # The login's event classes cover every event used: UserEvent is "user", Hangup "call".
     assert set(ami.EVENT_CLASSES.split(",")) == {"call", "user"}
+
+
+@pytest.mark.parametrize(
+    ("context", "outcome"),
+    [
+        ("sipbridge-media", ami.Redirected.DONE),
+        ("sipbridge-offer", ami.Redirected.NOT_DONE),
+        ("from-internal", ami.Redirected.ELSEWHERE),
+        (None, ami.Redirected.GONE),
+    ],
+)
+def test_a_lost_redirect_is_judged_by_where_the_channel_is(
+    context: str | None, outcome: ami.Redirected
+) -> None:
+    state = None if context is None else ami.ChannelState("PJSIP/a-1", "1.1", context, "Wait")
+    judged = ami.redirect_outcome(state, waiting="sipbridge-offer", target="sipbridge-media")
+    assert judged is outcome

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -364,3 +365,30 @@ def channel_state(event: Mapping[str, Any]) -> ChannelState | None:
         context=_field(event, "Context"),
         application=_field(event, "Application"),
     )
+
+
+class Redirected(StrEnum):
+    """What became of a ``Redirect`` whose answer was lost with the AMI link."""
+
+    DONE = "done"  # the channel is in the target context: Asterisk carried it out
+    NOT_DONE = "not done"  # still where it waited: Asterisk never got it, sending it is safe
+    GONE = "gone"  # the channel has ended
+    ELSEWHERE = "elsewhere"  # somewhere else: nothing to conclude, nothing to send
+
+
+def redirect_outcome(state: ChannelState | None, *, waiting: str, target: str) -> Redirected:
+    """Where the channel is now says what a lost ``Redirect`` from ``waiting`` to ``target``
+    did, once AMI is back on a new session.
+
+    Asterisk runs each action it read before it notices its AMI session closed, and a
+    redirected channel leaves ``Wait()`` at once; the new session is at least one reconnect
+    delay later. So a channel still in ``waiting`` never got the Redirect (AMI sessions never
+    replay actions), and one in ``target`` did.
+    """
+    if state is None:
+        return Redirected.GONE
+    if state.context == target:
+        return Redirected.DONE
+    if state.context == waiting:
+        return Redirected.NOT_DONE
+    return Redirected.ELSEWHERE

@@ -8,8 +8,16 @@ call's audio arrives on the backend's AudioSocket server, tagged with sipbridge'
 (:class:`LegConnected`). The AMI session itself is :mod:`bridge.pbx.asterisk.link`.
 
 A watchdog sends the heartbeat ``Setvar`` every ``ping_interval_s`` (the dialplan refuses calls
-while it is stale) and drops the link when one is not answered within the interval (a
-half-open connection is noticed within two intervals), then reconnects with backoff.
+while it is stale) and drops the link when one is not answered within the interval and nothing
+else came from Asterisk meanwhile either (a half-open connection is noticed within two
+intervals), then reconnects with backoff. Asterisk answers one session's actions in order, so
+under load a heartbeat queued behind twenty calls' actions may wait longer than an interval on
+a link that is plainly alive: that is logged, not a reason to drop the calls' actions.
+
+An action whose answer is lost with the link has an unknown outcome. For ``connect_media`` that
+matters: Asterisk may have answered the caller and started AudioSocket. So once AMI is back,
+the channel's place decides (:func:`ami.redirect_outcome`): in the media context the leg is on
+its way; still in the offer context the actions are sent again; gone is an error.
 
 After each (re)connect the live calls are resynchronised with ``CoreShowChannels``: calls that
 ended meanwhile are ended, calls that waited in the offer context unseen are announced again,
@@ -248,11 +256,16 @@ class AsteriskBackend:
                 done, _ = await asyncio.wait({lost}, timeout=interval)
                 if done:
                     return
+                heard = self.link.received_bytes
                 try:
                     await self.link.action(ami.heartbeat(int(self._wall_clock())), limit_s=interval)
                 except PbxConnectionError:
                     return
                 except PbxActionError as exc:
+                    if self.link.received_bytes > heard:
+                        # Answers and events still arrive: Asterisk is busy, the link is alive.
+                        log.warning("AMI heartbeat: %s, but Asterisk is sending; keeping it", exc)
+                        continue
                     log.error("AMI heartbeat failed (%s); dropping the link", exc)
                     self.link.drop()
                     await lost
@@ -260,10 +273,14 @@ class AsteriskBackend:
         finally:
             lost.cancel()
 
+    async def _channels(self) -> list[ami.ChannelState]:
+        """The channels Asterisk has now."""
+        rows = await self.link.list_action({"Action": "CoreShowChannels"})
+        return [state for state in map(ami.channel_state, rows) if state is not None]
+
     async def resync(self) -> None:
         """Reconciles the live calls with the channels Asterisk has now."""
-        rows = await self.link.list_action({"Action": "CoreShowChannels"})
-        states = [state for state in map(ami.channel_state, rows) if state is not None]
+        states = await self._channels()
         present = {state.uniqueid for state in states}
         for uniqueid in [u for u in self._announced if u not in present]:
             del self._announced[uniqueid]  # gone while AMI was away; its Hangup was missed
@@ -354,11 +371,49 @@ class AsteriskBackend:
         await self._final(facts, ami.reject(facts.channel, sip_status))
 
     async def connect_media(self, facts: InviteFacts, call_id: str) -> None:
-        """Answer and run AudioSocket toward our server, tagged with the call id."""
-        for action in ami.connect_media(
-            facts.channel, call_id, self.audiosocket_address(), self.settings.media_context
-        ):
-            await self.link.action(action)
+        """Answer and run AudioSocket toward our server, tagged with the call id.
+
+        If the link drops on the way, this waits for it to come back and finishes the job
+        (the caller's own time limit bounds the wait): the call flow would otherwise end a
+        call whose caller Asterisk has answered, and refuse the audio that then arrives.
+
+        Raises:
+            PbxActionError: Asterisk refused an action, or the channel ended or moved elsewhere
+                while AMI was down.
+        """
+        media_context = self.settings.media_context
+        actions = ami.connect_media(
+            facts.channel, call_id, self.audiosocket_address(), media_context
+        )
+        while True:
+            try:
+                for action in actions:
+                    await self.link.action(action)
+                return
+            except PbxConnectionError as exc:
+                log.warning("connecting %s: %s; checking it once AMI is back", facts.channel, exc)
+            state = await self._channel_once_up(facts.pbx_call_id)
+            announced = self._announced.get(facts.pbx_call_id)
+            if announced is not None and announced.final is not None:
+                raise PbxActionError(f"{facts.channel} was ended while AMI was down")
+            outcome = ami.redirect_outcome(state, waiting=OFFER_CONTEXT, target=media_context)
+            if outcome is ami.Redirected.DONE:
+                log.info("%s reached %s while AMI was down", facts.channel, media_context)
+                return
+            if outcome is not ami.Redirected.NOT_DONE:
+                where = f" (in {state.context})" if state is not None else ""
+                raise PbxActionError(f"{facts.channel} is {outcome}{where}")
+            log.info("%s is still waiting in %s: connecting it again", facts.channel, OFFER_CONTEXT)
+
+    async def _channel_once_up(self, uniqueid: str) -> ami.ChannelState | None:
+        """The channel as Asterisk has it, asked on the next AMI session that stays up."""
+        while True:
+            await self.link.wait_up()
+            try:
+                states = await self._channels()
+            except PbxConnectionError:
+                continue  # dropped again before answering: wait for the next session
+            return next((state for state in states if state.uniqueid == uniqueid), None)
 
     async def transfer(self, facts: InviteFacts, destination: Mapping[str, Any]) -> None:
         """Blind transfer: Asterisk dials the destination from the transfer context."""
