@@ -25,7 +25,12 @@ class PbxControl(Protocol):
         """Refuses the (unanswered) call with this final SIP status."""
 
     async def transfer(self, facts: InviteFacts, destination: Mapping[str, Any]) -> None:
-        """Blind-transfers the call to a Vapi transfer destination (``number`` or ``sip``)."""
+        """Blind-transfers the call to a Vapi transfer destination (``number`` or ``sip``).
+
+        Returns once the transfer worked, raises if it failed, and settles as soon as the
+        channel ends: the flow waits for this answer even after ``CallGone`` (which may reach it
+        first), for ``callflow.TRANSFER_SETTLE_S`` at most.
+        """
 
     async def connect_media(self, facts: InviteFacts, call_id: str) -> None:
         """Answers the call and connects its audio to sipbridge, tagged ``call_id`` (the leg

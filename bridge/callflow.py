@@ -104,6 +104,11 @@ PBX_ACTION_TIMEOUT_S = 10.0
 # A transfer is done once the PBX knows it worked: the destination may ring for a minute
 # (freeswitch_conf/sipbridge_context.xml gives it 60 s).
 TRANSFER_TIMEOUT_S = 90.0
+# The PBX answers a transfer before it reports the channel gone (AMI answers the Redirect before
+# the Hangup event; FreeSWITCH fails the transfer as the channel ends), yet both may reach the
+# flow in either order: once the channel is gone, the transfer's answer still decides. This
+# bounds the wait for a backend that never gives one.
+TRANSFER_SETTLE_S = PBX_ACTION_TIMEOUT_S
 MEDIA_WRAP_UP_S = 3.0
 
 
@@ -129,6 +134,10 @@ class LiveCall:
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     # The channel went on to a transfer: it is no longer sipbridge's to hang up.
     transferred: bool = False
+    # The PBX is carrying out a transfer; and how it said the call ended meanwhile, which stands
+    # only if the transfer did not work (see hung_up).
+    transferring: bool = False
+    gone_during_transfer: tuple[EndedReason, datetime | None] | None = None
     hangup_started: bool = False
     reported: bool = False
     ended: asyncio.Event = field(default_factory=asyncio.Event)
@@ -344,6 +353,11 @@ class CallFlow:
                 if by_caller
                 else EndedReason.TRANSFER_FAILED
             )
+            if live.transferring:
+                # Its answer may have come first and still be on its way to the flow (a
+                # destination that answers and hangs up at once): the transfer settles it.
+                live.gone_during_transfer = (reason, ended_at)
+                return
         else:
             reason = (
                 EndedReason.CUSTOMER_ENDED_CALL if by_caller else EndedReason.SIP_COMPLETED_CALL
@@ -560,12 +574,8 @@ class CallFlow:
         live.log.info("transferring to %s (%s)", _describe(decision.destination), decision.detail)
         self._recorder.save(call.to_json())
         self._notify(call, STATUS_UPDATE)
-        transferred = await self._pbx_action(
-            live,
-            "transferring",
-            live.pbx.transfer(call.facts, decision.destination),
-            failure=EndedReason.TRANSFER_FAILED,
-            timeout_s=TRANSFER_TIMEOUT_S,
+        transferred = await self._pbx_transfer(
+            live, decision.destination, failure=EndedReason.TRANSFER_FAILED
         )
         if not transferred:
             return
@@ -744,8 +754,7 @@ class CallFlow:
         self._recorder.save(call.to_json())
         self._notify(call, STATUS_UPDATE)
         live.log.info("pipeline transfers the call to %s", _describe(rendered))
-        transfer = live.pbx.transfer(call.facts, rendered)
-        if await self._pbx_action(live, "transferring", transfer, timeout_s=TRANSFER_TIMEOUT_S):
+        if await self._pbx_transfer(live, rendered):
             live.transferred = True
             self._end(live, EndedReason.ASSISTANT_FORWARDED_CALL)
             return True
@@ -826,6 +835,31 @@ class CallFlow:
         live.hangup_started = True
         await self._pbx_action(live, "hanging up at the PBX", live.pbx.hangup(live.call.facts))
 
+    async def _pbx_transfer(
+        self,
+        live: LiveCall,
+        destination: Mapping[str, Any],
+        failure: EndedReason | None = None,
+    ) -> bool:
+        """Has the PBX transfer the call; True once it worked (see :meth:`_pbx_action`).
+
+        The PBX saying the channel is gone meanwhile does not cut the transfer short: its answer
+        decides (TRANSFER_SETTLE_S), and only a transfer that failed ends the call the way the
+        PBX said.
+        """
+        live.transferring = True
+        try:
+            return await self._pbx_action(
+                live,
+                "transferring",
+                live.pbx.transfer(live.call.facts, destination),
+                failure=failure,
+                timeout_s=TRANSFER_TIMEOUT_S,
+                settle_s=TRANSFER_SETTLE_S,
+            )
+        finally:
+            live.transferring = False
+
     async def _pbx_action(
         self,
         live: LiveCall,
@@ -833,17 +867,23 @@ class CallFlow:
         action: Awaitable[None],
         failure: EndedReason | None = None,
         timeout_s: float = PBX_ACTION_TIMEOUT_S,
+        *,
+        settle_s: float = 0.0,
     ) -> bool:
         """Runs one PBX action within its time limit; True if it succeeded.
 
-        On failure the error is logged and, when ``failure`` is given, the call ends with that
-        reason and is hung up (the PBX may still hold it).
+        Once the PBX says the channel is gone the action is moot, unless ``settle_s`` gives its
+        answer that long to arrive. On failure the error is logged and the call ends the way the
+        PBX said it did during a transfer, else, when ``failure`` is given, with that reason
+        and is hung up (the PBX may still hold it).
         """
         running = asyncio.ensure_future(action)
         gone = asyncio.ensure_future(live.gone.wait())
         try:
             either: set[asyncio.Future[Any]] = {running, gone}
             await asyncio.wait(either, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            if settle_s > 0 and gone.done() and not running.done():
+                await asyncio.wait({running}, timeout=settle_s)
         finally:
             gone.cancel()
             if not running.done():
@@ -860,7 +900,10 @@ class CallFlow:
         else:
             raise raised
         live.log.error("%s failed: %s", what, error or type(error).__name__)
-        if failure is not None and self._end(live, failure, message=str(error) or None):
+        if live.gone_during_transfer is not None:
+            reason, at = live.gone_during_transfer
+            self._end(live, reason, at=at)
+        elif failure is not None and self._end(live, failure, message=str(error) or None):
             await self._pbx_hangup(live)
         return False
 

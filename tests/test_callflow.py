@@ -6,7 +6,11 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from bridge.calls import CallStatus, EndedReason
+import pytest
+
+from bridge import callflow
+from bridge.calls import Call, CallStatus, EndedReason
+from bridge.errors import PbxActionError
 from bridge.events import CallGone, LegConnected
 from tests.flow_harness import Harness, facts
 from tests.memory_leg import MemoryLeg
@@ -377,21 +381,72 @@ async def test_hanging_up_while_a_transfer_is_tried_is_not_a_forwarded_call(
     make_harness: Callable[..., Any],
 ) -> None:
     """A transfer is done only once the PBX knows it worked: FreeSWITCH may ring the
-    destination for a minute, and the caller may give up meanwhile."""
+    destination for a minute, and the caller may give up meanwhile (the backend then fails the
+    transfer as the channel ends)."""
     h: Harness = await make_harness()
     await h.number()
     h.sink.answer({"destination": {"type": "number", "number": "+15557654321"}})
     ringing = asyncio.Event()
+    channel_ended = asyncio.Event()
 
     async def the_destination_rings() -> None:
         ringing.set()
-        await asyncio.Event().wait()  # no outcome yet
+        await channel_ended.wait()
+        raise PbxActionError("the channel ended during the transfer")
 
     h.pbx.during_transfer = the_destination_rings
     call = h.flow.offer(facts(), h.pbx)
     assert call is not None
     await ringing.wait()
     assert call.status is CallStatus.FORWARDING
+    channel_ended.set()
+    h.flow.hung_up("test", call.facts.pbx_call_id, by_caller=True)
+    report = await h.ended(call.id)
+    assert report["endedReason"] == "customer-ended-call-during-transfer"
+
+
+async def test_a_transfer_answered_before_the_channel_ended_is_a_forwarded_call(
+    make_harness: Callable[..., Any],
+) -> None:
+    """AMI answers the Redirect, then reports the channel's Hangup (a destination that answers
+    and hangs up at once, or fails at once): both may reach the flow before the transfer's
+    awaited answer does. The PBX's order decides, not the event loop's."""
+    h: Harness = await make_harness()
+    await h.number()
+    h.sink.answer({"destination": {"type": "sip", "sipUri": "sip:support@pbx.example.com"}})
+    call_box: list[Call] = []
+
+    async def answered_then_gone() -> None:
+        h.flow.hung_up("test", call_box[0].facts.pbx_call_id, by_caller=True)
+
+    h.pbx.during_transfer = answered_then_gone
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    call_box.append(call)
+    report = await h.ended(call.id)
+    assert report["endedReason"] == "assistant-request-returned-forwarding-phone-number"
+    assert "hangup" not in h.pbx.names()
+
+
+async def test_a_transfer_the_pbx_never_settles_after_the_channel_ended_ends_the_call(
+    make_harness: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backend should settle a transfer as its channel ends; one that does not is given up on
+    within a bound, and the call ends the way the PBX said."""
+    monkeypatch.setattr(callflow, "TRANSFER_SETTLE_S", 0.05)
+    h: Harness = await make_harness()
+    await h.number()
+    h.sink.answer({"destination": {"type": "number", "number": "+15557654321"}})
+    ringing = asyncio.Event()
+
+    async def the_destination_rings_forever() -> None:
+        ringing.set()
+        await asyncio.Event().wait()
+
+    h.pbx.during_transfer = the_destination_rings_forever
+    call = h.flow.offer(facts(), h.pbx)
+    assert call is not None
+    await ringing.wait()
     h.flow.hung_up("test", call.facts.pbx_call_id, by_caller=True)
     report = await h.ended(call.id)
     assert report["endedReason"] == "customer-ended-call-during-transfer"

@@ -63,6 +63,19 @@ def test_callee_checks_headers_and_references_its_variables() -> None:
     assert "<Reference" not in callee_scenario({})
 
 
+def test_a_callee_that_hangs_up_sends_the_bye_of_its_own_dialog() -> None:
+    xml = callee_scenario({"X-Account": "gold"}, hangs_up=True)
+    answered = xml.index('<recv request="ACK"/>')
+    bye = xml.index("BYE [next_url] SIP/2.0")
+    assert answered < bye and '<recv request="BYE"/>' not in xml
+    # From is the INVITE's To with the tag of the 200 OK, To the INVITE's From.
+    assert 'header="From:" assign_to="peer"' in xml and 'header="To:" assign_to="own"' in xml
+    assert "From:[$own];tag=[pid]SIPpTag01[call_number]\nTo:[$peer]\n" in xml
+    assert 'check_it="true"' in xml  # headers are still checked
+    waits = callee_scenario({})
+    assert '<recv request="BYE"/>' in waits and "BYE [next_url]" not in waits
+
+
 def test_free_ports() -> None:
     port = free_port(socket.SOCK_STREAM)
     with socket.socket() as probe:

@@ -7,6 +7,10 @@ streams the tone file for ``talk_ms``, listens for ``listen_ms``, optionally sen
 INFO, then hangs up. A BYE from the far end at any point is answered, so a call the bridge ends
 still counts as a completed scenario. The final status and who hung up are read back from
 SIPp's message trace.
+
+A transfer target (:class:`SippCallee`) answers one call, then waits for the BYE or, when
+asked, hangs up itself: a test that lets the target end the call never has a transfer racing
+the caller's own hang-up timer.
 """
 
 from __future__ import annotations
@@ -89,6 +93,21 @@ def _header_lines(headers: list[tuple[str, str]]) -> str:
             raise ValueError(f"header {name!r} cannot go into a SIPp scenario (CR, LF, [ or ])")
         lines.append(f"{name}: {value}")
     return "\n".join(lines)
+
+
+def _bye_answered(user: str) -> str:
+    """The 200 OK to the far end's BYE, made of the request's own headers."""
+    return f"""  <send><![CDATA[
+SIP/2.0 200 OK
+[last_Via:]
+[last_From:]
+[last_To:]
+[last_Call-ID:]
+[last_CSeq:]
+Contact: <sip:{user}@[local_ip]:[local_port]>
+Content-Length: 0
+
+]]></send>"""
 
 
 def scenario(plan: CallPlan) -> str:
@@ -185,17 +204,7 @@ Content-Length: 0
 ]]></send>
   <recv response="200" next="done"/>
   <label id="bye_in"/>
-  <send><![CDATA[
-SIP/2.0 200 OK
-[last_Via:]
-[last_From:]
-[last_To:]
-[last_Call-ID:]
-[last_CSeq:]
-Contact: <sip:{plan.from_user}@[local_ip]:[local_port]>
-Content-Length: 0
-
-]]></send>
+{_bye_answered(plan.from_user)}
   <nop next="done"/>
   <label id="rejected"/>
   <send><![CDATA[
@@ -287,23 +296,51 @@ class SippCaller:
         return SippResult(returncode, final, received_bye, sent_bye, trace, media_port)
 
 
-def callee_scenario(expect_headers: dict[str, str]) -> str:
+_CALLEE_AWAITS_BYE = f"""  <recv request="BYE"/>
+{_bye_answered("target")}"""
+# The BYE of a UAS: its From is the INVITE's To with the tag the 200 OK gave it, its To the
+# INVITE's From (both kept by _CALLEE_DIALOG), and it goes to the INVITE's Contact (rrs on the
+# INVITE: [next_url]).
+_CALLEE_DIALOG = (
+    '\n      <ereg regexp=".*" search_in="hdr" header="From:" assign_to="peer"/>'
+    '\n      <ereg regexp=".*" search_in="hdr" header="To:" assign_to="own"/>'
+)
+_CALLEE_HANGS_UP = """  <send retrans="500"><![CDATA[
+BYE [next_url] SIP/2.0
+Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+[routes]
+From:[$own];tag=[pid]SIPpTag01[call_number]
+To:[$peer]
+[last_Call-ID:]
+CSeq: 1 BYE
+Contact: <sip:target@[local_ip]:[local_port]>
+Max-Forwards: 70
+Content-Length: 0
+
+]]></send>
+  <recv response="200"/>"""
+
+
+def callee_scenario(expect_headers: dict[str, str], hangs_up: bool = False) -> str:
     """A SIPp UAS that answers one call (a transfer target) and checks headers it must get.
 
-    A missing header fails the scenario (``check_it``), so SIPp exits non-zero.
+    A missing header fails the scenario (``check_it``), so SIPp exits non-zero. With
+    ``hangs_up`` the target ends the call itself once answered; otherwise it waits for a BYE.
     """
     checks = "".join(
         f'\n      <ereg regexp="{re.escape(name)}: {re.escape(value)}" search_in="msg" '
         f'check_it="true" assign_to="h{index}"/>'
         for index, (name, value) in enumerate(expect_headers.items())
     )
+    if hangs_up:
+        checks += _CALLEE_DIALOG
     actions = f"<action>{checks}\n    </action>" if checks else ""
     # SIPp rejects a variable that is assigned and never used; <Reference> counts as a use.
     names = ",".join(f"h{index}" for index in range(len(expect_headers)))
     reference = f'\n  <Reference variables="{names}"/>' if names else ""
     return f"""<?xml version="1.0" encoding="ISO-8859-1" ?>
 <scenario name="sipbridge lab callee">
-  <recv request="INVITE">
+  <recv request="INVITE" rrs="true">
     {actions}
   </recv>
   <send><![CDATA[
@@ -330,17 +367,7 @@ Content-Length: [len]
 
 {_SDP}]]></send>
   <recv request="ACK"/>
-  <recv request="BYE"/>
-  <send><![CDATA[
-SIP/2.0 200 OK
-[last_Via:]
-[last_From:]
-[last_To:]
-[last_Call-ID:]
-[last_CSeq:]
-Content-Length: 0
-
-]]></send>{reference}
+{_CALLEE_HANGS_UP if hangs_up else _CALLEE_AWAITS_BYE}{reference}
 </scenario>
 """
 
@@ -360,12 +387,16 @@ class SippCallee:
         return f"sip:target@127.0.0.1:{self.port}"
 
     async def start(
-        self, expect_headers: dict[str, str] | None = None, timeout_s: int = 60
+        self,
+        expect_headers: dict[str, str] | None = None,
+        timeout_s: int = 60,
+        *,
+        hangs_up: bool = False,
     ) -> None:
-        """Listens for one call."""
+        """Listens for one call; with ``hangs_up`` it ends the call itself once answered."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         path = self.workdir / f"callee-{self.port}.xml"
-        path.write_text(callee_scenario(expect_headers or {}))
+        path.write_text(callee_scenario(expect_headers or {}, hangs_up))
         self.process = await asyncio.create_subprocess_exec(
             "sipp", "-sf", str(path), "-i", "127.0.0.1", "-mi", "127.0.0.1",
             "-p", str(self.port), "-mp", str(free_port(pair=True)), "-cp", str(free_port()),

@@ -25,6 +25,8 @@ from tests.pipeline_server import PipelineSession
 pytestmark = [pytest.mark.asterisk, pytest.mark.integration]
 
 TWILIO = {"pipeline": {"format": "twilio"}}
+# How long a caller waits for the far end to hang up: a bound for a broken call, never a wait.
+LONG_MS = 30_000
 
 
 class ToneCounter:
@@ -315,7 +317,9 @@ async def test_the_pipeline_transfers_the_call_mid_conversation(asterisk_lab: As
     lab = asterisk_lab
     target = SippCallee(lab.tmp / "callee", free_port())
     lab.extra.append(target)
-    await target.start(expect_headers={"X-Reason": "billing"})
+    # The target hangs up once it has answered, and the caller stays until then: the transfer
+    # never races a caller's timer, however slowly the machine gets there.
+    await target.start(expect_headers={"X-Reason": "billing"}, hangs_up=True)
 
     async def script(session: PipelineSession) -> None:
         await session.wait_audio(4000)  # a quarter of a second of the caller
@@ -333,9 +337,10 @@ async def test_the_pipeline_transfers_the_call_mid_conversation(asterisk_lab: As
     lab.pipeline.script = script
     await lab.serve_assistant(sipbridge=TWILIO)
     result, _ = await lab.call(
-        CallPlan(user="demo", tone_file=lab.tone_file(500), talk_ms=3000, listen_ms=500)
+        CallPlan(user="demo", tone_file=lab.tone_file(500), talk_ms=3000, listen_ms=LONG_MS)
     )
-    assert result.answered and result.bye_from_caller
+    # The BYE came from the target, through Asterisk: the caller was connected to it.
+    assert result.answered and result.bye_from_far_end and not result.bye_from_caller
     code, trace = await target.wait()
     assert code == 0, trace[-2000:]
     report = await lab.sink.wait_for_message("end-of-call-report")
@@ -352,7 +357,7 @@ async def test_a_pipeline_dying_mid_call_sends_the_caller_to_the_fallback(
     lab = asterisk_lab
     target = SippCallee(lab.tmp / "callee", free_port())
     lab.extra.append(target)
-    await target.start()
+    await target.start(hangs_up=True)  # as in the transfer test above: no race with a timer
 
     async def script(session: PipelineSession) -> None:
         await session.wait_audio(16000)  # half a second of the caller
@@ -361,9 +366,10 @@ async def test_a_pipeline_dying_mid_call_sends_the_caller_to_the_fallback(
     lab.pipeline.script = script
     await lab.serve_assistant({"fallbackDestination": {"type": "sip", "sipUri": target.uri}})
     result, _ = await lab.call(
-        CallPlan(user="demo", tone_file=lab.tone_file(500), talk_ms=3000, listen_ms=500)
+        CallPlan(user="demo", tone_file=lab.tone_file(500), talk_ms=3000, listen_ms=LONG_MS)
     )
-    assert result.answered and result.bye_from_caller  # the call went on, with the fallback
+    # The call went on with the fallback, which hung up.
+    assert result.answered and result.bye_from_far_end and not result.bye_from_caller
     code, trace = await target.wait()
     assert code == 0, trace[-2000:]
     report = await lab.sink.wait_for_message("end-of-call-report")
