@@ -31,8 +31,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from websockets.asyncio.server import ServerConnection, serve
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -49,48 +47,17 @@ from bridge.lab.asterisk import (  # noqa: E402
 )
 from bridge.lab.sipp import CallPlan, free_port, scenario  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pbxlab import (  # noqa: E402
+    all_call_records,
+    live_calls,
+    open_fds,
+    rss_kib,
+    run_echo_pipeline,
+)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SECRET = "soak-ami-secret"
-
-
-# ---- the echo pipeline (its own process) ---------------------------------------------------------
-
-
-async def run_echo_pipeline(port: int) -> None:
-    """Raw 8 kHz pipeline: sends every audio frame it gets straight back."""
-
-    async def session(ws: ServerConnection) -> None:
-        with contextlib.suppress(Exception):
-            async for message in ws:
-                if isinstance(message, bytes):
-                    await ws.send(message)
-
-    async with serve(session, "127.0.0.1", port, compression=None, max_size=2**20):
-        await asyncio.Future()
-
-
-# ---- sampling ------------------------------------------------------------------------------------
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def live_calls(client: ApiClient) -> int:
-    try:
-        calls = client.request(
-            "GET", "/call", None, {"status": "ringing,in-progress", "limit": "1000"}
-        )
-    except ApiClientError:
-        return -1
-    return len(calls)
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -196,15 +163,7 @@ async def soak(
                 if await asyncio.to_thread(live_calls, client) == 0:
                     break
                 await asyncio.sleep(0.2)
-            records: list[dict[str, Any]] = []
-            before: str | None = None
-            while True:
-                query = {"limit": "1000"} | ({"createdAtLt": before} if before else {})
-                page = client.request("GET", "/call", None, query)
-                records += page
-                if len(page) < 1000:
-                    break
-                before = page[-1]["createdAt"]
+            records = await asyncio.to_thread(all_call_records, client)
             reasons = Counter(str(r.get("endedReason")) for r in records)
             late = sum(
                 (r.get("sipbridge") or {}).get("media", {}).get("lateFrames", 0) for r in records
