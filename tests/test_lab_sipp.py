@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import socket
 from pathlib import Path
 
@@ -81,10 +82,16 @@ def test_free_ports() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", port))
     rtp = free_port(pair=True)
-    assert rtp % 2 == 0
-    with (
-        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a,
-        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b,
-    ):
-        a.bind(("127.0.0.1", rtp))
-        b.bind(("127.0.0.1", rtp + 1))
+    assert rtp % 4 == 0
+    with contextlib.ExitStack() as held:  # SIPp binds audio and video RTP/RTCP from -mp
+        for offset in range(4):
+            sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            sock.bind(("127.0.0.1", rtp + offset))
+
+
+def test_media_ports_for_callers_started_together_never_overlap() -> None:
+    """Twenty callers' -mp ports chosen before any SIPp binds them: one caller's video port was
+    another's audio port ("Unable to bind video RTP socket", the call never placed)."""
+    firsts = [free_port(pair=True) for _ in range(200)]
+    ports = [first + offset for first in firsts for offset in range(4)]
+    assert len(set(ports)) == len(ports)

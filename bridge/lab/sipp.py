@@ -16,6 +16,8 @@ the caller's own hang-up timer.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import re
 import shutil
 import socket
@@ -50,21 +52,35 @@ def _sdp(telephone_event: bool) -> str:
 _FINAL_ERRORS = (403, 404, 408, 480, 486, 488, 500, 501, 502, 503, 603)
 
 
+# SIPp binds four UDP ports from its -mp port: audio RTP and RTCP, then video RTP and RTCP.
+SIPP_MEDIA_PORTS = 4
+# Media ports handed out by this process: a probe frees its port at once, so without this two
+# callers started together could get overlapping blocks (one's video port is the other's audio).
+_handed_out: collections.deque[int] = collections.deque(maxlen=1024)
+
+
 def free_port(kind: int = socket.SOCK_DGRAM, pair: bool = False) -> int:
-    """A free loopback port (an even one with a free successor when ``pair`` is set, for RTP)."""
+    """A free loopback port; with ``pair``, the first of SIPp's four media ports (a multiple of
+    four, all four free now and none handed out before by this process)."""
     while True:
         with socket.socket(socket.AF_INET, kind) as probe:
             probe.bind(("127.0.0.1", 0))
             port = int(probe.getsockname()[1])
         if not pair:
             return port
-        if port % 2 == 0 and port < 65534:
-            try:
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as second:
-                    second.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
+        first = port - port % SIPP_MEDIA_PORTS
+        block = range(first, first + SIPP_MEDIA_PORTS)
+        if first < 1024 or block[-1] > 65535 or any(p in _handed_out for p in block):
+            continue
+        try:
+            with contextlib.ExitStack() as held:
+                for candidate in block:
+                    sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        _handed_out.extend(block)
+        return first
 
 
 @dataclass
