@@ -1,12 +1,23 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 from pathlib import Path
 
 import pytest
 
-from bridge.lab.sipp import CallPlan, callee_scenario, free_port, parse_trace, scenario
+from bridge.lab import sipp
+from bridge.lab.sipp import (
+    CallPlan,
+    SippCallee,
+    SippCaller,
+    callee_scenario,
+    could_not_bind,
+    free_port,
+    parse_trace,
+    scenario,
+)
 
 DATA = Path(__file__).parent / "data"
 
@@ -93,5 +104,49 @@ def test_media_ports_for_callers_started_together_never_overlap() -> None:
     """Twenty callers' -mp ports chosen before any SIPp binds them: one caller's video port was
     another's audio port ("Unable to bind video RTP socket", the call never placed)."""
     firsts = [free_port(pair=True) for _ in range(200)]
-    ports = [first + offset for first in firsts for offset in range(4)]
+    singles = [free_port() for _ in range(400)]  # their SIP and control ports
+    ports = [first + offset for first in firsts for offset in range(4)] + singles
     assert len(set(ports)) == len(ports)
+
+
+def test_a_caller_whose_port_was_taken_since_the_probe_is_placed_again() -> None:
+    """Seen in CI: another process took the probed control port before SIPp bound it ("Unable to
+    bind remote control socket … errno = 98"), and the call was never placed."""
+    errors = "Unable to bind remote control socket to UDP port 52422, errno = 98 (Address already in use)"
+    assert could_not_bind(255, "", errors)
+    assert not could_not_bind(0, "", errors)
+    assert not could_not_bind(255, "----- sent\nINVITE sip:demo@127.0.0.1:5060 SIP/2.0", errors)
+    assert not could_not_bind(1, "", "Aborting call on unexpected message")
+
+
+@pytest.mark.skipif(shutil.which("sipp") is None, reason="needs sipp (apt-get install sip-tester)")
+async def test_a_real_caller_retries_when_its_control_port_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", 0))
+    single_ports: list[int] = []
+
+    def probe(kind: int = socket.SOCK_DGRAM, pair: bool = False) -> int:
+        port = free_port(kind, pair)
+        if not pair:
+            single_ports.append(port)
+            if len(single_ports) == 2:  # the first attempt's -cp
+                return int(taken.getsockname()[1])
+        return port
+
+    callee = SippCallee(tmp_path / "callee", free_port())
+    await callee.start(timeout_s=30)
+    monkeypatch.setattr(sipp, "free_port", probe)
+    try:
+        result = await SippCaller(f"127.0.0.1:{callee.port}", tmp_path / "caller").call(
+            CallPlan(user="target", talk_ms=0, listen_ms=200), name="retry"
+        )
+        code, _ = await callee.wait()
+    finally:
+        taken.close()
+        await callee.stop()
+    assert result.answered and result.bye_from_caller and result.returncode == 0, result.trace
+    assert code == 0
+    assert len(single_ports) == 4  # two attempts, each a SIP port and a control port
+    assert "could not bind a port" in caplog.text

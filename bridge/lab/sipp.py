@@ -18,11 +18,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import re
 import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # The audio offer/answer: PCMU, 20 ms packets, and (where asked for) RFC 4733 telephone-events.
 _SDP = """v=0
@@ -54,19 +57,25 @@ _FINAL_ERRORS = (403, 404, 408, 480, 486, 488, 500, 501, 502, 503, 603)
 
 # SIPp binds four UDP ports from its -mp port: audio RTP and RTCP, then video RTP and RTCP.
 SIPP_MEDIA_PORTS = 4
-# Media ports handed out by this process: a probe frees its port at once, so without this two
-# callers started together could get overlapping blocks (one's video port is the other's audio).
-_handed_out: collections.deque[int] = collections.deque(maxlen=1024)
+# Tries to start a caller whose ports were taken between the probe and SIPp's bind.
+BIND_ATTEMPTS = 3
+# Ports handed out by this process: a probe frees its port at once and the kernel may offer it
+# again, so without this two callers started together could get overlapping blocks (one's video
+# port the other's audio), or one SIPp its own SIP port as its control port.
+_handed_out: collections.deque[int] = collections.deque(maxlen=4096)
 
 
 def free_port(kind: int = socket.SOCK_DGRAM, pair: bool = False) -> int:
-    """A free loopback port; with ``pair``, the first of SIPp's four media ports (a multiple of
-    four, all four free now and none handed out before by this process)."""
+    """A free loopback port never handed out before by this process; with ``pair``, the first of
+    SIPp's four media ports (a multiple of four, all four free now)."""
     while True:
         with socket.socket(socket.AF_INET, kind) as probe:
             probe.bind(("127.0.0.1", 0))
             port = int(probe.getsockname()[1])
         if not pair:
+            if port in _handed_out:
+                continue
+            _handed_out.append(port)
             return port
         first = port - port % SIPP_MEDIA_PORTS
         block = range(first, first + SIPP_MEDIA_PORTS)
@@ -286,7 +295,6 @@ class SippCaller:
         trace_path = self.workdir / f"{name}.messages.log"
         scenario_path.write_text(scenario(plan))
         trace_path.unlink(missing_ok=True)
-        media_port = media_port or free_port(pair=True)
         total_ms = (
             plan.ring_timeout_ms
             + plan.silent_ms
@@ -294,22 +302,39 @@ class SippCaller:
             + plan.listen_ms
             + 400 * len(plan.dtmf)
         )
-        process = await asyncio.create_subprocess_exec(
-            "sipp", self.target,
-            "-sf", str(scenario_path),
-            "-s", plan.user,
-            "-i", "127.0.0.1", "-mi", "127.0.0.1",
-            "-p", str(free_port()), "-mp", str(media_port), "-cp", str(free_port()),
-            "-m", "1", "-nostdin", "-timeout", f"{total_ms // 1000 + 10}s", "-timeout_error",
-            "-trace_msg", "-message_file", str(trace_path),
-            "-trace_err", "-error_file", str(self.workdir / f"{name}.errors.log"),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-            cwd=str(self.workdir),
-        )  # fmt: skip
-        returncode = await process.wait()
-        trace = trace_path.read_text(errors="replace") if trace_path.exists() else ""
+        error_path = self.workdir / f"{name}.errors.log"
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            trace_path.unlink(missing_ok=True)
+            error_path.unlink(missing_ok=True)
+            rtp_port = media_port or free_port(pair=True)
+            process = await asyncio.create_subprocess_exec(
+                "sipp", self.target,
+                "-sf", str(scenario_path),
+                "-s", plan.user,
+                "-i", "127.0.0.1", "-mi", "127.0.0.1",
+                "-p", str(free_port()), "-mp", str(rtp_port), "-cp", str(free_port()),
+                "-m", "1", "-nostdin", "-timeout", f"{total_ms // 1000 + 10}s", "-timeout_error",
+                "-trace_msg", "-message_file", str(trace_path),
+                "-trace_err", "-error_file", str(error_path),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                cwd=str(self.workdir),
+            )  # fmt: skip
+            returncode = await process.wait()
+            trace = trace_path.read_text(errors="replace") if trace_path.exists() else ""
+            errors = error_path.read_text(errors="replace") if error_path.exists() else ""
+            if not could_not_bind(returncode, trace, errors) or attempt == BIND_ATTEMPTS:
+                break
+            # A probed port is free when probed, not when SIPp binds it: another process may
+            # take it meanwhile. Nothing was sent, so placing the call again is safe.
+            log.warning("SIPp could not bind a port (%s); placing the call again", errors.strip())
         final, received_bye, sent_bye = parse_trace(trace)
-        return SippResult(returncode, final, received_bye, sent_bye, trace, media_port)
+        return SippResult(returncode, final, received_bye, sent_bye, trace, rtp_port)
+
+
+def could_not_bind(returncode: int, trace: str, errors: str) -> bool:
+    """Whether SIPp exited before sending anything because a port it was given was taken."""
+    taken = "errno = 98" in errors or "Address already in use" in errors
+    return returncode != 0 and taken and "INVITE sip:" not in trace
 
 
 _CALLEE_AWAITS_BYE = f"""  <recv request="BYE"/>
