@@ -106,6 +106,23 @@ async def test_a_reset_as_asterisk_hangs_up_is_the_callers_hangup(
     )
 
 
+async def test_a_write_after_asterisks_close_is_the_callers_hangup() -> None:
+    """Seen in the soak: a frame written after Asterisk closed the socket failed with EPIPE,
+    and asyncio (connection_lost) hands that error to the reader, which raised it before
+    the EOF behind it: it was reported as a failed media leg, not the caller's hangup."""
+    reader = asyncio.StreamReader()
+    reader.feed_data(wire.encode_audio(b"\x01\x00" * 160))
+    reader.feed_eof()
+    reader.set_exception(BrokenPipeError(32, "Broken pipe"))  # what connection_lost(exc) does
+    leg = AudioSocketLeg(reader, None, wire.FrameDecoder(), "call")  # type: ignore[arg-type]
+    events = await leg.receive()
+    assert events == [
+        LegClosed(
+            by_caller=True, detail="Asterisk closed the connection as the call ended (broken pipe)"
+        )
+    ]
+
+
 async def test_garbage_closes_the_leg_with_a_reason(
     server: tuple[AudioSocketServer, Handler],
 ) -> None:

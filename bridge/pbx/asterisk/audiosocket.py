@@ -64,12 +64,19 @@ class AudioSocketLeg:
         while True:
             try:
                 data = await self._reader.read(READ_BYTES)
-            except ConnectionResetError:
+            except (ConnectionResetError, BrokenPipeError) as exc:
                 # Asterisk closes the socket as the channel ends; when our next frames were
                 # still unread there, the kernel answers with a reset instead of a FIN (seen
-                # under load with 20 calls hanging up at once). It is the same hangup.
+                # under load with 20 calls hanging up at once), and when a frame of ours was
+                # written after its close, asyncio hands the reader that write's EPIPE (seen
+                # in the hour-long soak). It is the same hangup.
                 self.closed = True
-                return [LegClosed(by_caller=True, detail="connection reset as the call ended")]
+                detail = (
+                    "connection reset as the call ended"
+                    if isinstance(exc, ConnectionResetError)
+                    else "Asterisk closed the connection as the call ended (broken pipe)"
+                )
+                return [LegClosed(by_caller=True, detail=detail)]
             except (ConnectionError, OSError) as exc:
                 self.closed = True
                 return [LegClosed(by_caller=False, detail=f"AudioSocket read failed: {exc}")]
