@@ -128,17 +128,25 @@ class Resampler:
             )
             return converted
         samples = np.frombuffer(pcm, dtype="<i2", count=len(pcm) // SAMPLE_WIDTH)
-        signal: npt.NDArray[np.float64] = samples.astype(np.float64)
+        kept = self._stuff_and_filter(samples.astype(np.float64))
+        # In place, and the ufuncs themselves: np.clip's checks cost more than the filter.
+        np.rint(kept, out=kept)
+        np.maximum(kept, -32768, out=kept)
+        np.minimum(kept, 32767, out=kept)
+        return kept.astype("<i2").tobytes()
+
+    def _stuff_and_filter(self, signal: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        assert self._taps is not None
         if self.up > 1:
             stuffed = np.zeros(len(signal) * self.up)
             stuffed[:: self.up] = signal
             signal = stuffed
-        window = np.concatenate((self._history, signal))
+        window = np.concatenate((self._history, signal), dtype=np.float64)
         filtered = np.convolve(window, self._taps, mode="valid")
         self._history = window[len(window) - len(self._history) :]
         kept = filtered[self._phase :: self.down]
         self._phase = (self._phase - len(filtered)) % self.down
-        return np.clip(np.rint(kept), -32768, 32767).astype("<i2").tobytes()
+        return kept
 
 
 class Transcoder:

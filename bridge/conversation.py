@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from bridge.audio import FRAME_MS, PlayoutBuffer, Transcoder, frame_bytes
 from bridge.calls import Call
 from bridge.events import MediaLeg
+from bridge.media.clock import FrameClock
 from bridge.media.session import CallControl, MediaSession, MediaTap, SessionResult
 from bridge.models import without_secrets
 from bridge.pipeline import PipelineConnection
@@ -73,8 +74,10 @@ class Conversation:
         dialect: Dialect,
         media_settings: MediaSettings,
         taps: Sequence[MediaTap] = (),
+        frame_clock: FrameClock | None = None,
     ) -> None:
         self._stream = stream
+        self._frame_clock = frame_clock
         self._dialect = dialect
         self._media_settings = media_settings
         self._taps = taps
@@ -103,6 +106,7 @@ class Conversation:
             ended=ended,
             logger=logger,
             taps=self._taps,
+            frame_clock=self._frame_clock,
         )
         self._session = session
         self.running = True
@@ -184,6 +188,8 @@ class Conversations:
         self._tls = tls
         self._media_settings = media
         self._tap_factories = taps
+        # Every call's paced writer runs on this one clock's ticks.
+        self.frame_clock = FrameClock()
 
     async def open(
         self,
@@ -210,4 +216,4 @@ class Conversations:
             raise
         logger.info("pipeline %s open (%s)", target.url, dialect.name)
         taps = [tap for make in self._tap_factories if (tap := make(call, decision)) is not None]
-        return Conversation(stream, dialect, self._media_settings, taps)
+        return Conversation(stream, dialect, self._media_settings, taps, self.frame_clock)

@@ -1,7 +1,7 @@
 """One call's conversation: the PBX audio leg and the pipeline stream, pumped both ways.
 
-Four loops (and watchers of the call and of its transfer) run per call; nothing per frame is
-scheduled separately:
+Three loops, a writer on the shared frame clock, and watchers of the call and of its transfer
+run per call; nothing per frame is scheduled separately:
 
 - PBX reader: caller audio (converted to the pipeline's format) and DTMF go to the pipeline.
   Asterisk sends nothing during gaps in the caller's RTP; that only pauses this loop.
@@ -9,7 +9,9 @@ scheduled separately:
   someone reads); audio goes to the playout buffer, control messages are acted on.
 - paced writer: every 20 ms on an absolute schedule, the next frame from the playout buffer
   (silence when it is empty) goes to the PBX, which neither paces nor fills silence itself.
-  Marks are echoed once the frame before them went out.
+  Marks are echoed once the frame before them went out. It is not a loop of its own: one
+  :class:`~bridge.media.clock.FrameClock` tick runs every call's writer (one timer per 20 ms
+  for the whole service, not one per call).
 - control sender: mark echoes go out through one bounded outbox, so a pipeline that reads
   slowly can never hold up the paced writer (and the echoes keep their order).
 
@@ -37,6 +39,7 @@ from typing import Any, Protocol
 from bridge.audio import FRAME_MS, Pacer, PlayoutBuffer, Transcoder
 from bridge.calls import EndedReason
 from bridge.events import LegAudio, LegDtmf, MediaLeg
+from bridge.media.clock import FrameClock
 from bridge.protocol.pipeline import (
     AudioIn,
     Clear,
@@ -77,8 +80,9 @@ class PipelineStream(Protocol):
     async def send(self, message: str | bytes) -> None:
         """Sends one message."""
 
-    async def send_audio(self, data: str | bytes) -> bool:
-        """Sends audio unless the pipeline is not keeping up (then drops it, returns False)."""
+    def send_audio(self, data: str | bytes) -> bool:
+        """Sends audio now unless the pipeline is not keeping up or gone (then drops it,
+        returns False); never waits."""
 
     async def receive(self) -> str | bytes | None:
         """The next message, or None once closed."""
@@ -176,6 +180,7 @@ class MediaSession:
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log,
         clock: Callable[[], float] = time.monotonic,
         taps: Sequence[MediaTap] = (),
+        frame_clock: FrameClock | None = None,
     ) -> None:
         self.leg = leg
         self.stream = stream
@@ -189,6 +194,9 @@ class MediaSession:
         self.stats = SessionStats()
         self._ignored_reasons: set[str] = set()
         self.taps = tuple(taps)
+        # Shared by every call of the service (one timer per tick); a session alone gets its own.
+        self.frame_clock = frame_clock or FrameClock()
+        self._pacer = Pacer(0.0)  # replaced when the writer subscribes to the clock
         self._ending: SessionResult | None = None
         self._ending_deadline = 0.0
         self._outbox: asyncio.Queue[str | bytes] = asyncio.Queue(OUTBOX_MAX_MESSAGES)
@@ -257,7 +265,7 @@ class MediaSession:
                     stats.frames_from_pbx += 1
                     for tap in self.taps:
                         self._tap(tap, tap.caller_audio, event.pcm)
-                    if await stream.send_audio(dialect.audio(transcoder.to_pipeline(event.pcm))):
+                    if stream.send_audio(dialect.audio(transcoder.to_pipeline(event.pcm))):
                         stats.frames_to_pipeline += 1
                     else:
                         stats.dropped_to_pipeline += 1
@@ -376,24 +384,43 @@ class MediaSession:
                 self.log.warning("pipeline is not reading: mark %r not echoed", name)
 
     async def _writer(self) -> SessionResult:
-        clock, playout, leg, stats = self.clock, self.playout, self.leg, self.stats
-        pacer = Pacer(clock())
-        while True:
-            delay = pacer.next_due - clock()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            else:
-                # Catching up after a stall: still yield once per frame, so that a clear that
-                # has arrived meanwhile applies to this frame (silence within one frame).
-                await asyncio.sleep(0)
-            now = clock()
+        """The paced writer: the frame clock's ticks send what is due (see _write_due)."""
+        done: asyncio.Future[SessionResult] = asyncio.get_running_loop().create_future()
+
+        def on_tick(now: float) -> None:
+            if done.done():
+                return
+            try:
+                result = self._write_due(now)
+            except Exception as exc:  # the session ends this call (WORKER_DIED), not the clock
+                done.set_exception(exc)
+                return
+            if result is not None:
+                done.set_result(result)
+
+        subscription, first_due = self.frame_clock.subscribe(on_tick)
+        self._pacer = Pacer(first_due)
+        try:
+            return await done
+        finally:
+            self.frame_clock.unsubscribe(subscription)
+
+    def _write_due(self, now: float) -> SessionResult | None:
+        """At a tick: sends the frames due by ``now`` (one, unless the loop was late), or sheds
+        them when it was too late to catch up; returns the result once the session is over."""
+        pacer, playout, leg, stats = self._pacer, self.playout, self.leg, self.stats
+        behind = now - pacer.next_due
+        missed = pacer.skip_missed(now)
+        if missed:
+            stats.late_frames += 1
+            stats.max_lateness_s = max(stats.max_lateness_s, behind)
+            self._shed(missed)
+        # Half a period of slack: a tick's timer may fire a hair before its due time.
+        while pacer.next_due <= now + pacer.period_s / 2:
             lateness = now - pacer.next_due
             if lateness > 0.005:
                 stats.late_frames += 1
                 stats.max_lateness_s = max(stats.max_lateness_s, lateness)
-            missed = pacer.skip_missed(now)
-            if missed:
-                self._shed(missed)
             frame, marks = playout.next_frame()
             if leg.send_audio(frame):
                 stats.frames_to_pbx += 1
@@ -405,8 +432,9 @@ class MediaSession:
             pacer.sent()
             if marks:
                 self._marks_played(marks)
-            if self._ending is not None and (playout.idle or now >= self._ending_deadline):
+            if self._ending is not None and (playout.idle or self.clock() >= self._ending_deadline):
                 return self._ending
+        return None
 
     def _shed(self, missed: int) -> None:
         """The loop was starved past catching up: the audio due meanwhile is dropped, not
