@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +60,10 @@ from bridge.audio import (
     sine,
     ulaw_to_pcm,
 )
+from bridge.media.clock import FrameClock
 from bridge.media.session import MediaSession
 from bridge.pbx.asterisk.audiosocket import AudioSocketLeg, AudioSocketServer
+from bridge.pbx.freeswitch.unicast import UnicastLeg, UnicastMedia
 from bridge.pipeline import PipelineConnection
 from bridge.protocol import audiosocket as wire
 from bridge.protocol.pipeline import Dialect, RawDialect, SessionInfo
@@ -78,6 +80,9 @@ RESULTS = Path(__file__).parent / "results"
 # raw16 resamples both ways (8 ↔ 16 kHz), as the raw dialect's default does; its caller frames
 # lose their index in the resampler, so it has no latency figure.
 PIPELINE_RATES = {"raw": 8000, "raw16": 16000, "twilio": 8000}
+# The PBX legs the simulator can play: Asterisk's AudioSocket (TCP), FreeSWITCH's unicast
+# (UDP datagrams of L16, the socket bound per call as the backend asks over ESL).
+LEG_NAMES = {"asterisk": "AudioSocket", "freeswitch": "unicast"}
 
 
 def cpu_seconds() -> float:
@@ -109,7 +114,7 @@ def frame_index(ulaw: bytes) -> int | None:
 # ---- the measured side: sipbridge's media path ------------------------------------------------
 
 
-async def run_bridge(pipeline_url: str, dialect_name: str, state: Path) -> None:
+async def run_bridge(pipeline_url: str, dialect_name: str, state: Path, pbx: str) -> None:
     settings = PipelineSettings(ping_interval_s=5.0, ping_timeout_s=5.0)
     playout_frames = MediaSettings().playout_max_ms // FRAME_MS
     stats: list[dict[str, Any]] = []
@@ -127,14 +132,15 @@ async def run_bridge(pipeline_url: str, dialect_name: str, state: Path) -> None:
             return None
 
     conversations: set[asyncio.Task[None]] = set()
+    frame_clock = FrameClock()  # one for every call, as Conversations has
 
-    def on_leg(call_id: str, leg: AudioSocketLeg) -> None:
+    def on_leg(call_id: str, leg: AudioSocketLeg | UnicastLeg) -> None:
         # The call flow's part: run the conversation, then free the leg.
         task = asyncio.ensure_future(converse(call_id, leg))
         conversations.add(task)
         task.add_done_callback(conversations.discard)
 
-    async def converse(call_id: str, leg: AudioSocketLeg) -> None:
+    async def converse(call_id: str, leg: AudioSocketLeg | UnicastLeg) -> None:
         stream = await PipelineConnection.open(pipeline_url, {}, settings)
         info = SessionInfo(
             call_id=call_id,
@@ -164,6 +170,7 @@ async def run_bridge(pipeline_url: str, dialect_name: str, state: Path) -> None:
             playout=PlayoutBuffer(frame_bytes(leg.rate), max_frames=playout_frames),
             control=NoControl(),
             ended=asyncio.Event(),
+            frame_clock=frame_clock,
         )
         result = await session.run()
         await session.finish(result.reason.value if result.reason else "ended")
@@ -180,17 +187,45 @@ async def run_bridge(pipeline_url: str, dialect_name: str, state: Path) -> None:
             }
         )
 
-    server = AudioSocketServer("127.0.0.1", 0, 4096, on_leg)
-    await server.start()
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    if pbx == "asterisk":
+        server = AudioSocketServer("127.0.0.1", 0, 4096, on_leg)
+        await server.start()
+        port, close = server.port, server.aclose
+    else:
+        unicast = UnicastMedia("127.0.0.1", None, on_leg=on_leg, start_timeout_s=30)
+        control = await asyncio.start_server(
+            lambda r, w: unicast_control(unicast, r, w), "127.0.0.1", 0
+        )
+        port = control.sockets[0].getsockname()[1]
+
+        async def close() -> None:
+            control.close()
+            await unicast.aclose()
+
     before = resource.getrusage(resource.RUSAGE_SELF)
-    print(server.port, flush=True)
+    print(port, flush=True)
     await stop.wait()
     after = resource.getrusage(resource.RUSAGE_SELF)
-    await server.aclose()
+    await close()
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     (state / "bridge.json").write_text(json.dumps({"cpuSeconds": cpu, "sessions": stats}))
+
+
+async def unicast_control(
+    unicast: UnicastMedia, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """What the FreeSWITCH backend does over ESL, as lines: ``open CALL HOST PORT`` binds the
+    call's unicast socket (answered with its port), ``hangup CALL`` is CHANNEL_HANGUP."""
+    async for line in reader:
+        command, call_id, *where = line.decode().split()
+        if command == "open":
+            _, port = await unicast.open(call_id, call_id, (where[0], int(where[1])))
+            writer.write(f"{port}\n".encode())
+        else:
+            unicast.hung_up(call_id)
+    writer.close()
 
 
 # ---- the PBX side -----------------------------------------------------------------------------
@@ -222,7 +257,20 @@ class PbxCall(asyncio.Protocol):
         self.closed.set()
 
 
-async def run_pbx(port: int, calls: int, seconds: float, state: Path) -> None:
+class PbxUnicastCall(asyncio.DatagramProtocol):
+    """One call's unicast socket, as FreeSWITCH binds it: it sends the caller's frames from
+    here and plays what sipbridge sends back."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[float] = []
+        self.silent: list[bool] = []
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.arrivals.append(time.monotonic())
+        self.silent.append(data == SILENT_PCM)
+
+
+async def run_pbx(port: int, calls: int, seconds: float, state: Path, pbx: str) -> None:
     """Starts the calls spread over one second, as calls arrive in life (all at once would
     line every call's 20 ms frame up at the same instant, an artificial worst case)."""
     loop = asyncio.get_running_loop()
@@ -232,7 +280,48 @@ async def run_pbx(port: int, calls: int, seconds: float, state: Path) -> None:
     legs: dict[str, PbxCall] = {}
     begin = loop.time() + 0.2
 
+    async def speak(call_id: str, send: Callable[[int], object]) -> None:
+        """The caller's frames, one every 20 ms on an absolute schedule, each timestamped."""
+        times = sent[call_id] = []
+        start = loop.time() + 0.3  # the pipeline connects meanwhile, as while a call rings
+        for index in range(frames):
+            delay = start + index * FRAME_S - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            send(index)
+            times.append(time.monotonic())
+
+    unicast_calls: dict[str, PbxUnicastCall] = {}
+    control: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+    control_lock = asyncio.Lock()
+    if pbx == "freeswitch":
+        control = await asyncio.open_connection("127.0.0.1", port)
+
+    async def unicast_call(number: int) -> None:
+        assert control is not None
+        call_id = str(uuid.uuid4())
+        start = begin + number / calls
+        await asyncio.sleep(max(0.0, start - loop.time()))
+        transport, protocol = await loop.create_datagram_endpoint(
+            PbxUnicastCall, local_addr=("127.0.0.1", 0)
+        )
+        unicast_calls[call_id] = protocol
+        host, own_port = transport.get_extra_info("sockname")[:2]
+        async with control_lock:
+            control[1].write(f"open {call_id} {host} {own_port}\n".encode())
+            bridge_port = int(await control[0].readline())
+        destination = ("127.0.0.1", bridge_port)
+        await speak(
+            call_id, lambda index: transport.sendto(caller_frame(index, filler), destination)
+        )
+        async with control_lock:
+            control[1].write(f"hangup {call_id}\n".encode())
+        transport.close()
+
     async def call(number: int) -> None:
+        if pbx == "freeswitch":
+            await unicast_call(number)
+            return
         call_id = str(uuid.uuid4())
         start = begin + number / calls
         await asyncio.sleep(max(0.0, start - loop.time()))
@@ -241,18 +330,16 @@ async def run_pbx(port: int, calls: int, seconds: float, state: Path) -> None:
         assert protocol.transport is not None
         transport = protocol.transport
         transport.write(wire.encode_call_id(uuid.UUID(call_id)))
-        times = sent[call_id] = []
-        start = loop.time() + 0.3  # the pipeline connects meanwhile, as while a call rings
-        for index in range(frames):
-            delay = start + index * FRAME_S - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            transport.write(wire.encode_audio(caller_frame(index, filler)))
-            times.append(time.monotonic())
+        await speak(
+            call_id, lambda index: transport.write(wire.encode_audio(caller_frame(index, filler)))
+        )
         transport.write(wire.encode_hangup())
         await protocol.closed.wait()
 
     await asyncio.gather(*(call(number) for number in range(calls)))
+    if control is not None:
+        control[1].close()
+    ends: dict[str, PbxCall | PbxUnicastCall] = {**legs, **unicast_calls}
     (state / "pbx.json").write_text(
         json.dumps(
             {
@@ -260,7 +347,7 @@ async def run_pbx(port: int, calls: int, seconds: float, state: Path) -> None:
                 "sent": sent,
                 "calls": {
                     call_id: {"arrivals": p.arrivals, "silent": p.silent}
-                    for call_id, p in legs.items()
+                    for call_id, p in ends.items()
                 },
             }
         )
@@ -438,7 +525,7 @@ async def spawn(*args: str) -> tuple[asyncio.subprocess.Process, int]:
 
 
 async def one_run(
-    calls: int, seconds: float, dialect: str, profile: Path | None = None
+    calls: int, seconds: float, dialect: str, profile: Path | None = None, pbx: str = "asterisk"
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="sipbridge-bench-") as directory:
         state = Path(directory)
@@ -448,21 +535,24 @@ async def one_run(
             "--state", directory,
             "--pipeline-url", f"ws://127.0.0.1:{pipeline_port}/pipeline",
             "--dialect", dialect,
+            "--pbx", pbx,
             *(["--profile"] if profile else []),
         )  # fmt: skip
-        pbx = await asyncio.create_subprocess_exec(
+        simulator = await asyncio.create_subprocess_exec(
             sys.executable, __file__, "pbx",
             "--state", directory,
             "--port", str(audiosocket_port),
             "--calls", str(calls),
             "--seconds", str(seconds),
+            "--pbx", pbx,
         )  # fmt: skip
-        await pbx.wait()
+        await simulator.wait()
         for process in (bridge, pipeline):
             process.send_signal(signal.SIGTERM)
             await process.wait()
         result = analyse(state, calls, seconds)
         result["dialect"] = dialect
+        result["pbx"] = pbx
         if profile is not None:
             shutil.copyfile(state / "bridge.prof", profile)
         return result
@@ -470,15 +560,16 @@ async def one_run(
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| dialect | calls | jitter p50/p99/max ms | clear→silence p50/p99/max ms "
+        "| PBX leg | dialect | calls | jitter p50/p99/max ms | clear→silence p50/p99/max ms "
         "| frames after clear (max) | caller→pipeline p50/p99 ms | CPU % of a core "
         "| simulators' CPU % | dropped | late >5 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         j, c, lat = r["pacingJitterToPbxMs"], r["clearToSilenceMs"], r["callerToPipelineLatencyMs"]
         lines.append(
-            f"| {r['dialect']} | {r['calls']} | {j['p50']}/{j['p99']}/{j['max']} "
+            f"| {LEG_NAMES[r.get('pbx', 'asterisk')]} | {r['dialect']} | {r['calls']} "
+            f"| {j['p50']}/{j['p99']}/{j['max']} "
             f"| {c['p50']}/{c['p99']}/{c['max']} | {r['replyFramesAfterClear']['max']} "
             f"| {lat.get('p50', '–')}/{lat.get('p99', '–')} | {r['bridgeCpuPercentOfOneCore']} "
             f"| {r['pbxSimulatorCpuPercent'] + r['pipelineSimulatorCpuPercent']:.0f} "
@@ -488,13 +579,18 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 async def orchestrate(
-    calls: list[int], seconds: float, dialects: list[str], profile: Path | None
+    calls: list[int],
+    seconds: float,
+    dialects: list[str],
+    profile: Path | None,
+    pbxes: Sequence[str] = ("asterisk",),
 ) -> dict[str, Any]:
     results = []
-    for dialect in dialects:
-        for count in calls:
-            print(f"running {count} calls, {dialect}, {seconds:g} s…", file=sys.stderr)
-            results.append(await one_run(count, seconds, dialect, profile))
+    for pbx in pbxes:
+        for dialect in dialects:
+            for count in calls:
+                print(f"running {count} calls, {pbx}, {dialect}, {seconds:g} s…", file=sys.stderr)
+                results.append(await one_run(count, seconds, dialect, profile, pbx))
     document = {
         "benchmark": "media_path",
         "sipbridge": __version__,
@@ -531,10 +627,14 @@ def main() -> None:
         sub.add_argument("--calls", type=int, default=1)
         sub.add_argument("--seconds", type=float, default=10)
         sub.add_argument("--profile", action="store_true")
+        sub.add_argument("--pbx", default="asterisk", choices=sorted(LEG_NAMES))
     parser.add_argument("--calls", type=int, nargs="+", default=[1, 50, 100])
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument(
         "--dialect", nargs="+", default=["raw", "twilio"], choices=sorted(PIPELINE_RATES)
+    )
+    parser.add_argument(
+        "--pbx", nargs="+", default=["asterisk", "freeswitch"], choices=sorted(LEG_NAMES)
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "media_path.json")
     parser.add_argument("--profile", type=Path, help="write cProfile stats of sipbridge here")
@@ -542,19 +642,21 @@ def main() -> None:
     if args.role == "bridge" and args.profile:
         # Where sipbridge's CPU goes (cProfile slows Python calls: read the shares, not times).
         cProfile.runctx(
-            "asyncio.run(run_bridge(args.pipeline_url, args.dialect, args.state))",
+            "asyncio.run(run_bridge(args.pipeline_url, args.dialect, args.state, args.pbx))",
             globals(),
             {"args": args},
             str(args.state / "bridge.prof"),
         )
     elif args.role == "bridge":
-        asyncio.run(run_bridge(args.pipeline_url, args.dialect, args.state))
+        asyncio.run(run_bridge(args.pipeline_url, args.dialect, args.state, args.pbx))
     elif args.role == "pbx":
-        asyncio.run(run_pbx(args.port, args.calls, args.seconds, args.state))
+        asyncio.run(run_pbx(args.port, args.calls, args.seconds, args.state, args.pbx))
     elif args.role == "pipeline":
         asyncio.run(run_pipeline(args.state))
     else:
-        document = asyncio.run(orchestrate(args.calls, args.seconds, args.dialect, args.profile))
+        document = asyncio.run(
+            orchestrate(args.calls, args.seconds, args.dialect, args.profile, args.pbx)
+        )
         write_results(document, args.out)
 
 

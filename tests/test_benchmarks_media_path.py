@@ -37,9 +37,13 @@ def test_caller_frames_keep_their_index_through_both_dialects() -> None:
     assert bench.frame_index(b"\xff\x00\x00") is None
 
 
-async def test_a_short_run_measures_every_figure() -> None:
+@pytest.mark.parametrize("pbx", ["asterisk", "freeswitch"])
+async def test_a_short_run_measures_every_figure(pbx: str) -> None:
+    """Through AudioSocket, and through FreeSWITCH's unicast leg (the simulator binds its
+    sockets as FreeSWITCH does and asks for the call's socket as the backend's ESL would)."""
     bench = load()
-    result = await bench.one_run(calls=2, seconds=4.0, dialect="twilio")
+    result = await bench.one_run(calls=2, seconds=4.0, dialect="twilio", pbx=pbx)
+    assert result["pbx"] == pbx
     assert result["sessions"] == 2
     assert result["framesToPbx"] >= 2 * 150
     assert result["pacingJitterToPbxMs"]["count"] >= 2 * 100
