@@ -146,8 +146,20 @@ class Conversation:
                 "assistantFramesShedLate": playout.shed_frames,
                 "assistantFramesCleared": playout.cleared_frames,
                 "assistantFramesUnplayedAtEnd": playout.queued_frames,
+                **self._tap_counters(logger),
             },
         )
+
+    def _tap_counters(
+        self, logger: logging.Logger | logging.LoggerAdapter[logging.Logger]
+    ) -> dict[str, int]:
+        counters: dict[str, int] = {}
+        for tap in self._taps:
+            try:
+                counters.update(tap.counters())
+            except Exception:  # a tap's bug must not cost the call its report
+                logger.exception("media tap %s could not count", tap)
+        return counters
 
     async def close(self, reason: str) -> None:
         """Tells the pipeline the call's final end reason (``stop``, once the media ran) and

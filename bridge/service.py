@@ -28,10 +28,11 @@ from bridge.events import LinkChanged, PbxEvent, PbxKind
 from bridge.metrics import Metrics
 from bridge.overload import EventLoopLag, watch_event_loop
 from bridge.pbx import build_backends
+from bridge.recordings import RecordingWriter, clean_up, recorder_factory
 from bridge.records import CallRecorder
 from bridge.resources import Resources
 from bridge.routing import RoutingDefaults, admit
-from bridge.settings import Settings, is_loopback
+from bridge.settings import Settings, is_loopback, recordings_directory
 from bridge.store import ListQuery, Store
 from bridge.tasks import cancel_and_wait
 from bridge.tls import client_context
@@ -87,6 +88,12 @@ class Service:
         self._links_changed = asyncio.Event()
         self.event_loop_lag = EventLoopLag()
         self._lag_watch: asyncio.Task[None] | None = None
+        self.recording_writer = RecordingWriter(
+            on_failure=lambda error: self.metrics.recordings_stopped_total.inc()
+        )
+        self._recordings_cleanup: asyncio.Task[None] | None = None
+        self.recordings_path = recordings_directory(settings)
+        self.recordings_cleaned = asyncio.Event()  # set after each clean-up pass
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -123,6 +130,10 @@ class Service:
             self.resources.use_org_id(settings.api.org_id)
         org_id = await self.resources.org_id()
         self.recorder.start()
+        self.recording_writer.start()
+        self._recordings_cleanup = asyncio.create_task(
+            self._clean_up_recordings(), name="recordings-cleanup"
+        )
         tls = client_context(settings.tls)
         self._http = open_session(settings.webhooks, tls)
         client = WebhookClient(self._http, settings.webhooks, self.metrics)
@@ -139,7 +150,18 @@ class Service:
             org_id=org_id,
             media_timeout_s=settings.media.connect_timeout_s,
             new_call_id=lambda: str(uuid.uuid4()),
-            conversations=Conversations(settings.pipeline, settings.media, tls=tls),
+            conversations=Conversations(
+                settings.pipeline,
+                settings.media,
+                taps=[
+                    recorder_factory(
+                        self.recordings_path,
+                        settings.recordings.enabled_by_default,
+                        self.recording_writer,
+                    )
+                ],
+                tls=tls,
+            ),
             event_loop_lag=lambda: self.event_loop_lag.sustained(time.monotonic()),
         )
         events = _Events(self, self._callflow)
@@ -173,6 +195,23 @@ class Service:
             )
         if not is_loopback(settings.api.host):
             log.info("the API listens beyond loopback; every request needs the API key")
+
+    async def _clean_up_recordings(self) -> None:
+        """Applies the recordings' retention and size cap at start, then periodically."""
+        settings = self.settings.recordings
+        while True:
+            try:
+                await asyncio.to_thread(
+                    clean_up,
+                    self.recordings_path,
+                    time.time(),
+                    settings.retention_days,
+                    settings.max_total_mb * 1024 * 1024,
+                )
+            except OSError as error:
+                log.error("recordings clean-up failed: %s", error)
+            self.recordings_cleaned.set()
+            await asyncio.sleep(settings.cleanup_interval_s)
 
     async def _settle_left_over(self) -> None:
         """Calls the previous run left live end now (see CallFlow.settle_left_over).
@@ -242,6 +281,11 @@ class Service:
             await self._http.close()
             self._http = None
         await self.recorder.aclose()
+        if self._recordings_cleanup is not None:
+            await cancel_and_wait([self._recordings_cleanup])
+            self._recordings_cleanup = None
+        # The calls are over: their last chunks are written before the service stops.
+        await asyncio.to_thread(self.recording_writer.close)
         await self.store.aclose()
         if self._lag_watch is not None:
             await cancel_and_wait([self._lag_watch])

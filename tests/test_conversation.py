@@ -299,9 +299,11 @@ async def test_a_tap_factory_gives_each_accepted_call_its_tap(
     h.flow.post(LegConnected(call.id, leg))
     leg.inbox.put_nowait(LegAudio(sine(700, 0.02)))
     leg.inbox.put_nowait(LegClosed(by_caller=True))
-    await h.ended(call.id)
+    report = await h.ended(call.id)
     [(call_id, tap)] = made
     assert call_id == call.id and tap.said == [sine(700, 0.02)] and tap.closed
+    # What the tap counted joins the call's media counters.
+    assert report["call"]["sipbridge"]["media"]["tappedFrames"] == len(tap.heard)
 
 
 async def test_a_wss_pipeline_with_a_private_ca(

@@ -346,6 +346,9 @@ class RecordingTap:
     def close(self) -> None:
         self.closed = True
 
+    def counters(self) -> dict[str, int]:
+        return {"tappedFrames": len(self.heard)}
+
 
 class BrokenTap(RecordingTap):
     def played_audio(self, pcm: bytes) -> None:

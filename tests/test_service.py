@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import os
 import shutil
 import socket
 import sqlite3
 import time
+import wave
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -13,7 +16,7 @@ from typing import cast
 import aiohttp
 import pytest
 
-from bridge.audio import sine, tone_share
+from bridge.audio import rms, sine, tone_share
 from bridge.errors import ConfigError, PbxAuthError
 from bridge.events import invite_facts
 from bridge.overload import EventLoopLag
@@ -276,6 +279,20 @@ async def test_a_call_through_freeswitch_from_park_to_report(
         await service.aclose()
         transport.close()
         await peer.stop()
+    # Recorded (Vapi's default): the caller left, what the caller heard right, tick by tick.
+    media = report.message["call"]["sipbridge"]["media"]
+    path = service.recordings_path / f"{report.message['call']['id']}.stereo.wav"
+    with wave.open(str(path), "rb") as recording:
+        assert recording.getnframes() == media["recordedFrames"] * 160
+        assert recording.getnchannels() == 2 and recording.getframerate() == 8000
+        samples = array.array("h", recording.readframes(recording.getnframes()))
+    assert media["recordedFrames"] >= media["framesToCaller"] and media["recordingFailed"] == 0
+    left, right = samples[0::2].tobytes(), samples[1::2].tobytes()
+    assert tone_share(left[: 30 * 320], 8000, 700) > 0.99  # the 0.6 s the caller said
+    assert rms(left[30 * 320 :]) == 0  # then silence
+    ticks = [right[offset : offset + 320] for offset in range(0, len(right), 320)]
+    reply_ticks = [tone_share(tick, 8000, 1300) > 0.9 for tick in ticks]
+    assert sum(reply_ticks) == media["assistantFramesPlayed"] == 50
 
 
 async def freeswitch_service(
@@ -508,3 +525,22 @@ async def test_calls_a_killed_sipbridge_left_are_settled_once_by_the_next(
         record = await second.service.get_call(report.message["call"]["id"])
         assert record is not None and record["status"] == "ended"
     assert len(sink.messages("end-of-call-report")) == 1
+
+
+async def test_recordings_past_their_retention_go_at_start(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    directory = tmp_path / "kept-recordings"
+    directory.mkdir()
+    old, recent = directory / "old.stereo.wav", directory / "recent.stereo.wav"
+    for path in (old, recent):
+        path.write_bytes(b"RIFF")
+    stamp = time.time() - 3 * 86400
+    os.utime(old, (stamp, stamp))
+    service = Service(make_settings(recordings={"path": str(directory), "retention_days": 2}))
+    await service.start()
+    try:
+        await asyncio.wait_for(service.recordings_cleaned.wait(), 5)
+        assert not old.exists() and recent.exists()
+    finally:
+        await service.aclose()

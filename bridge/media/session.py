@@ -142,6 +142,9 @@ class MediaTap(Protocol):
     def close(self) -> None:
         """The session is over: no more frames."""
 
+    def counters(self) -> Mapping[str, int]:
+        """What the tap counted, for the call's media counters (``call.sipbridge.media``)."""
+
 
 @dataclass
 class SessionStats:
