@@ -119,6 +119,8 @@ class RecordingWriter:
         self._lock = threading.Lock()
         self._on_failure = on_failure
         self._thread: threading.Thread | None = None
+        # Calls whose recording is still being written, set once its files are closed.
+        self._unfinished: dict[str, threading.Event] = {}
 
     def start(self) -> None:
         """Starts the writer's thread."""
@@ -131,12 +133,20 @@ class RecordingWriter:
             if self._queued_chunks >= self._backlog_chunks:
                 return False
             self._queued_chunks += 1
+            self._unfinished.setdefault(recording.call_id, threading.Event())
         self._jobs.put((recording, stereo, mono))
         return True
 
     def finish(self, recording: Recording) -> None:
         """Queues the recording's close, after its chunks."""
         self._jobs.put((recording, None, None))
+
+    def wait_finished(self, call_id: str, timeout_s: float) -> bool:
+        """Waits until the call's recording files are complete (blocking: call it off the
+        loop); False if they were still being written after ``timeout_s``."""
+        with self._lock:
+            unfinished = self._unfinished.get(call_id)
+        return unfinished is None or unfinished.wait(timeout_s)
 
     def close(self) -> None:
         """Writes what is queued, then stops the thread (blocking: call it off the loop)."""
@@ -150,6 +160,10 @@ class RecordingWriter:
             recording, stereo, mono = job
             if stereo is None or mono is None:
                 recording.close()
+                with self._lock:
+                    finished = self._unfinished.pop(recording.call_id, None)
+                if finished is not None:
+                    finished.set()
                 continue
             with self._lock:
                 self._queued_chunks -= 1

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,22 +24,27 @@ from bridge import __version__
 from bridge.api import create_app
 from bridge.backend import PbxBackend
 from bridge.callflow import CallFlow
+from bridge.calls import Call
 from bridge.conversation import Conversations
 from bridge.events import LinkChanged, PbxEvent, PbxKind
 from bridge.metrics import Metrics
 from bridge.overload import EventLoopLag, watch_event_loop
 from bridge.pbx import build_backends
-from bridge.recordings import RecordingWriter, clean_up, recorder_factory
+from bridge.recording import Channel, RecordingLinks, was_recorded
+from bridge.recordings import RecordingWriter, clean_up, recorder_factory, recording_path
 from bridge.records import CallRecorder
 from bridge.resources import Resources
 from bridge.routing import RoutingDefaults, admit
-from bridge.settings import Settings, is_loopback, recordings_directory
+from bridge.settings import Settings, api_base_url, is_loopback, recordings_directory
 from bridge.store import ListQuery, Store
 from bridge.tasks import cancel_and_wait
 from bridge.tls import client_context
 from bridge.webhooks import WebhookClient, WebhookDispatcher, open_session
 
 log = logging.getLogger(__name__)
+
+# How long a download of an ended call's recording waits for its last chunks to be written.
+RECORDING_FINISH_WAIT_S = 5.0
 
 
 # A call record in one of these was live when the previous run stopped.
@@ -94,6 +100,7 @@ class Service:
         self._recordings_cleanup: asyncio.Task[None] | None = None
         self.recordings_path = recordings_directory(settings)
         self.recordings_cleaned = asyncio.Event()  # set after each clean-up pass
+        self._recording_links: RecordingLinks | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -163,6 +170,7 @@ class Service:
                 tls=tls,
             ),
             event_loop_lag=lambda: self.event_loop_lag.sustained(time.monotonic()),
+            recording_links=self.recording_links,
         )
         events = _Events(self, self._callflow)
         for backend in build_backends(settings):
@@ -180,6 +188,7 @@ class Service:
         await site.start()
         addresses = self._runner.addresses
         self.api_port = int(addresses[0][1]) if addresses else settings.api.port
+        await self._sign_recording_links()
         log.info(
             "sipbridge %s: API on http://%s:%s, store %s",
             __version__,
@@ -195,6 +204,27 @@ class Service:
             )
         if not is_loopback(settings.api.host):
             log.info("the API listens beyond loopback; every request needs the API key")
+
+    async def _sign_recording_links(self) -> None:
+        """Recording links from now on: the configured key or the database's, and the public
+        base URL (else the API's own, with the port it really got)."""
+        recordings = self.settings.recordings
+        if recordings.url_secret is not None:
+            secret = recordings.url_secret.get_secret_value()
+        else:
+            secret = await self.store.recording_url_secret()
+        if recordings.public_url:
+            base_url = recordings.public_url.rstrip("/")
+        else:
+            api = self.settings.api.model_copy(update={"port": self.api_port})
+            base_url = api_base_url(self.settings.model_copy(update={"api": api}))
+        self._recording_links = RecordingLinks(secret.encode(), base_url, recordings.url_lifetime_s)
+
+    def recording_links(self, call: Call, now: datetime) -> dict[str, Any]:
+        """The recording fields of a recorded call's ``artifact`` (empty if not recorded)."""
+        if self._recording_links is None or not was_recorded(call.media):
+            return {}
+        return self._recording_links.artifact(call.id, now)
 
     async def _clean_up_recordings(self) -> None:
         """Applies the recordings' retention and size cap at start, then periodically."""
@@ -329,14 +359,41 @@ class Service:
         return result[: query.limit]
 
     async def get_call(self, call_id: str) -> dict[str, Any] | None:
-        """A live call's current state, its unsaved snapshot, or its stored record."""
+        """A live call's current state, its unsaved snapshot, or its stored record; a
+        recorded call's ``artifact`` with fresh recording links."""
         live = self.callflow.get(call_id)
         if live is not None:
             return live.to_json()
-        unsaved = self.recorder.unsaved(call_id)
-        if unsaved is not None:
-            return unsaved
-        return await self.store.get_call(call_id)
+        record = self.recorder.unsaved(call_id)
+        if record is None:
+            record = await self.store.get_call(call_id)
+        if record is None or self._recording_links is None:
+            return record
+        if not was_recorded(record.get("sipbridge", {}).get("media", {})):
+            return record
+        links = self._recording_links.artifact(record["id"], self.clock())
+        return {**record, "artifact": {**record.get("artifact", {}), **links}}
+
+    async def recording_file(self, call_id: str, channel: Channel) -> Path | None:
+        """The call's recording in ``channel``, if there is one."""
+        if Path(call_id).name != call_id or call_id.startswith("."):
+            return None  # not a call id: nothing outside the directory is ever named
+        if self.callflow.get(call_id) is None:
+            # An ended call's last second may still be on its way to the disk.
+            await asyncio.to_thread(
+                self.recording_writer.wait_finished, call_id, RECORDING_FINISH_WAIT_S
+            )
+        path = recording_path(self.recordings_path, call_id, channel)
+        return path if await asyncio.to_thread(path.is_file) else None
+
+    def recording_link_valid(
+        self, call_id: str, channel: Channel, *, expires: int, signature: str
+    ) -> bool:
+        """Whether a signed recording link is ours and still valid."""
+        links = self._recording_links
+        return links is not None and links.valid(
+            call_id, channel, expires=expires, signature=signature, now=time.time()
+        )
 
     async def hangup_call(self, call_id: str) -> bool:
         """Hangs up a live call (``manually-canceled``)."""

@@ -370,6 +370,19 @@ class RecordingSettings(_Section):
     cleanup_interval_s: float = Field(
         3600.0, gt=0, description="How often retention and the size cap are applied."
     )
+    public_url: str | None = Field(
+        None,
+        description="Base URL of the API as webhook receivers reach it, for the signed "
+        "recording links in reports. Default: the API's own base URL.",
+    )
+    url_secret: SecretStr | None = Field(
+        None,
+        description="HMAC key signing recording links. Default: one generated with the "
+        "database and kept in it.",
+    )
+    url_lifetime_s: int = Field(
+        86400, ge=60, description="How long a signed recording link works after the report."
+    )
 
 
 class LogSettings(_Section):

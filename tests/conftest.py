@@ -12,8 +12,11 @@ from typing import Any
 import pytest
 import trustme
 
+from bridge.calls import Call
+from bridge.events import invite_facts
 from bridge.service import Service
 from bridge.settings import Settings, load_settings
+from tests.fake_pbx import FakePbx
 from tests.flow_harness import make_harness
 from tests.pipeline_server import PipelineServer
 from tests.webhook_sink import WebhookSink
@@ -110,6 +113,25 @@ async def service(make_settings: Callable[..., Settings]) -> AsyncIterator[Servi
     await running.start()
     yield running
     await running.aclose()
+
+
+async def offer_accepted(
+    service: Service, user: str, assistant: dict[str, Any]
+) -> tuple[Call, FakePbx]:
+    """A call to a new number ``user`` with ``assistant``, offered by a fake PBX and accepted
+    (its media about to connect)."""
+    created = await service.resources.create("assistant", assistant)
+    await service.resources.create(
+        "phone_number", {"sipUri": f"sip:{user}@x", "assistantId": created["id"]}
+    )
+    pbx = FakePbx()
+    facts = invite_facts(
+        pbx="test", pbx_call_id="p1", channel="c", request_user=user, request_host="x"
+    )
+    call = service.callflow.offer(facts, pbx)
+    assert call is not None
+    await pbx.wait_for("connect_media")
+    return call, pbx
 
 
 async def raw_request(port: int | None, request: bytes) -> tuple[int, bytes]:

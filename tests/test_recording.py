@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import array
+from datetime import UTC, datetime
+from urllib.parse import parse_qsl, urlsplit
 
 from bridge.audio import frame_bytes, silence, sine, tone_share
-from bridge.recording import FrameAligner, rate_of_frame
+from bridge.recording import (
+    FrameAligner,
+    RecordingLinks,
+    link_valid,
+    rate_of_frame,
+    sign,
+    was_recorded,
+)
 
 FRAME = frame_bytes(8000)
 
@@ -75,3 +84,43 @@ def test_a_short_caller_frame_is_padded_to_the_tick() -> None:
 def test_rate_from_a_frame() -> None:
     assert rate_of_frame(silence(8000)) == 8000
     assert rate_of_frame(silence(16000)) == 16000
+
+
+def test_links_are_signed_and_expire() -> None:
+    secret = b"s" * 32
+    signature = sign(secret, "call-1", "stereo", 1000)
+    assert link_valid(secret, "call-1", "stereo", expires=1000, signature=signature, now=999.0)
+    assert not link_valid(secret, "call-1", "stereo", expires=1000, signature=signature, now=1000)
+    assert not link_valid(secret, "call-1", "mono", expires=1000, signature=signature, now=1.0)
+    assert not link_valid(secret, "call-2", "stereo", expires=1000, signature=signature, now=1.0)
+    assert not link_valid(secret, "call-1", "stereo", expires=2000, signature=signature, now=1.0)
+    assert not link_valid(b"t" * 32, "call-1", "stereo", expires=1000, signature=signature, now=1)
+
+
+def test_artifact_links_are_vapi_shaped_and_verify() -> None:
+    links = RecordingLinks(b"k" * 32, "https://sb.example.com", lifetime_s=3600)
+    now = datetime(2026, 12, 6, 1, 0, tzinfo=UTC)
+    artifact = links.artifact("call/1", now)
+    assert artifact["recording"] == {
+        "stereoUrl": artifact["stereoRecordingUrl"],
+        "mono": {"combinedUrl": artifact["recordingUrl"]},
+    }
+    assert artifact["presignedUrlsExpiresAt"] == "2026-12-06T02:00:00.000Z"
+    url = urlsplit(artifact["stereoRecordingUrl"])
+    assert (url.scheme, url.netloc, url.path) == (
+        "https",
+        "sb.example.com",
+        "/recording/call%2F1.stereo.wav",
+    )
+    query = dict(parse_qsl(url.query))
+    expires = int(query["expires"])
+    assert expires == int(now.timestamp()) + 3600
+    signature = query["signature"]
+    assert links.valid("call/1", "stereo", expires=expires, signature=signature, now=0)
+    assert not links.valid("call/1", "mono", expires=expires, signature=signature, now=0)
+    assert "mono.wav" in artifact["recordingUrl"]
+
+
+def test_recorded_by_the_counters() -> None:
+    assert was_recorded({"recordedFrames": 3}) and not was_recorded({"recordedFrames": 0})
+    assert not was_recorded({})

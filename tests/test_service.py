@@ -18,12 +18,12 @@ import pytest
 
 from bridge.audio import rms, sine, tone_share
 from bridge.errors import ConfigError, PbxAuthError
-from bridge.events import invite_facts
 from bridge.overload import EventLoopLag
 from bridge.pbx.freeswitch.backend import FreeswitchBackend
 from bridge.protocol import esl
 from bridge.service import Service
 from bridge.settings import Settings
+from tests.conftest import offer_accepted
 from tests.esl_peer import (
     CALL,
     ORPHAN,
@@ -33,7 +33,6 @@ from tests.esl_peer import (
     TRANSFER_OK,
     EslPeer,
 )
-from tests.fake_pbx import FakePbx
 from tests.pipeline_server import PipelineServer, PipelineSession
 from tests.test_store import corrupt_calls_table
 from tests.webhook_sink import WebhookSink
@@ -129,19 +128,9 @@ async def test_a_ca_file_without_certificates_fails_start(
 
 
 async def test_drain_waits_for_live_calls(service: Service, pipeline: PipelineServer) -> None:
-    assistant = await service.resources.create(
-        "assistant", {"name": "A", "sipbridge": {"pipeline": {"url": pipeline.url}}}
+    call, pbx = await offer_accepted(
+        service, "alice", {"name": "A", "sipbridge": {"pipeline": {"url": pipeline.url}}}
     )
-    await service.resources.create(
-        "phone_number", {"sipUri": "sip:alice@x", "assistantId": assistant["id"]}
-    )
-    pbx = FakePbx()
-    facts = invite_facts(
-        pbx="test", pbx_call_id="p1", channel="c", request_user="alice", request_host="x"
-    )
-    call = service.callflow.offer(facts, pbx)
-    assert call is not None
-    await pbx.wait_for("connect_media")
     assert not await service.drain(0.05)  # the call is still live
     draining = asyncio.ensure_future(service.drain(10))
     await asyncio.sleep(0)
