@@ -378,7 +378,8 @@ class Service:
         """The call's recording in ``channel``, if there is one."""
         if Path(call_id).name != call_id or call_id.startswith("."):
             return None  # not a call id: nothing outside the directory is ever named
-        if self.callflow.get(call_id) is None:
+        live = self.callflow.get(call_id)
+        if live is None or live.ended_reason is not None:
             # An ended call's last second may still be on its way to the disk.
             await asyncio.to_thread(
                 self.recording_writer.wait_finished, call_id, RECORDING_FINISH_WAIT_S

@@ -19,15 +19,14 @@ from vapi.phone_numbers import CreatePhoneNumbersRequest_Vapi, UpdatePhoneNumber
 from vapi.types import Server
 
 from bridge.api import MAX_BODY_DEPTH, list_query, nesting_depth
-from bridge.audio import sine, tone_share
+from bridge.audio import tone_share
 from bridge.errors import ValidationFailed
-from bridge.events import LegAudio, LegClosed, LegConnected, invite_facts
+from bridge.events import invite_facts
 from bridge.service import Service
 from bridge.settings import Settings
-from tests.conftest import API_KEY, offer_accepted, raw_request
+from tests.conftest import API_KEY, raw_request, recorded_call
 from tests.fake_pbx import FakePbx
-from tests.memory_leg import MemoryLeg
-from tests.pipeline_server import PipelineServer, PipelineSession
+from tests.pipeline_server import PipelineServer
 from tests.webhook_sink import WebhookSink
 
 
@@ -352,27 +351,6 @@ async def _sdk_round_trip(service: Service, vapi: AsyncVapi) -> None:
     with pytest.raises(ApiError) as caught:
         await vapi.assistants.get(assistant.id)
     assert caught.value.status_code == 404
-
-
-async def recorded_call(
-    service: Service, pipeline: PipelineServer, assistant: dict[str, Any]
-) -> str:
-    """A call through the service whose caller says 440 Hz while the pipeline plays 1000 Hz."""
-
-    async def script(session: PipelineSession) -> None:
-        await session.send(sine(1000, 0.4, 16000))
-
-    pipeline.script = script
-    call, _ = await offer_accepted(service, "rec", assistant)
-    leg = MemoryLeg()
-    service.callflow.post(LegConnected(call.id, leg))
-    caller = sine(440, 0.5)
-    for index, offset in enumerate(range(0, len(caller), 320)):
-        leg.inbox.put_nowait(LegAudio(caller[offset : offset + 320]))
-        await leg.wait_sent(index + 1)  # the caller speaks in step with what is played
-    await leg.wait_sent(30)
-    leg.inbox.put_nowait(LegClosed(by_caller=True))
-    return call.id
 
 
 @pytest.fixture
