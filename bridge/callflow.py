@@ -455,6 +455,7 @@ class CallFlow:
             if conversation is not None:
                 reason = live.call.ended_reason
                 await conversation.close(reason.value if reason else "ended")
+                live.call.media.update(conversation.tap_counters())
 
     def _finished(self, live: LiveCall) -> None:
         """The call's task is over (even one cancelled before it began): report, once."""

@@ -145,5 +145,6 @@ class RecordingLinks:
 
 
 def was_recorded(media: Mapping[str, Any]) -> bool:
-    """Whether a call's media counters (``call.sipbridge.media``) show a recording."""
-    return int(media.get("recordedFrames", 0)) > 0
+    """Whether a call's media counters (``call.sipbridge.media``) show a whole recording (one
+    that stopped on a write error is cut short, or missing: it is not linked)."""
+    return int(media.get("recordedFrames", 0)) > 0 and not media.get("recordingFailed")

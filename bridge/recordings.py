@@ -12,6 +12,7 @@ counted; the call goes on.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -35,6 +36,8 @@ CHUNK_FRAMES = 50
 # Chunks waiting for the writer across all calls; beyond this the disk is not keeping up and
 # further chunks are dropped (counted), never queued without bound.
 WRITER_BACKLOG_CHUNKS = 512
+# How long waiting for a recording's last chunks to reach the disk may take.
+FINISH_WAIT_S = 5.0
 
 
 def recording_path(directory: Path, call_id: str, channel: Channel) -> Path:
@@ -191,6 +194,7 @@ class Recorder:
         self._aligner = FrameAligner()
         self._stereo: list[bytes] = []
         self._mono: list[bytes] = []
+        self._closed = False
 
     def caller_audio(self, pcm: bytes) -> None:
         self._aligner.caller(pcm)
@@ -209,6 +213,12 @@ class Recorder:
     def close(self) -> None:
         self._hand_on()
         self._writer.finish(self._recording)
+        self._closed = True
+
+    async def wait_closed(self) -> None:
+        if self._closed:  # a tap dropped for failing was never closed: nothing to wait for
+            call_id = self._recording.call_id
+            await asyncio.to_thread(self._writer.wait_finished, call_id, FINISH_WAIT_S)
 
     def counters(self) -> Mapping[str, int]:
         recording = self._recording

@@ -31,7 +31,13 @@ from bridge.metrics import Metrics
 from bridge.overload import EventLoopLag, watch_event_loop
 from bridge.pbx import build_backends
 from bridge.recording import Channel, RecordingLinks, was_recorded
-from bridge.recordings import RecordingWriter, clean_up, recorder_factory, recording_path
+from bridge.recordings import (
+    FINISH_WAIT_S,
+    RecordingWriter,
+    clean_up,
+    recorder_factory,
+    recording_path,
+)
 from bridge.records import CallRecorder
 from bridge.resources import Resources
 from bridge.routing import RoutingDefaults, admit
@@ -42,9 +48,6 @@ from bridge.tls import client_context
 from bridge.webhooks import WebhookClient, WebhookDispatcher, open_session
 
 log = logging.getLogger(__name__)
-
-# How long a download of an ended call's recording waits for its last chunks to be written.
-RECORDING_FINISH_WAIT_S = 5.0
 
 
 # A call record in one of these was live when the previous run stopped.
@@ -381,9 +384,7 @@ class Service:
         live = self.callflow.get(call_id)
         if live is None or live.ended_reason is not None:
             # An ended call's last second may still be on its way to the disk.
-            await asyncio.to_thread(
-                self.recording_writer.wait_finished, call_id, RECORDING_FINISH_WAIT_S
-            )
+            await asyncio.to_thread(self.recording_writer.wait_finished, call_id, FINISH_WAIT_S)
         path = recording_path(self.recordings_path, call_id, channel)
         return path if await asyncio.to_thread(path.is_file) else None
 

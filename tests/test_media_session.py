@@ -346,6 +346,9 @@ class RecordingTap:
     def close(self) -> None:
         self.closed = True
 
+    async def wait_closed(self) -> None:
+        assert self.closed
+
     def counters(self) -> dict[str, int]:
         return {"tappedFrames": len(self.heard)}
 

@@ -124,3 +124,4 @@ def test_artifact_links_are_vapi_shaped_and_verify() -> None:
 def test_recorded_by_the_counters() -> None:
     assert was_recorded({"recordedFrames": 3}) and not was_recorded({"recordedFrames": 0})
     assert not was_recorded({})
+    assert not was_recorded({"recordedFrames": 3, "recordingFailed": 1})

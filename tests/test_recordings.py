@@ -4,6 +4,7 @@ a crash mid-call, a full disk, retention and the size cap, and who gets recorded
 from __future__ import annotations
 
 import array
+import asyncio
 import contextlib
 import errno
 import os
@@ -228,3 +229,20 @@ def test_retention_then_the_size_cap_oldest_first(tmp_path: Path) -> None:
     assert clean_up(tmp_path, time.time(), retention_days=0, max_total_bytes=200) == 1
     assert not old.exists() and newer.exists() and newest.exists() and other.exists()
     assert clean_up(tmp_path / "missing", time.time(), 30, 1) == 0
+
+
+async def test_waiting_for_a_closed_recorder_means_its_files_are_whole(
+    tmp_path: Path, writer: RecordingWriter
+) -> None:
+    recorder = Recorder(Recording("waited", tmp_path), writer)
+    ticks = play_call(recorder, 1.3)
+    recorder.close()
+    await recorder.wait_closed()
+    params, _ = read(recording_path(tmp_path, "waited", "stereo"))
+    assert params.nframes == ticks * FRAME // 2
+    dropped = Recorder(Recording("dropped", tmp_path), writer)
+    play_call(dropped, 1.1)  # then dropped for failing: never closed
+    async with asyncio.timeout(1):
+        await dropped.wait_closed()
+    dropped.close()  # as the conversation does for a tap its session dropped
+    await dropped.wait_closed()

@@ -23,7 +23,7 @@ from bridge.pbx.freeswitch.backend import FreeswitchBackend
 from bridge.protocol import esl
 from bridge.service import Service
 from bridge.settings import Settings
-from tests.conftest import offer_accepted
+from tests.conftest import offer_accepted, recorded_call
 from tests.esl_peer import (
     CALL,
     ORPHAN,
@@ -533,3 +533,28 @@ async def test_recordings_past_their_retention_go_at_start(
         assert not old.exists() and recent.exists()
     finally:
         await service.aclose()
+
+
+async def test_a_recording_that_cannot_be_written_never_costs_the_call(
+    make_settings: Callable[..., Settings],
+    pipeline: PipelineServer,
+    sink: WebhookSink,
+    tmp_path: Path,
+) -> None:
+    not_a_directory = tmp_path / "taken"
+    not_a_directory.write_text("a file where the recordings should go")
+    service = Service(
+        make_settings(
+            recordings={"path": str(not_a_directory)}, webhooks={"default_server_url": sink.url}
+        )
+    )
+    await service.start()
+    try:
+        await recorded_call(service, pipeline, {"sipbridge": {"pipeline": {"url": pipeline.url}}})
+        report = (await sink.wait_for_message("end-of-call-report")).message
+    finally:
+        await service.aclose()
+    assert report["endedReason"] == "customer-ended-call"
+    assert report["call"]["sipbridge"]["media"]["recordingFailed"] == 1
+    assert "recordingUrl" not in report["artifact"]
+    assert b"sipbridge_recordings_stopped_total 1.0" in service.metrics.render()
