@@ -19,7 +19,7 @@ import os
 import queue
 import threading
 import wave
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -144,6 +144,11 @@ class RecordingWriter:
         """Queues the recording's close, after its chunks."""
         self._jobs.put((recording, None, None))
 
+    def unfinished(self) -> set[str]:
+        """The calls whose recordings are still being written."""
+        with self._lock:
+            return set(self._unfinished)
+
     def wait_finished(self, call_id: str, timeout_s: float) -> bool:
         """Waits until the call's recording files are complete (blocking: call it off the
         loop); False if they were still being written after ``timeout_s``."""
@@ -263,14 +268,23 @@ def recorder_factory(
     return make
 
 
-def clean_up(directory: Path, now: float, retention_days: float, max_total_bytes: int) -> int:
+def clean_up(
+    directory: Path,
+    now: float,
+    retention_days: float,
+    max_total_bytes: int,
+    recording_now: Collection[str] = (),
+) -> int:
     """Deletes recordings older than the retention (0: kept), then the oldest ones beyond the
-    size cap (0: none); says how many files went. Blocking: run it off the event loop."""
+    size cap (0: none), never those of the calls in ``recording_now``; says how many files
+    went. Blocking: run it off the event loop."""
     try:
         entries = [
             (entry.stat().st_mtime, entry.stat().st_size, Path(entry.path))
             for entry in os.scandir(directory)
-            if entry.is_file() and entry.name.endswith(".wav")
+            if entry.is_file()
+            and entry.name.endswith(".wav")
+            and entry.name.split(".", 1)[0] not in recording_now
         ]
     except FileNotFoundError:
         return 0

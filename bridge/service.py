@@ -240,6 +240,7 @@ class Service:
                     time.time(),
                     settings.retention_days,
                     settings.max_total_mb * 1024 * 1024,
+                    self.recording_writer.unfinished(),
                 )
             except OSError as error:
                 log.error("recordings clean-up failed: %s", error)

@@ -229,6 +229,20 @@ def test_retention_then_the_size_cap_oldest_first(tmp_path: Path) -> None:
     assert clean_up(tmp_path, time.time(), retention_days=0, max_total_bytes=200) == 1
     assert not old.exists() and newer.exists() and newest.exists() and other.exists()
     assert clean_up(tmp_path / "missing", time.time(), 30, 1) == 0
+    # A call still being recorded keeps its files, whatever the cap.
+    assert clean_up(tmp_path, time.time(), 0, 1, recording_now={"d"}) == 1
+    assert not newer.exists() and newest.exists()
+
+
+def test_the_writer_knows_which_recordings_are_unfinished(tmp_path: Path) -> None:
+    writer = RecordingWriter()
+    recorder = Recorder(Recording("busy", tmp_path), writer)
+    play_call(recorder, 1.0)
+    assert writer.unfinished() == {"busy"}
+    recorder.close()
+    writer.start()
+    writer.close()
+    assert writer.unfinished() == set()
 
 
 async def test_waiting_for_a_closed_recorder_means_its_files_are_whole(
