@@ -167,7 +167,10 @@ class RecordingWriter:
         while (job := self._jobs.get()) is not None:
             recording, stereo, mono = job
             if stereo is None or mono is None:
-                recording.close()
+                try:
+                    recording.close()
+                except Exception:  # thread boundary, as below
+                    log.exception("recording of call %s did not close", recording.call_id)
                 with self._lock:
                     finished = self._unfinished.pop(recording.call_id, None)
                 if finished is not None:

@@ -260,3 +260,24 @@ async def test_waiting_for_a_closed_recorder_means_its_files_are_whole(
         await dropped.wait_closed()
     dropped.close()  # as the conversation does for a tap its session dropped
     await dropped.wait_closed()
+
+
+def test_one_recording_that_fails_to_close_leaves_the_writer_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = RecordingWriter()
+    writer.start()
+    broken = Recording("broken", tmp_path)
+
+    def fails(self: Recording) -> None:
+        monkeypatch.undo()  # once
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Recording, "close", fails)
+    Recorder(broken, writer).close()
+    later = Recorder(Recording("later", tmp_path), writer)
+    play_call(later, 1.0)
+    later.close()
+    assert writer.wait_finished("later", 5)
+    writer.close()
+    assert read(recording_path(tmp_path, "later", "stereo"))[0].nframes == 8000
