@@ -5,9 +5,10 @@ Handlers only translate HTTP to calls on :class:`Backend` and errors to statuses
 ``StoreError`` 503. Bodies follow Vapi's (NestJS) error shape:
 ``{"message": [...], "error": "Bad Request", "statusCode": 400}``.
 
-Every route but ``/health`` (and ``/metrics`` on a loopback address, see
-``api.metrics_require_key``) needs
-``Authorization: Bearer <api.key>``, compared in constant time.
+Every route but ``/health``, the signed recording links under ``/recording/`` (their
+signature is their key) and ``/metrics`` on a loopback address (see
+``api.metrics_require_key``) needs ``Authorization: Bearer <api.key>``, compared in constant
+time.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, cast
 
 from aiohttp import web
 
 from bridge.errors import NotFound, StoreError, ValidationFailed
 from bridge.metrics import CONTENT_TYPE
 from bridge.models import format_timestamp
+from bridge.recording import Channel, is_channel
 from bridge.resources import Resources
 from bridge.settings import ApiSettings
 from bridge.store import Kind, ListQuery
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _OPEN_PATHS = frozenset({"/health"})
+# Signed recording links: the signature in the query stands in for the key.
+_SIGNED_PREFIX = "/recording/"
 _MAX_LIMIT = 1000
 # Deeper bodies are refused before validation: nothing in Vapi's resources nests near this, and
 # deep nesting is what breaks recursive code (json's ~1,000-level RecursionError, pydantic's
@@ -62,6 +67,14 @@ class Backend(Protocol):
     async def hangup_call(self, call_id: str) -> bool:
         """Hangs up a live call; False if it is not live."""
 
+    async def recording_file(self, call_id: str, channel: Channel) -> Path | None:
+        """A call's recording in ``channel``, if there is one."""
+
+    def recording_link_valid(
+        self, call_id: str, channel: Channel, *, expires: int, signature: str
+    ) -> bool:
+        """Whether a signed recording link is ours and still valid."""
+
     async def health(self) -> dict[str, Any]:
         """``{"status": "ok" | "degraded", ...}``."""
 
@@ -74,6 +87,16 @@ def _json(data: Any, status: int = 200) -> web.Response:
         body=json.dumps(data, ensure_ascii=False).encode(),
         status=status,
         content_type="application/json",
+    )
+
+
+def _wav(path: Path, call_id: str, channel: str) -> web.FileResponse:
+    return web.FileResponse(
+        path,
+        headers={
+            "Content-Type": "audio/wav",
+            "Content-Disposition": f'attachment; filename="{call_id}.{channel}.wav"',
+        },
     )
 
 
@@ -188,8 +211,10 @@ def create_app(backend: Backend, settings: ApiSettings) -> web.Application:
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        open_path = request.path in _OPEN_PATHS or (
-            request.path == "/metrics" and not metrics_need_key
+        open_path = (
+            request.path in _OPEN_PATHS
+            or request.path.startswith(_SIGNED_PREFIX)
+            or (request.path == "/metrics" and not metrics_need_key)
         )
         if key is not None and not open_path:
             supplied = request.headers.get("Authorization", "")
@@ -274,6 +299,34 @@ def create_app(backend: Backend, settings: ApiSettings) -> web.Application:
             return _error(409, "Conflict", f"call {call_id} is not active")
         return _json(await backend.get_call(call_id))
 
+    async def call_recording(request: web.Request) -> web.StreamResponse:
+        call_id = request.match_info["id"]
+        channel = request.query.get("channel", "stereo")
+        if not is_channel(channel):
+            raise ValidationFailed(["channel: must be stereo or mono"])
+        if await backend.get_call(call_id) is None:
+            raise NotFound("Call", call_id)
+        path = await backend.recording_file(call_id, cast(Channel, channel))
+        if path is None:
+            return _error(404, "Not Found", f"call {call_id} has no {channel} recording")
+        return _wav(path, call_id, channel)
+
+    async def signed_recording(request: web.Request) -> web.StreamResponse:
+        call_id, channel = request.match_info["id"], request.match_info["channel"]
+        try:
+            expires = int(request.query.get("expires", ""))
+        except ValueError:
+            expires = 0
+        signature = request.query.get("signature", "")
+        if not is_channel(channel) or not backend.recording_link_valid(
+            call_id, cast(Channel, channel), expires=expires, signature=signature
+        ):
+            return _error(403, "Forbidden", "invalid or expired recording link")
+        path = await backend.recording_file(call_id, cast(Channel, channel))
+        if path is None:
+            return _error(404, "Not Found", f"call {call_id} has no {channel} recording")
+        return _wav(path, call_id, channel)
+
     async def health(_: web.Request) -> web.Response:
         report = await backend.health()
         return _json(report, 200 if report.get("status") == "ok" else 503)
@@ -286,6 +339,8 @@ def create_app(backend: Backend, settings: ApiSettings) -> web.Application:
     app.router.add_get("/call", list_calls)
     app.router.add_get("/call/{id}", show_call)
     app.router.add_post("/call/{id}/hangup", hangup_call)
+    app.router.add_get("/call/{id}/recording", call_recording)
+    app.router.add_get(_SIGNED_PREFIX + "{id}.{channel:stereo|mono}.wav", signed_recording)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     return app

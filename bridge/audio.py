@@ -458,3 +458,14 @@ def mix(first: bytes, second: bytes) -> bytes:
     length = min(len(first), len(second))
     length -= length % SAMPLE_WIDTH
     return audioop.add(first[:length], second[:length], SAMPLE_WIDTH)
+
+
+def stereo(left: bytes, right: bytes) -> bytes:
+    """Two 16-bit mono PCM signals interleaved into one stereo signal, as long as the shorter."""
+    length = min(len(left), len(right))
+    length -= length % SAMPLE_WIDTH
+    return audioop.add(
+        audioop.tostereo(left[:length], SAMPLE_WIDTH, 1, 0),
+        audioop.tostereo(right[:length], SAMPLE_WIDTH, 0, 1),
+        SAMPLE_WIDTH,
+    )

@@ -193,6 +193,8 @@ class CallFlow:
     Args:
         conversations: opens accepted calls' pipelines; None for a flow without a media path
             (the API-only service, tests): an accepted call then stays up until it is ended.
+        recording_links: a call's recording links for its end-of-call-report's ``artifact``
+            (none when it was not recorded).
     """
 
     def __init__(
@@ -211,6 +213,7 @@ class CallFlow:
         conversations: Conversations | None = None,
         assistant_request_budget_s: float = ASSISTANT_REQUEST_BUDGET_S,
         event_loop_lag: Callable[[], float] = lambda: 0.0,
+        recording_links: Callable[[Call, datetime], Mapping[str, Any]] = lambda call, now: {},
     ) -> None:
         self._resources = resources
         self._recorder = recorder
@@ -226,6 +229,7 @@ class CallFlow:
         # Fixed by Vapi's contract; only tests shorten it.
         self._budget_s = assistant_request_budget_s
         self._event_loop_lag = event_loop_lag
+        self._recording_links = recording_links
         self._controls: dict[str, PbxControl] = {}
         self._by_id: dict[str, LiveCall] = {}
         self._by_pbx: dict[tuple[str, str], LiveCall] = {}
@@ -451,6 +455,7 @@ class CallFlow:
             if conversation is not None:
                 reason = live.call.ended_reason
                 await conversation.close(reason.value if reason else "ended")
+                live.call.media.update(conversation.tap_counters())
 
     def _finished(self, live: LiveCall) -> None:
         """The call's task is over (even one cancelled before it began): report, once."""
@@ -947,7 +952,7 @@ class CallFlow:
             return
         now = self._clock()
         payload = (
-            end_of_call_report(call, now)
+            end_of_call_report(call, now, self._recording_links(call, now))
             if message_type == END_OF_CALL_REPORT
             else status_update(call, now)
         )

@@ -23,6 +23,7 @@ from bridge import __version__
 from bridge.client import ApiClient
 from bridge.errors import ApiClientError, ConfigError, SipbridgeError
 from bridge.protocol.dialects import DEFAULT_DIALECT, DIALECT_NAMES, ENCODINGS, SAMPLE_RATES
+from bridge.recording import CHANNELS
 from bridge.settings import Settings, api_base_url, load_settings, masked, reference_markdown
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     call_actions = call.add_subparsers(dest="action", required=True, metavar="ACTION")
     sub(call_actions, "show", "show a call record").add_argument("id")
     sub(call_actions, "hangup", "hang up a live call").add_argument("id")
+    recording = sub(call_actions, "recording", "download a call's recording (WAV)")
+    recording.add_argument("id")
+    recording.add_argument("-o", "--output", type=Path, required=True, help="file to write")
+    recording.add_argument(
+        "--channel",
+        choices=CHANNELS,
+        default="stereo",
+        help="stereo: the caller left, the assistant right; mono: both mixed",
+    )
 
     config = sub(commands, "config", "settings")
     config_actions = config.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -404,11 +414,32 @@ def _run_client_command(args: argparse.Namespace, settings: Settings, out: TextI
     if args.action == "show":
         _print(client.request("GET", f"/call/{args.id}"), args, out)
         return EXIT_OK
+    if args.action == "recording":
+        return _download_recording(client, args, out)
     call = client.request("POST", f"/call/{args.id}/hangup")
     if getattr(args, "json", False):
         _print(call, args, out)
     else:
         out.write(f"hung up call {args.id} ({call.get('endedReason')})\n")
+    return EXIT_OK
+
+
+def _download_recording(client: ApiClient, args: argparse.Namespace, out: TextIO) -> int:
+    """Writes the recording beside its destination first: a failed download leaves no file
+    that looks whole."""
+    output: Path = args.output
+    partial = output.with_name(output.name + ".part")
+    try:
+        with partial.open("wb") as file:
+            size = client.download(f"/call/{args.id}/recording", {"channel": args.channel}, file)
+        partial.replace(output)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    out.write(f"saved the {args.channel} recording of call {args.id} to {output} ({size} bytes)\n")
     return EXIT_OK
 
 

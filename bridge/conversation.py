@@ -32,6 +32,9 @@ from bridge.settings import MediaSettings, PipelineSettings
 
 log = logging.getLogger(__name__)
 
+# How long a call's report waits for its media taps to finish (a recording's last second).
+TAP_WRAP_UP_S = 5.0
+
 
 def dialect_for(target: PipelineTarget, info: SessionInfo, org_id: str) -> Dialect:
     """The translator for a pipeline target's format."""
@@ -59,7 +62,8 @@ def session_info(call: Call, decision: Accept, stream_id: str) -> SessionInfo:
 
 @dataclass(frozen=True)
 class ConversationResult:
-    """How a conversation ended, and what it counted (``call.sipbridge.media``)."""
+    """How a conversation ended, and what it counted (``call.sipbridge.media``; the taps'
+    counters join once the conversation is closed, :meth:`Conversation.tap_counters`)."""
 
     session: SessionResult
     media: Mapping[str, int] = field(default_factory=dict)
@@ -153,6 +157,19 @@ class Conversation:
             },
         )
 
+    def tap_counters(self) -> dict[str, int]:
+        """What the media taps counted (for ``call.sipbridge.media``), once :meth:`close`
+        has waited for them; nothing if the media never ran."""
+        counters: dict[str, int] = {}
+        if self._session is None:
+            return counters
+        for tap in self._taps:
+            try:
+                counters.update(tap.counters())
+            except Exception:  # a tap's bug must not cost the call its report
+                log.exception("media tap %s could not count", tap)
+        return counters
+
     async def close(self, reason: str) -> None:
         """Tells the pipeline the call's final end reason (``stop``, once the media ran) and
         closes the stream; a second call does nothing."""
@@ -161,8 +178,28 @@ class Conversation:
         self._closed = True
         if self._session is not None:
             await self._session.finish(reason)
+            await self._wait_for_taps(self._session)
         else:
             await self._stream.aclose(reason)
+
+    async def _wait_for_taps(self, session: MediaSession) -> None:
+        # After the PBX hung up and the pipeline was told: only the report waits for this.
+        for tap in self._taps:
+            if tap not in session.taps:
+                # The session dropped it for failing and never closed it: its files (a
+                # recording's) are closed now, off the call's path.
+                try:
+                    tap.close()
+                except Exception:
+                    log.exception("media tap %s failed to close", tap)
+                    continue
+            try:
+                async with asyncio.timeout(TAP_WRAP_UP_S):
+                    await tap.wait_closed()
+            except TimeoutError:
+                log.warning("media tap %s still busy after %.0f s", tap, TAP_WRAP_UP_S)
+            except Exception:  # a tap's bug must not cost the call its report
+                log.exception("media tap %s failed to close", tap)
 
 
 # Makes a call's media tap (None: this call has none), e.g. a recorder.

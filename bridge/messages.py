@@ -105,16 +105,23 @@ def _openai_format(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
     ]
 
 
-def end_of_call_report(call: Call, now: datetime) -> dict[str, Any]:
+def end_of_call_report(
+    call: Call, now: datetime, recording: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The ``end-of-call-report`` (spec ``ServerMessageEndOfCallReport``).
 
     Also carries the legacy top-level ``durationSeconds``, ``transcript`` and ``messages`` that
     many existing handlers still read.
+
+    Args:
+        recording: the artifact's recording links (``recordingUrl``, ...) when the call was
+            recorded.
     """
     call_json = call.to_json()
     artifact = {
         **call_json["artifact"],
         "messagesOpenAIFormatted": _openai_format(call.messages),
+        **(recording or {}),
     }
     fields: dict[str, Any] = {
         "endedReason": call.ended_reason.value if call.ended_reason else None,

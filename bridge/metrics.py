@@ -94,6 +94,12 @@ class Metrics:
             ["why"],
             registry=self.registry,
         )
+        self.recordings_stopped_total = Counter(
+            "sipbridge_recordings_stopped",
+            "Call recordings stopped by a write error (a full or read-only disk); the calls "
+            "went on.",
+            registry=self.registry,
+        )
         self.store_errors_total = Counter(
             "sipbridge_store_errors",
             "Database operations that failed.",

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,15 +24,24 @@ from bridge import __version__
 from bridge.api import create_app
 from bridge.backend import PbxBackend
 from bridge.callflow import CallFlow
+from bridge.calls import Call
 from bridge.conversation import Conversations
 from bridge.events import LinkChanged, PbxEvent, PbxKind
 from bridge.metrics import Metrics
 from bridge.overload import EventLoopLag, watch_event_loop
 from bridge.pbx import build_backends
+from bridge.recording import Channel, RecordingLinks, was_recorded
+from bridge.recordings import (
+    FINISH_WAIT_S,
+    RecordingWriter,
+    clean_up,
+    recorder_factory,
+    recording_path,
+)
 from bridge.records import CallRecorder
 from bridge.resources import Resources
 from bridge.routing import RoutingDefaults, admit
-from bridge.settings import Settings, is_loopback
+from bridge.settings import Settings, api_base_url, is_loopback, recordings_directory
 from bridge.store import ListQuery, Store
 from bridge.tasks import cancel_and_wait
 from bridge.tls import client_context
@@ -87,6 +97,13 @@ class Service:
         self._links_changed = asyncio.Event()
         self.event_loop_lag = EventLoopLag()
         self._lag_watch: asyncio.Task[None] | None = None
+        self.recording_writer = RecordingWriter(
+            on_failure=lambda error: self.metrics.recordings_stopped_total.inc()
+        )
+        self._recordings_cleanup: asyncio.Task[None] | None = None
+        self.recordings_path = recordings_directory(settings)
+        self.recordings_cleaned = asyncio.Event()  # set after each clean-up pass
+        self._recording_links: RecordingLinks | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -123,6 +140,10 @@ class Service:
             self.resources.use_org_id(settings.api.org_id)
         org_id = await self.resources.org_id()
         self.recorder.start()
+        self.recording_writer.start()
+        self._recordings_cleanup = asyncio.create_task(
+            self._clean_up_recordings(), name="recordings-cleanup"
+        )
         tls = client_context(settings.tls)
         self._http = open_session(settings.webhooks, tls)
         client = WebhookClient(self._http, settings.webhooks, self.metrics)
@@ -139,8 +160,20 @@ class Service:
             org_id=org_id,
             media_timeout_s=settings.media.connect_timeout_s,
             new_call_id=lambda: str(uuid.uuid4()),
-            conversations=Conversations(settings.pipeline, settings.media, tls=tls),
+            conversations=Conversations(
+                settings.pipeline,
+                settings.media,
+                taps=[
+                    recorder_factory(
+                        self.recordings_path,
+                        settings.recordings.enabled_by_default,
+                        self.recording_writer,
+                    )
+                ],
+                tls=tls,
+            ),
             event_loop_lag=lambda: self.event_loop_lag.sustained(time.monotonic()),
+            recording_links=self.recording_links,
         )
         events = _Events(self, self._callflow)
         for backend in build_backends(settings):
@@ -158,6 +191,7 @@ class Service:
         await site.start()
         addresses = self._runner.addresses
         self.api_port = int(addresses[0][1]) if addresses else settings.api.port
+        await self._sign_recording_links()
         log.info(
             "sipbridge %s: API on http://%s:%s, store %s",
             __version__,
@@ -173,6 +207,45 @@ class Service:
             )
         if not is_loopback(settings.api.host):
             log.info("the API listens beyond loopback; every request needs the API key")
+
+    async def _sign_recording_links(self) -> None:
+        """Recording links from now on: the configured key or the database's, and the public
+        base URL (else the API's own, with the port it really got)."""
+        recordings = self.settings.recordings
+        if recordings.url_secret is not None:
+            secret = recordings.url_secret.get_secret_value()
+        else:
+            secret = await self.store.recording_url_secret()
+        if recordings.public_url:
+            base_url = recordings.public_url.rstrip("/")
+        else:
+            api = self.settings.api.model_copy(update={"port": self.api_port})
+            base_url = api_base_url(self.settings.model_copy(update={"api": api}))
+        self._recording_links = RecordingLinks(secret.encode(), base_url, recordings.url_lifetime_s)
+
+    def recording_links(self, call: Call, now: datetime) -> dict[str, Any]:
+        """The recording fields of a recorded call's ``artifact`` (empty if not recorded)."""
+        if self._recording_links is None or not was_recorded(call.media):
+            return {}
+        return self._recording_links.artifact(call.id, now)
+
+    async def _clean_up_recordings(self) -> None:
+        """Applies the recordings' retention and size cap at start, then periodically."""
+        settings = self.settings.recordings
+        while True:
+            try:
+                await asyncio.to_thread(
+                    clean_up,
+                    self.recordings_path,
+                    time.time(),
+                    settings.retention_days,
+                    settings.max_total_mb * 1024 * 1024,
+                    self.recording_writer.unfinished(),
+                )
+            except OSError as error:
+                log.error("recordings clean-up failed: %s", error)
+            self.recordings_cleaned.set()
+            await asyncio.sleep(settings.cleanup_interval_s)
 
     async def _settle_left_over(self) -> None:
         """Calls the previous run left live end now (see CallFlow.settle_left_over).
@@ -242,6 +315,11 @@ class Service:
             await self._http.close()
             self._http = None
         await self.recorder.aclose()
+        if self._recordings_cleanup is not None:
+            await cancel_and_wait([self._recordings_cleanup])
+            self._recordings_cleanup = None
+        # The calls are over: their last chunks are written before the service stops.
+        await asyncio.to_thread(self.recording_writer.close)
         await self.store.aclose()
         if self._lag_watch is not None:
             await cancel_and_wait([self._lag_watch])
@@ -285,14 +363,40 @@ class Service:
         return result[: query.limit]
 
     async def get_call(self, call_id: str) -> dict[str, Any] | None:
-        """A live call's current state, its unsaved snapshot, or its stored record."""
+        """A live call's current state, its unsaved snapshot, or its stored record; a
+        recorded call's ``artifact`` with fresh recording links."""
         live = self.callflow.get(call_id)
         if live is not None:
             return live.to_json()
-        unsaved = self.recorder.unsaved(call_id)
-        if unsaved is not None:
-            return unsaved
-        return await self.store.get_call(call_id)
+        record = self.recorder.unsaved(call_id)
+        if record is None:
+            record = await self.store.get_call(call_id)
+        if record is None or self._recording_links is None:
+            return record
+        if not was_recorded(record.get("sipbridge", {}).get("media", {})):
+            return record
+        links = self._recording_links.artifact(record["id"], self.clock())
+        return {**record, "artifact": {**record.get("artifact", {}), **links}}
+
+    async def recording_file(self, call_id: str, channel: Channel) -> Path | None:
+        """The call's recording in ``channel``, if there is one."""
+        if Path(call_id).name != call_id or call_id.startswith("."):
+            return None  # not a call id: nothing outside the directory is ever named
+        live = self.callflow.get(call_id)
+        if live is None or live.ended_reason is not None:
+            # An ended call's last second may still be on its way to the disk.
+            await asyncio.to_thread(self.recording_writer.wait_finished, call_id, FINISH_WAIT_S)
+        path = recording_path(self.recordings_path, call_id, channel)
+        return path if await asyncio.to_thread(path.is_file) else None
+
+    def recording_link_valid(
+        self, call_id: str, channel: Channel, *, expires: int, signature: str
+    ) -> bool:
+        """Whether a signed recording link is ours and still valid."""
+        links = self._recording_links
+        return links is not None and links.valid(
+            call_id, channel, expires=expires, signature=signature, now=time.time()
+        )
 
     async def hangup_call(self, call_id: str) -> bool:
         """Hangs up a live call (``manually-canceled``)."""

@@ -348,6 +348,43 @@ class ServiceSettings(_Section):
     )
 
 
+class RecordingSettings(_Section):
+    """Call recordings: a stereo WAV (caller left, assistant right) and a mono mix per call."""
+
+    enabled_by_default: bool = Field(
+        True,
+        description="Record calls whose assistant does not say (artifactPlan.recordingEnabled); "
+        "true is Vapi's default.",
+    )
+    path: Path | None = Field(
+        None,
+        description="Directory the recordings are kept in. Default: `recordings` next to "
+        "store.path (the service's state lives together).",
+    )
+    retention_days: float = Field(
+        30.0, ge=0, description="Recordings older than this are deleted. 0: kept."
+    )
+    max_total_mb: int = Field(
+        0, ge=0, description="Beyond this much in recordings, the oldest are deleted. 0: no cap."
+    )
+    cleanup_interval_s: float = Field(
+        3600.0, gt=0, description="How often retention and the size cap are applied."
+    )
+    public_url: str | None = Field(
+        None,
+        description="Base URL of the API as webhook receivers reach it, for the signed "
+        "recording links in reports. Default: the API's own base URL.",
+    )
+    url_secret: SecretStr | None = Field(
+        None,
+        description="HMAC key signing recording links. Default: one generated with the "
+        "database and kept in it.",
+    )
+    url_lifetime_s: int = Field(
+        86400, ge=60, description="How long a signed recording link works after the report."
+    )
+
+
 class LogSettings(_Section):
     """Logging."""
 
@@ -379,6 +416,7 @@ class Settings(BaseSettings):
     tls: TlsSettings = TlsSettings()
     sip: SipSettings = SipSettings()
     service: ServiceSettings = ServiceSettings()
+    recordings: RecordingSettings = RecordingSettings()
     log: LogSettings = LogSettings()
 
     @classmethod
@@ -578,6 +616,13 @@ def api_base_url(settings: Settings) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{settings.api.port}"
+
+
+def recordings_directory(settings: Settings) -> Path:
+    """Where recordings are kept: as set, else a ``recordings`` directory beside the store."""
+    if settings.recordings.path is not None:
+        return settings.recordings.path
+    return settings.store.path.parent / "recordings"
 
 
 def masked(settings: Settings) -> dict[str, Any]:

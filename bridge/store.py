@@ -20,6 +20,7 @@ import json
 import logging
 import operator
 import os
+import secrets
 import sqlite3
 import time
 import uuid
@@ -384,6 +385,20 @@ class Store:
             return str(row[0])
 
         return await self._run(read, "org_id")
+
+    async def recording_url_secret(self) -> str:
+        """The key that signs recording links, created on first use and kept (never logged)."""
+
+        def read_or_create() -> str:
+            db = self._conn()
+            db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('recording_url_secret', ?)",
+                (secrets.token_hex(32),),
+            )
+            row = db.execute("SELECT value FROM meta WHERE key = 'recording_url_secret'").fetchone()
+            return str(row[0])
+
+        return await self._run(read_or_create, "recording_url_secret", write=True)
 
     async def health(self) -> StoreHealth:
         """For /health: a real read of each table, and now and then the integrity check.

@@ -12,10 +12,15 @@ from typing import Any
 import pytest
 import trustme
 
+from bridge.audio import sine
+from bridge.calls import Call
+from bridge.events import LegAudio, LegClosed, LegConnected, invite_facts
 from bridge.service import Service
 from bridge.settings import Settings, load_settings
+from tests.fake_pbx import FakePbx
 from tests.flow_harness import make_harness
-from tests.pipeline_server import PipelineServer
+from tests.memory_leg import MemoryLeg
+from tests.pipeline_server import PipelineServer, PipelineSession
 from tests.webhook_sink import WebhookSink
 
 API_KEY = "test-key-0123456789abcdef"
@@ -112,6 +117,25 @@ async def service(make_settings: Callable[..., Settings]) -> AsyncIterator[Servi
     await running.aclose()
 
 
+async def offer_accepted(
+    service: Service, user: str, assistant: dict[str, Any]
+) -> tuple[Call, FakePbx]:
+    """A call to a new number ``user`` with ``assistant``, offered by a fake PBX and accepted
+    (its media about to connect)."""
+    created = await service.resources.create("assistant", assistant)
+    await service.resources.create(
+        "phone_number", {"sipUri": f"sip:{user}@x", "assistantId": created["id"]}
+    )
+    pbx = FakePbx()
+    facts = invite_facts(
+        pbx="test", pbx_call_id="p1", channel="c", request_user=user, request_host="x"
+    )
+    call = service.callflow.offer(facts, pbx)
+    assert call is not None
+    await pbx.wait_for("connect_media")
+    return call, pbx
+
+
 async def raw_request(port: int | None, request: bytes) -> tuple[int, bytes]:
     """Sends ``request`` as bytes (no client library to refuse them); the status and body."""
     assert port is not None
@@ -124,3 +148,25 @@ async def raw_request(port: int | None, request: bytes) -> tuple[int, bytes]:
         await writer.wait_closed()
     head, _, body = answer.partition(b"\r\n\r\n")
     return int(head.split(b" ")[1]), body
+
+
+async def recorded_call(
+    service: Service, pipeline: PipelineServer, assistant: dict[str, Any]
+) -> str:
+    """A call through the service whose caller says 440 Hz while the pipeline plays 1000 Hz."""
+
+    async def script(session: PipelineSession) -> None:
+        await session.send(sine(1000, 0.4, 16000))
+
+    pipeline.script = script
+    call, _ = await offer_accepted(service, "rec", assistant)
+    leg = MemoryLeg()
+    service.callflow.post(LegConnected(call.id, leg))
+    caller = sine(440, 0.5)
+    for index, offset in enumerate(range(0, len(caller), 320)):
+        leg.inbox.put_nowait(LegAudio(caller[offset : offset + 320]))
+        await leg.wait_sent(index + 1)  # the caller speaks in step with what is played
+    await leg.wait_sent(30)
+    leg.inbox.put_nowait(LegClosed(by_caller=True))
+    await leg.wait_closed()  # the call has ended
+    return call.id

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import array
 import io
 import json
-from collections.abc import AsyncIterator
+import re
+import wave
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -16,12 +19,15 @@ from vapi.phone_numbers import CreatePhoneNumbersRequest_Vapi, UpdatePhoneNumber
 from vapi.types import Server
 
 from bridge.api import MAX_BODY_DEPTH, list_query, nesting_depth
+from bridge.audio import tone_share
 from bridge.errors import ValidationFailed
 from bridge.events import invite_facts
 from bridge.service import Service
-from tests.conftest import API_KEY, raw_request
+from bridge.settings import Settings
+from tests.conftest import API_KEY, raw_request, recorded_call
 from tests.fake_pbx import FakePbx
 from tests.pipeline_server import PipelineServer
+from tests.webhook_sink import WebhookSink
 
 
 @pytest.fixture
@@ -345,3 +351,93 @@ async def _sdk_round_trip(service: Service, vapi: AsyncVapi) -> None:
     with pytest.raises(ApiError) as caught:
         await vapi.assistants.get(assistant.id)
     assert caught.value.status_code == 404
+
+
+@pytest.fixture
+async def reporting(
+    make_settings: Callable[..., Settings], sink: WebhookSink
+) -> AsyncIterator[Service]:
+    """A service whose server messages go to ``sink``."""
+    service = Service(make_settings(webhooks={"default_server_url": sink.url}))
+    await service.start()
+    yield service
+    await service.aclose()
+
+
+async def test_a_recording_downloads_with_the_key_and_by_its_signed_links(
+    reporting: Service, pipeline: PipelineServer, sink: WebhookSink
+) -> None:
+    service = reporting
+    call_id = await recorded_call(
+        service, pipeline, {"sipbridge": {"pipeline": {"url": pipeline.url}}}
+    )
+    report = (await sink.wait_for_message("end-of-call-report")).message
+    artifact = report["artifact"]
+    assert artifact["recording"] == {
+        "stereoUrl": artifact["stereoRecordingUrl"],
+        "mono": {"combinedUrl": artifact["recordingUrl"]},
+    }
+    assert artifact["presignedUrlsExpiresAt"] > report["endedAt"]
+    base = f"http://127.0.0.1:{service.api_port}"
+    async with aiohttp.ClientSession() as anonymous:
+        # The report's links need no key ...
+        async with anonymous.get(artifact["stereoRecordingUrl"]) as response:
+            assert response.status == 200 and response.content_type == "audio/wav"
+            stereo = await response.read()
+        async with anonymous.get(artifact["recordingUrl"]) as response:
+            mono = await response.read()
+        # ... the API's route does.
+        async with anonymous.get(f"{base}/call/{call_id}/recording") as response:
+            assert response.status == 401
+        # A changed or expired link is refused.
+        tampered = artifact["recordingUrl"].replace(".mono.", ".stereo.")
+        expired = re.sub(r"expires=\d+", "expires=1000", artifact["recordingUrl"])
+        for url in (tampered, expired, f"{base}/recording/{call_id}.mono.wav"):
+            async with anonymous.get(url) as response:
+                assert response.status == 403
+    async with aiohttp.ClientSession(
+        base_url=base, headers={"Authorization": f"Bearer {API_KEY}"}
+    ) as http:
+        async with http.get(f"/call/{call_id}/recording") as response:
+            assert response.status == 200 and await response.read() == stereo
+        async with http.get(f"/call/{call_id}/recording?channel=mono") as response:
+            assert await response.read() == mono
+        status, problem = await call_api(http, "GET", f"/call/{call_id}/recording?channel=x")
+        assert status == 400
+        status, shown = await call_api(http, "GET", f"/call/{call_id}")
+        assert shown["artifact"]["recording"]["stereoUrl"].startswith(f"{base}/recording/")
+    with wave.open(io.BytesIO(stereo)) as recording:
+        samples = array.array("h", recording.readframes(recording.getnframes()))
+    said = samples[0::2].tobytes()
+    assert tone_share(said[: 2 * 3600], 8000, 440) > 0.95
+    played = samples[1::2].tobytes()
+    assert tone_share(played, 8000, 1000) > 0.3  # the pipeline's 0.4 s, then silence
+    recorded_frames = report["call"]["sipbridge"]["media"]["recordedFrames"]
+    assert len(played) == recorded_frames * 320  # the call's duration, to the frame
+    with wave.open(io.BytesIO(mono)) as recording:
+        assert recording.getnchannels() == 1 and recording.getnframes() == len(played) // 2
+
+
+async def test_a_call_not_recorded_has_no_recording_nor_links(
+    reporting: Service, pipeline: PipelineServer, sink: WebhookSink
+) -> None:
+    service = reporting
+    call_id = await recorded_call(
+        service,
+        pipeline,
+        {
+            "sipbridge": {"pipeline": {"url": pipeline.url}},
+            "artifactPlan": {"recordingEnabled": False},
+        },
+    )
+    report = (await sink.wait_for_message("end-of-call-report")).message
+    assert "recordingUrl" not in report["artifact"]
+    assert list(service.recordings_path.glob("*")) == []
+    async with aiohttp.ClientSession(
+        base_url=f"http://127.0.0.1:{service.api_port}",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ) as http:
+        status, problem = await call_api(http, "GET", f"/call/{call_id}/recording")
+        assert status == 404 and problem["message"] == f"call {call_id} has no stereo recording"
+        status, problem = await call_api(http, "GET", "/call/nope/recording")
+        assert status == 404 and problem["message"] == "Call not found: nope"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import array
 import random
 
 import pytest
@@ -16,6 +17,7 @@ from bridge.audio import (
     rms,
     silence,
     sine,
+    stereo,
     tone_share,
     ulaw_to_pcm,
 )
@@ -260,3 +262,11 @@ def test_tone_share_tells_tones_apart() -> None:
     both = mix(sine(700, 1.0), sine(1200, 1.0))
     assert 0.4 < tone_share(both, 8000, 700) < 0.6
     assert rms(bytes(320)) == 0 and 6900 < rms(sine(700, 0.2)) < 7000
+
+
+def test_stereo_puts_the_first_signal_left() -> None:
+    left, right = sine(440, 0.1), sine(1000, 0.1)
+    both = array.array("h")
+    both.frombytes(stereo(left, right))
+    assert both[0::2].tobytes() == left and both[1::2].tobytes() == right
+    assert len(stereo(left, right[:10])) == 20

@@ -18,8 +18,9 @@ import pytest
 from bridge import __version__
 from bridge.cli import main
 from bridge.events import invite_facts
+from bridge.recordings import recording_path
 from bridge.service import Service
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, recorded_call
 from tests.fake_pbx import FakePbx
 from tests.pipeline_server import PipelineServer
 from tests.test_store import corrupt_calls_table, filled_store
@@ -458,3 +459,39 @@ async def test_a_second_serve_on_the_same_store_is_refused_and_kill_9_leaves_no_
     third, port = await start_serve(tmp_path, "--lab")
     code, stderr = await stop_serve(third, signal.SIGTERM)
     assert code == 0, stderr
+
+
+async def test_a_recording_downloads_to_a_file(
+    service: Service, pipeline: PipelineServer, tmp_path: Path
+) -> None:
+    call_id = await recorded_call(
+        service, pipeline, {"sipbridge": {"pipeline": {"url": pipeline.url}}}
+    )
+    target = tmp_path / "call.wav"
+    code, out, _ = await run(service, "call", "recording", call_id, "-o", str(target))
+    size = target.stat().st_size
+    assert (code, out) == (
+        0,
+        f"saved the stereo recording of call {call_id} to {target} ({size} bytes)\n",
+    )
+    assert (
+        target.read_bytes()
+        == recording_path(service.recordings_path, call_id, "stereo").read_bytes()
+    )
+    mono = tmp_path / "mono.wav"
+    code, _, _ = await run(
+        service, "call", "recording", call_id, "--channel", "mono", "-o", str(mono)
+    )
+    assert code == 0
+    assert (
+        mono.read_bytes() == recording_path(service.recordings_path, call_id, "mono").read_bytes()
+    )
+    missing = tmp_path / "missing.wav"
+    code, _, err = await run(service, "call", "recording", "nope", "-o", str(missing))
+    assert (code, err) == (1, "sipbridge: HTTP 404: Call not found: nope\n")
+    # Nothing half-written is left.
+    assert not {"missing.wav", "missing.wav.part"} & set(os.listdir(tmp_path))
+    code, _, err = await run(
+        service, "call", "recording", call_id, "-o", str(tmp_path / "no/x.wav")
+    )
+    assert code == 2 and "cannot write" in err

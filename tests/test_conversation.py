@@ -18,7 +18,7 @@ from bridge.tls import client_context
 from tests.flow_harness import Harness, facts
 from tests.memory_leg import MemoryLeg
 from tests.pipeline_server import PipelineServer, PipelineSession
-from tests.test_media_session import RecordingTap
+from tests.test_media_session import BrokenTap, RecordingTap
 
 
 async def build(
@@ -292,16 +292,23 @@ async def test_a_tap_factory_gives_each_accepted_call_its_tap(
         made.append((call.id, RecordingTap()))
         return made[-1][1]
 
-    h, _ = await build(make_harness, taps=(recorder, lambda call, decision: None))
+    broken = BrokenTap()
+    h, _ = await build(
+        make_harness, taps=(lambda call, decision: broken, recorder, lambda call, decision: None)
+    )
     call = await offered(h, pipeline.url)
     await h.pbx.wait_for("connect_media")
     leg = MemoryLeg()
     h.flow.post(LegConnected(call.id, leg))
     leg.inbox.put_nowait(LegAudio(sine(700, 0.02)))
     leg.inbox.put_nowait(LegClosed(by_caller=True))
-    await h.ended(call.id)
+    report = await h.ended(call.id)
     [(call_id, tap)] = made
     assert call_id == call.id and tap.said == [sine(700, 0.02)] and tap.closed
+    # What the tap counted joins the call's media counters.
+    assert report["call"]["sipbridge"]["media"]["tappedFrames"] == len(tap.heard)
+    # A tap dropped for failing is still closed once the call is over (its files, say).
+    assert broken.closed and broken.heard == []
 
 
 async def test_a_wss_pipeline_with_a_private_ca(

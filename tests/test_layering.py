@@ -20,6 +20,7 @@ CORE = {
     "bridge.messages",
     "bridge.metrics",
     "bridge.audio",
+    "bridge.recording",
 }
 CORE_PREFIXES = ("bridge.protocol",)
 FORBIDDEN_IN_CORE = {
@@ -48,6 +49,7 @@ EDGE_PREFIXES = (
     "bridge.media",
     "bridge.pipeline",
     "bridge.client",
+    "bridge.recordings",
 )
 
 
@@ -123,7 +125,18 @@ def test_only_the_root_and_the_cli_know_the_service() -> None:
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("core", frozenset(CORE | {"bridge.backend", "bridge.protocol", "bridge.protocol.*"})),
     ("tools", frozenset({"bridge.tasks", "bridge.logs", "bridge.overload", "bridge.tls"})),
-    ("edges", frozenset({"bridge.store", "bridge.webhooks", "bridge.pipeline", "bridge.client"})),
+    (
+        "edges",
+        frozenset(
+            {
+                "bridge.store",
+                "bridge.webhooks",
+                "bridge.pipeline",
+                "bridge.client",
+                "bridge.recordings",
+            }
+        ),
+    ),
     ("backends", frozenset({"bridge.pbx", "bridge.pbx.*"})),
     ("engine", frozenset({"bridge.media", "bridge.media.*"})),
     (

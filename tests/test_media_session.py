@@ -346,6 +346,12 @@ class RecordingTap:
     def close(self) -> None:
         self.closed = True
 
+    async def wait_closed(self) -> None:
+        assert self.closed
+
+    def counters(self) -> dict[str, int]:
+        return {"tappedFrames": len(self.heard)}
+
 
 class BrokenTap(RecordingTap):
     def played_audio(self, pcm: bytes) -> None:

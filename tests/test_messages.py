@@ -151,3 +151,13 @@ def test_end_of_call_report() -> None:
     assert message["transcript"] == message["artifact"]["transcript"]  # legacy top-level copy
     assert message["assistant"] == {"name": "Support"}
     assert message["analysis"] == {} and message["cost"] == 0
+    assert "recordingUrl" not in message["artifact"]
+
+
+def test_a_recorded_call_reports_its_links_in_the_artifact() -> None:
+    call = make_call()
+    call.end(EndedReason.CUSTOMER_ENDED_CALL, T0)
+    links = {"recordingUrl": "https://x/r.mono.wav", "stereoRecordingUrl": "https://x/r.wav"}
+    artifact = end_of_call_report(call, T0, links)["message"]["artifact"]
+    assert artifact["recordingUrl"] == "https://x/r.mono.wav"
+    assert artifact["stereoRecordingUrl"] == "https://x/r.wav" and "transcript" in artifact

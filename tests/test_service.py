@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import os
 import shutil
 import socket
 import sqlite3
 import time
+import wave
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -13,14 +16,14 @@ from typing import cast
 import aiohttp
 import pytest
 
-from bridge.audio import sine, tone_share
+from bridge.audio import rms, sine, tone_share
 from bridge.errors import ConfigError, PbxAuthError
-from bridge.events import invite_facts
 from bridge.overload import EventLoopLag
 from bridge.pbx.freeswitch.backend import FreeswitchBackend
 from bridge.protocol import esl
 from bridge.service import Service
 from bridge.settings import Settings
+from tests.conftest import offer_accepted, recorded_call
 from tests.esl_peer import (
     CALL,
     ORPHAN,
@@ -30,7 +33,6 @@ from tests.esl_peer import (
     TRANSFER_OK,
     EslPeer,
 )
-from tests.fake_pbx import FakePbx
 from tests.pipeline_server import PipelineServer, PipelineSession
 from tests.test_store import corrupt_calls_table
 from tests.webhook_sink import WebhookSink
@@ -126,19 +128,9 @@ async def test_a_ca_file_without_certificates_fails_start(
 
 
 async def test_drain_waits_for_live_calls(service: Service, pipeline: PipelineServer) -> None:
-    assistant = await service.resources.create(
-        "assistant", {"name": "A", "sipbridge": {"pipeline": {"url": pipeline.url}}}
+    call, pbx = await offer_accepted(
+        service, "alice", {"name": "A", "sipbridge": {"pipeline": {"url": pipeline.url}}}
     )
-    await service.resources.create(
-        "phone_number", {"sipUri": "sip:alice@x", "assistantId": assistant["id"]}
-    )
-    pbx = FakePbx()
-    facts = invite_facts(
-        pbx="test", pbx_call_id="p1", channel="c", request_user="alice", request_host="x"
-    )
-    call = service.callflow.offer(facts, pbx)
-    assert call is not None
-    await pbx.wait_for("connect_media")
     assert not await service.drain(0.05)  # the call is still live
     draining = asyncio.ensure_future(service.drain(10))
     await asyncio.sleep(0)
@@ -276,6 +268,20 @@ async def test_a_call_through_freeswitch_from_park_to_report(
         await service.aclose()
         transport.close()
         await peer.stop()
+    # Recorded (Vapi's default): the caller left, what the caller heard right, tick by tick.
+    media = report.message["call"]["sipbridge"]["media"]
+    path = service.recordings_path / f"{report.message['call']['id']}.stereo.wav"
+    with wave.open(str(path), "rb") as recording:
+        assert recording.getnframes() == media["recordedFrames"] * 160
+        assert recording.getnchannels() == 2 and recording.getframerate() == 8000
+        samples = array.array("h", recording.readframes(recording.getnframes()))
+    assert media["recordedFrames"] >= media["framesToCaller"] and media["recordingFailed"] == 0
+    left, right = samples[0::2].tobytes(), samples[1::2].tobytes()
+    assert tone_share(left[: 30 * 320], 8000, 700) > 0.99  # the 0.6 s the caller said
+    assert rms(left[30 * 320 :]) == 0  # then silence
+    ticks = [right[offset : offset + 320] for offset in range(0, len(right), 320)]
+    reply_ticks = [tone_share(tick, 8000, 1300) > 0.9 for tick in ticks]
+    assert sum(reply_ticks) == media["assistantFramesPlayed"] == 50
 
 
 async def freeswitch_service(
@@ -508,3 +514,47 @@ async def test_calls_a_killed_sipbridge_left_are_settled_once_by_the_next(
         record = await second.service.get_call(report.message["call"]["id"])
         assert record is not None and record["status"] == "ended"
     assert len(sink.messages("end-of-call-report")) == 1
+
+
+async def test_recordings_past_their_retention_go_at_start(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    directory = tmp_path / "kept-recordings"
+    directory.mkdir()
+    old, recent = directory / "old.stereo.wav", directory / "recent.stereo.wav"
+    for path in (old, recent):
+        path.write_bytes(b"RIFF")
+    stamp = time.time() - 3 * 86400
+    os.utime(old, (stamp, stamp))
+    service = Service(make_settings(recordings={"path": str(directory), "retention_days": 2}))
+    await service.start()
+    try:
+        await asyncio.wait_for(service.recordings_cleaned.wait(), 5)
+        assert not old.exists() and recent.exists()
+    finally:
+        await service.aclose()
+
+
+async def test_a_recording_that_cannot_be_written_never_costs_the_call(
+    make_settings: Callable[..., Settings],
+    pipeline: PipelineServer,
+    sink: WebhookSink,
+    tmp_path: Path,
+) -> None:
+    not_a_directory = tmp_path / "taken"
+    not_a_directory.write_text("a file where the recordings should go")
+    service = Service(
+        make_settings(
+            recordings={"path": str(not_a_directory)}, webhooks={"default_server_url": sink.url}
+        )
+    )
+    await service.start()
+    try:
+        await recorded_call(service, pipeline, {"sipbridge": {"pipeline": {"url": pipeline.url}}})
+        report = (await sink.wait_for_message("end-of-call-report")).message
+    finally:
+        await service.aclose()
+    assert report["endedReason"] == "customer-ended-call"
+    assert report["call"]["sipbridge"]["media"]["recordingFailed"] == 1
+    assert "recordingUrl" not in report["artifact"]
+    assert b"sipbridge_recordings_stopped_total 1.0" in service.metrics.render()

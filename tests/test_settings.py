@@ -20,6 +20,7 @@ from bridge.settings import (
     is_loopback,
     load_settings,
     masked,
+    recordings_directory,
     reference_markdown,
 )
 
@@ -312,3 +313,10 @@ def test_integer_choices_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
     assert caught.value.problems == [
         "pipeline.default_sample_rate: Input should be 8000, 16000 or 24000"
     ]
+
+
+def test_recordings_live_beside_the_store_unless_placed() -> None:
+    beside = load_settings(None, {"api": {"lab_mode": True}, "store": {"path": "/var/lib/x/db"}})
+    assert recordings_directory(beside) == Path("/var/lib/x/recordings")
+    placed = load_settings(None, {"api": {"lab_mode": True}, "recordings": {"path": "/rec"}})
+    assert recordings_directory(placed) == Path("/rec")

@@ -36,6 +36,7 @@ async def test_schema_is_versioned_and_data_survives_reopening(tmp_path: Path) -
     first = Store(path)
     await first.open()
     org = await first.org_id()
+    secret = await first.recording_url_secret()
     await first.insert("assistant", doc("a1", "2024-01-01T00:00:00.000Z", name="x"))
     await first.aclose()
     with contextlib.closing(sqlite3.connect(path)) as db:
@@ -43,6 +44,7 @@ async def test_schema_is_versioned_and_data_survives_reopening(tmp_path: Path) -
     second = Store(path)
     await second.open()
     assert await second.org_id() == org
+    assert await second.recording_url_secret() == secret and len(secret) == 64
     assert (await fetched(second, "a1"))["name"] == "x"
     await second.aclose()
 

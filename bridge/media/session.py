@@ -146,6 +146,14 @@ class MediaTap(Protocol):
     def close(self) -> None:
         """The session is over: no more frames."""
 
+    async def wait_closed(self) -> None:
+        """Returns once what the tap handed on is done with (a recording's last second on
+        disk); the call's report waits for it, the call's end does not."""
+
+    def counters(self) -> Mapping[str, int]:
+        """What the tap counted, for the call's media counters (``call.sipbridge.media``);
+        asked after :meth:`wait_closed`."""
+
 
 @dataclass
 class SessionStats:

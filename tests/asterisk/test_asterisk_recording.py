@@ -1,0 +1,107 @@
+"""Call recordings end to end through real Asterisk 22 and SIPp ([recording] issue).
+
+A SIPp caller plays 700 Hz; the pipeline replies with 1200 Hz and clears it once the caller
+has heard about a second of it. The stereo WAV is checked by content: the caller's tone on the
+left, the reply on the right for as long as the caller heard it and silence after the clear,
+one frame per 20 ms the caller heard. The report's signed links and the API's keyed route
+serve the same bytes.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import io
+import wave
+
+import aiohttp
+import pytest
+
+from bridge.audio import rms, sine, tone_share
+from bridge.lab.sipp import CallPlan
+from bridge.recordings import recording_path
+from tests.asterisk.test_asterisk_pipeline import PipelineWire, ToneCounter, tone_packets
+from tests.asterisk_harness import API_KEY, AsteriskLab, share_of_windows
+from tests.pipeline_server import PipelineSession
+
+pytestmark = [pytest.mark.asterisk, pytest.mark.integration]
+
+FRAME_BYTES = 320  # 20 ms of 8 kHz 16-bit mono
+RAW = PipelineWire("raw")
+
+
+def frames(pcm: bytes) -> list[bytes]:
+    return [pcm[offset : offset + FRAME_BYTES] for offset in range(0, len(pcm), FRAME_BYTES)]
+
+
+async def test_a_call_is_recorded_as_the_caller_heard_it(asterisk_lab: AsteriskLab) -> None:
+    lab = asterisk_lab
+    reply_heard = ToneCounter(1200)
+
+    async def script(session: PipelineSession) -> None:
+        await RAW.reply(session, sine(1200, 6.0, RAW.rate))
+        assert lab.listening is not None
+        await asyncio.wait_for(
+            lab.listening.wait_until(lambda capture: reply_heard(capture) >= 50), 15
+        )
+        await RAW.clear(session)
+
+    lab.pipeline.script = script
+    await lab.serve_assistant()
+    service = lab.service
+    assert service is not None
+    result, rtp = await lab.call(
+        CallPlan(user="demo", tone_file=lab.tone_file(700), talk_ms=4000, listen_ms=1000),
+        capture=True,
+    )
+    assert result.answered and result.bye_from_caller
+    report = (await lab.sink.wait_for_message("end-of-call-report")).message
+    call_id = report["call"]["id"]
+    media = report["call"]["sipbridge"]["media"]
+    artifact = report["artifact"]
+
+    async with aiohttp.ClientSession() as anonymous:
+        async with anonymous.get(artifact["stereoRecordingUrl"]) as response:
+            assert response.status == 200
+            stereo_file = await response.read()
+        async with anonymous.get(artifact["recordingUrl"]) as response:
+            mono_file = await response.read()
+        async with anonymous.get(
+            f"http://127.0.0.1:{service.api_port}/call/{call_id}/recording",
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        ) as response:
+            assert await response.read() == stereo_file
+    on_disk = recording_path(service.recordings_path, call_id, "stereo")
+    assert await asyncio.to_thread(on_disk.read_bytes) == stereo_file
+
+    with wave.open(io.BytesIO(stereo_file)) as recording:
+        assert (recording.getnchannels(), recording.getframerate()) == (2, 8000)
+        samples = array.array("h", recording.readframes(recording.getnframes()))
+    said, heard = samples[0::2].tobytes(), samples[1::2].tobytes()
+    # One frame per 20 ms the caller heard: within a frame of what went to the caller.
+    assert len(heard) // FRAME_BYTES == media["recordedFrames"]
+    assert abs(media["recordedFrames"] - media["framesToCaller"]) <= 1, media
+    # The caller's 700 Hz on the left, for the four seconds the caller spoke.
+    fraction, count = share_of_windows(said[: 4 * 16000], 8000, 700)
+    assert count == 4 and fraction >= 0.75, (fraction, count)
+    # On the right, the 1200 Hz reply for as long as the caller heard it, then silence.
+    reply_ticks = [i for i, tick in enumerate(frames(heard)) if tone_share(tick, 8000, 1200) > 0.5]
+    assert abs(len(reply_ticks) - tone_packets(rtp, 1200)) <= 2, (len(reply_ticks), media)
+    assert reply_ticks == list(range(reply_ticks[0], reply_ticks[-1] + 1))  # one stretch
+    assert rms(heard[(reply_ticks[-1] + 1) * FRAME_BYTES :]) == 0  # silent after the clear
+    assert tone_share(said[: 4 * 16000], 8000, 1200) < 0.01  # no reply leaks left
+    with wave.open(io.BytesIO(mono_file)) as recording:
+        assert recording.getnchannels() == 1
+        assert recording.getnframes() == len(heard) // 2
+    assert await lab.no_channels_left() == []
+
+
+async def test_a_call_whose_assistant_says_no_is_not_recorded(asterisk_lab: AsteriskLab) -> None:
+    lab = asterisk_lab
+    await lab.serve_assistant(artifactPlan={"recordingEnabled": False})
+    result, _ = await lab.call(CallPlan(user="demo", tone_file=lab.tone_file(700), talk_ms=1000))
+    assert result.answered
+    report = (await lab.sink.wait_for_message("end-of-call-report")).message
+    assert "recordingUrl" not in report["artifact"]
+    assert lab.service is not None
+    assert not await asyncio.to_thread(lab.service.recordings_path.exists)
