@@ -68,6 +68,7 @@ from bridge.pipeline import PipelineConnection
 from bridge.protocol import audiosocket as wire
 from bridge.protocol.pipeline import Dialect, RawDialect, SessionInfo
 from bridge.protocol.twilio import TwilioDialect
+from bridge.recordings import Recorder, Recording, RecordingWriter
 from bridge.settings import MediaSettings, PipelineSettings
 
 FRAME_S = FRAME_MS / 1000
@@ -114,7 +115,9 @@ def frame_index(ulaw: bytes) -> int | None:
 # ---- the measured side: sipbridge's media path ------------------------------------------------
 
 
-async def run_bridge(pipeline_url: str, dialect_name: str, state: Path, pbx: str) -> None:
+async def run_bridge(
+    pipeline_url: str, dialect_name: str, state: Path, pbx: str, record: bool = False
+) -> None:
     settings = PipelineSettings(ping_interval_s=5.0, ping_timeout_s=5.0)
     playout_frames = MediaSettings().playout_max_ms // FRAME_MS
     stats: list[dict[str, Any]] = []
@@ -133,6 +136,11 @@ async def run_bridge(pipeline_url: str, dialect_name: str, state: Path, pbx: str
 
     conversations: set[asyncio.Task[None]] = set()
     frame_clock = FrameClock()  # one for every call, as Conversations has
+    # With --record, every call is recorded as the service records it: the tap on the 20 ms
+    # path, one writer thread for all calls, stereo and mono WAV files.
+    recording_writer = RecordingWriter()
+    if record:
+        recording_writer.start()
 
     def on_leg(call_id: str, leg: AudioSocketLeg | UnicastLeg) -> None:
         # The call flow's part: run the conversation, then free the leg.
@@ -171,6 +179,9 @@ async def run_bridge(pipeline_url: str, dialect_name: str, state: Path, pbx: str
             control=NoControl(),
             ended=asyncio.Event(),
             frame_clock=frame_clock,
+            taps=[Recorder(Recording(call_id, state / "recordings"), recording_writer)]
+            if record
+            else [],
         )
         result = await session.run()
         await session.finish(result.reason.value if result.reason else "ended")
@@ -209,6 +220,8 @@ async def run_bridge(pipeline_url: str, dialect_name: str, state: Path, pbx: str
     await stop.wait()
     after = resource.getrusage(resource.RUSAGE_SELF)
     await close()
+    if record:
+        recording_writer.close()
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     (state / "bridge.json").write_text(json.dumps({"cpuSeconds": cpu, "sessions": stats}))
 
@@ -525,7 +538,13 @@ async def spawn(*args: str) -> tuple[asyncio.subprocess.Process, int]:
 
 
 async def one_run(
-    calls: int, seconds: float, dialect: str, profile: Path | None = None, pbx: str = "asterisk"
+    calls: int,
+    seconds: float,
+    dialect: str,
+    profile: Path | None = None,
+    pbx: str = "asterisk",
+    *,
+    record: bool = False,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="sipbridge-bench-") as directory:
         state = Path(directory)
@@ -537,6 +556,7 @@ async def one_run(
             "--dialect", dialect,
             "--pbx", pbx,
             *(["--profile"] if profile else []),
+            *(["--record"] if record else []),
         )  # fmt: skip
         simulator = await asyncio.create_subprocess_exec(
             sys.executable, __file__, "pbx",
@@ -553,6 +573,13 @@ async def one_run(
         result = analyse(state, calls, seconds)
         result["dialect"] = dialect
         result["pbx"] = pbx
+        result["recorded"] = record
+        if record:
+            recorded = list((state / "recordings").glob("*.stereo.wav"))
+            result["recordedCalls"] = len(recorded)
+            result["recordedBytesPerCallSecond"] = round(
+                sum(path.stat().st_size for path in recorded) / (calls * seconds)
+            )
         if profile is not None:
             shutil.copyfile(state / "bridge.prof", profile)
         return result
@@ -560,15 +587,17 @@ async def one_run(
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| PBX leg | dialect | calls | jitter p50/p99/max ms | clear→silence p50/p99/max ms "
+        "| PBX leg | dialect | recorded | calls | jitter p50/p99/max ms "
+        "| clear→silence p50/p99/max ms "
         "| frames after clear (max) | caller→pipeline p50/p99 ms | CPU % of a core "
         "| simulators' CPU % | dropped | late >5 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         j, c, lat = r["pacingJitterToPbxMs"], r["clearToSilenceMs"], r["callerToPipelineLatencyMs"]
         lines.append(
-            f"| {LEG_NAMES[r.get('pbx', 'asterisk')]} | {r['dialect']} | {r['calls']} "
+            f"| {LEG_NAMES[r.get('pbx', 'asterisk')]} | {r['dialect']} "
+            f"| {'yes' if r.get('recorded') else 'no'} | {r['calls']} "
             f"| {j['p50']}/{j['p99']}/{j['max']} "
             f"| {c['p50']}/{c['p99']}/{c['max']} | {r['replyFramesAfterClear']['max']} "
             f"| {lat.get('p50', '–')}/{lat.get('p99', '–')} | {r['bridgeCpuPercentOfOneCore']} "
@@ -584,13 +613,22 @@ async def orchestrate(
     dialects: list[str],
     profile: Path | None,
     pbxes: Sequence[str] = ("asterisk",),
+    *,
+    records: Sequence[bool] = (False,),
 ) -> dict[str, Any]:
     results = []
     for pbx in pbxes:
         for dialect in dialects:
             for count in calls:
-                print(f"running {count} calls, {pbx}, {dialect}, {seconds:g} s…", file=sys.stderr)
-                results.append(await one_run(count, seconds, dialect, profile, pbx))
+                for record in records:
+                    print(
+                        f"running {count} calls, {pbx}, {dialect}, {seconds:g} s"
+                        f"{', recorded' if record else ''}…",
+                        file=sys.stderr,
+                    )
+                    results.append(
+                        await one_run(count, seconds, dialect, profile, pbx, record=record)
+                    )
     document = {
         "benchmark": "media_path",
         "sipbridge": __version__,
@@ -628,6 +666,7 @@ def main() -> None:
         sub.add_argument("--seconds", type=float, default=10)
         sub.add_argument("--profile", action="store_true")
         sub.add_argument("--pbx", default="asterisk", choices=sorted(LEG_NAMES))
+        sub.add_argument("--record", action="store_true")
     parser.add_argument("--calls", type=int, nargs="+", default=[1, 50, 100])
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument(
@@ -636,26 +675,41 @@ def main() -> None:
     parser.add_argument(
         "--pbx", nargs="+", default=["asterisk", "freeswitch"], choices=sorted(LEG_NAMES)
     )
+    parser.add_argument(
+        "--record",
+        nargs="+",
+        default=["no"],
+        choices=["no", "yes"],
+        help="run without and/or with every call recorded (stereo + mono WAV)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "media_path.json")
     parser.add_argument("--profile", type=Path, help="write cProfile stats of sipbridge here")
     args = parser.parse_args()
     if args.role == "bridge" and args.profile:
         # Where sipbridge's CPU goes (cProfile slows Python calls: read the shares, not times).
         cProfile.runctx(
-            "asyncio.run(run_bridge(args.pipeline_url, args.dialect, args.state, args.pbx))",
+            "asyncio.run(run_bridge(args.pipeline_url, args.dialect, args.state, args.pbx,"
+            " args.record))",
             globals(),
             {"args": args},
             str(args.state / "bridge.prof"),
         )
     elif args.role == "bridge":
-        asyncio.run(run_bridge(args.pipeline_url, args.dialect, args.state, args.pbx))
+        asyncio.run(run_bridge(args.pipeline_url, args.dialect, args.state, args.pbx, args.record))
     elif args.role == "pbx":
         asyncio.run(run_pbx(args.port, args.calls, args.seconds, args.state, args.pbx))
     elif args.role == "pipeline":
         asyncio.run(run_pipeline(args.state))
     else:
         document = asyncio.run(
-            orchestrate(args.calls, args.seconds, args.dialect, args.profile, args.pbx)
+            orchestrate(
+                args.calls,
+                args.seconds,
+                args.dialect,
+                args.profile,
+                args.pbx,
+                records=[choice == "yes" for choice in args.record],
+            )
         )
         write_results(document, args.out)
 

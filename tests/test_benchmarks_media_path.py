@@ -50,3 +50,12 @@ async def test_a_short_run_measures_every_figure(pbx: str) -> None:
     assert result["clearToSilenceMs"]["count"] >= 2  # one barge-in per call at least
     assert result["replyFramesAfterClear"]["max"] <= 1  # at most the frame already in flight
     assert result["callerToPipelineLatencyMs"]["count"] >= 2 * 150
+
+
+async def test_a_recorded_run_records_every_call() -> None:
+    """--record: the service's recorder on every call, to show what recording costs."""
+    bench = load()
+    result = await bench.one_run(calls=2, seconds=3.0, dialect="raw", record=True)
+    assert result["recorded"] and result["recordedCalls"] == 2
+    # The stereo file (2 x 16 bit at 8 kHz): 32,000 bytes a second of call, headers aside.
+    assert 28_000 < result["recordedBytesPerCallSecond"] < 36_000
