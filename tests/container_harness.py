@@ -14,6 +14,7 @@ through a proxy with its own CA. Nothing of them stays in the image.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -154,6 +155,33 @@ class Container:
     async def logs(self) -> str:
         result = await asyncio.to_thread(podman, "logs", self.name, check=False)
         return result.stdout + result.stderr
+
+    async def wait_for_log(self, texts: set[str], timeout: float) -> bool:
+        """Follows the container's log until every one of ``texts`` has appeared in it (True),
+        the container is gone or ``timeout`` passes (False)."""
+        follower = await asyncio.create_subprocess_exec(
+            *PODMAN, "logs", "-f", self.name,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        assert follower.stdout is not None
+        awaited = set(texts)
+
+        async def follow(stream: asyncio.StreamReader) -> None:
+            nonlocal awaited
+            async for raw in stream:
+                line = raw.decode(errors="replace")
+                awaited = {text for text in awaited if text not in line}
+                if not awaited:
+                    return
+
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(follow(follower.stdout), timeout)
+        finally:
+            if follower.returncode is None:
+                follower.kill()
+            await follower.wait()
+        return not awaited
 
     async def stop(self) -> None:
         await asyncio.to_thread(podman, "rm", "-f", "-t", "5", self.name, check=False)

@@ -15,13 +15,11 @@ import re
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from bridge.client import ApiClient
-from bridge.errors import ApiClientError
 from bridge.lab.run import FIRST_MESSAGE, demo_call, demo_call_went_through, heard
 from bridge.lab.sipp import free_port
 from tests.asterisk_harness import AMI_SECRET, AsteriskLab, asterisk_lab, asterisk_root
@@ -74,19 +72,15 @@ def test_the_compose_file_validates_and_pins_freeswitch() -> None:
 
 
 async def wait_healthy(client: ApiClient, container: Container, pbx: str) -> None:
-    """Polls the containerised service's /health until its PBX link is up (it runs in another
-    process, with no event to await)."""
-    deadline = time.monotonic() + 60
-    last = ""
-    while time.monotonic() < deadline:
-        try:
-            health = await asyncio.to_thread(client.request, "GET", "/health")
-            if health.get("pbx", {}).get(pbx) == "up":
-                return
-            last = str(health)
-        except ApiClientError as exc:
-            last = str(exc)
-        await asyncio.sleep(0.2)
+    """Awaits the containerised service's log lines saying its API listens and its PBX link is
+    up, then checks /health says so too."""
+    link_up = {"asterisk": "AMI link up"}[pbx]
+    last = "its log never said so"
+    if await container.wait_for_log({": API on http", link_up}, timeout=60):
+        health = await asyncio.to_thread(client.request, "GET", "/health")
+        if health.get("pbx", {}).get(pbx) == "up":
+            return
+        last = str(health)
     raise AssertionError(
         f"sipbridge in the container never came up: {last}\n{await container.logs()}"
     )

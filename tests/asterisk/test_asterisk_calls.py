@@ -6,7 +6,6 @@ Audio is checked by content: the share of each 1 s window's energy at the expect
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -14,6 +13,7 @@ import re
 import socket
 import sys
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +22,6 @@ import pytest
 
 from bridge.audio import sine, ulaw_to_pcm
 from bridge.client import ApiClient
-from bridge.errors import ApiClientError
 from bridge.lab.rtp import RtpCapture
 from bridge.lab.sipp import CallPlan, SippCallee, SippResult, free_port
 from bridge.pbx.asterisk.backend import AsteriskBackend
@@ -622,31 +621,52 @@ class ServeProcess:
         }
         self.log = store.with_suffix(".log")
         self.process: asyncio.subprocess.Process | None = None
+        self._copier: asyncio.Future[None] | None = None
 
     async def start(self) -> ApiClient:
-        with self.log.open("ab") as output:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bridge", "serve", env=self.env,
-                stdout=output, stderr=asyncio.subprocess.STDOUT,
-            )  # fmt: skip
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", "serve", env=self.env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        up = asyncio.Event()
+        self._copier = asyncio.ensure_future(self._copy_log(self.process, up))
+        # Its log says when the AMI link is up and the API listens: await those lines.
+        came_up = asyncio.ensure_future(up.wait())
+        await asyncio.wait([came_up, self._copier], timeout=30, return_when=FIRST_COMPLETED)
+        came_up.cancel()
         client = ApiClient(self.api, None, timeout_s=5)
-        for _ in range(300):  # another process: nothing to await but its answers
-            with contextlib.suppress(ApiClientError):
-                health = await asyncio.to_thread(client.request, "GET", "/health")
-                if health["pbx"].get("asterisk") == "up":
-                    return client
-            await asyncio.sleep(0.1)
+        if up.is_set():
+            health = await asyncio.to_thread(client.request, "GET", "/health")
+            if health["pbx"].get("asterisk") == "up":
+                return client
         raise AssertionError(f"sipbridge did not come up:\n{self.log.read_text()[-3000:]}")
+
+    async def _copy_log(self, process: asyncio.subprocess.Process, up: asyncio.Event) -> None:
+        """Copies the process's output to its log file for its whole life (a pipe nobody
+        reads would block it), and says when the AMI link is up and the API listens."""
+        assert process.stdout is not None
+        awaited = {b"AMI link up", b": API on http"}
+        with self.log.open("ab") as output:
+            async for line in process.stdout:
+                output.write(line)
+                output.flush()
+                awaited = {text for text in awaited if text not in line}
+                if not awaited:
+                    up.set()
 
     async def kill(self) -> None:
         assert self.process is not None
         self.process.kill()  # SIGKILL: no stopping step at all
         await self.process.wait()
+        if self._copier is not None:
+            await self._copier
 
     async def stop(self) -> None:
         if self.process is not None and self.process.returncode is None:
             self.process.terminate()
             await self.process.wait()
+        if self._copier is not None:
+            await self._copier
 
 
 async def test_a_killed_sipbridge_leaves_no_ghost_call(
