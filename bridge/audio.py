@@ -50,6 +50,12 @@ def silence(rate: int = PBX_RATE, frame_ms: int = FRAME_MS) -> bytes:
     return bytes(frame_bytes(rate, frame_ms))
 
 
+def split_frames(pcm: bytes, rate: int = PBX_RATE) -> list[bytes]:
+    """``pcm`` cut into 20 ms frames (the last one shorter if the audio ends inside one)."""
+    size = frame_bytes(rate)
+    return [pcm[offset : offset + size] for offset in range(0, len(pcm), size)]
+
+
 def ulaw_to_pcm(data: bytes) -> bytes:
     """G.711 μ-law to 16-bit PCM (same rate)."""
     return audioop.ulaw2lin(data, SAMPLE_WIDTH)

@@ -17,6 +17,7 @@ from bridge.audio import (
     rms,
     silence,
     sine,
+    split_frames,
     stereo,
     tone_share,
     ulaw_to_pcm,
@@ -270,3 +271,9 @@ def test_stereo_puts_the_first_signal_left() -> None:
     both.frombytes(stereo(left, right))
     assert both[0::2].tobytes() == left and both[1::2].tobytes() == right
     assert len(stereo(left, right[:10])) == 20
+
+
+def test_split_frames_cuts_20_ms_frames_at_the_rate() -> None:
+    tone = sine(440, 0.05, 16000)  # 2.5 frames at 16 kHz
+    pieces = split_frames(tone, 16000)
+    assert [len(piece) for piece in pieces] == [640, 640, 320] and b"".join(pieces) == tone

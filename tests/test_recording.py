@@ -6,7 +6,7 @@ import array
 from datetime import UTC, datetime
 from urllib.parse import parse_qsl, urlsplit
 
-from bridge.audio import frame_bytes, silence, sine, tone_share
+from bridge.audio import frame_bytes, silence, sine, split_frames, tone_share
 from bridge.recording import (
     FrameAligner,
     RecordingLinks,
@@ -19,10 +19,6 @@ from bridge.recording import (
 FRAME = frame_bytes(8000)
 
 
-def frames(pcm: bytes) -> list[bytes]:
-    return [pcm[offset : offset + FRAME] for offset in range(0, len(pcm), FRAME)]
-
-
 def channels(stereo_pcm: bytes) -> tuple[bytes, bytes]:
     samples = array.array("h")
     samples.frombytes(stereo_pcm)
@@ -32,7 +28,9 @@ def channels(stereo_pcm: bytes) -> tuple[bytes, bytes]:
 def test_caller_left_played_right_mono_both() -> None:
     aligner = FrameAligner()
     stereo, mono = [], []
-    for said, heard in zip(frames(sine(440, 0.5)), frames(sine(1000, 0.5)), strict=True):
+    for said, heard in zip(
+        split_frames(sine(440, 0.5)), split_frames(sine(1000, 0.5)), strict=True
+    ):
         aligner.caller(said)
         frame = aligner.tick(heard)
         stereo.append(frame.stereo)
@@ -56,10 +54,10 @@ def test_one_frame_per_tick_silence_where_the_caller_sent_nothing() -> None:
 
 def test_a_cleared_assistant_is_silent_on_the_right() -> None:
     aligner = FrameAligner()
-    played = frames(sine(1000, 0.1)) + [silence()] * 5  # the pipeline cleared: silence played
+    played = split_frames(sine(1000, 0.1)) + [silence()] * 5  # the pipeline cleared: silence played
     right = b""
     for heard in played:
-        aligner.caller(frames(sine(440, 0.02))[0])
+        aligner.caller(split_frames(sine(440, 0.02))[0])
         right += channels(aligner.tick(heard).stereo)[1]
     assert tone_share(right[: 5 * FRAME], 8000, 1000) > 0.95
     assert right[5 * FRAME :] == bytes(5 * FRAME)

@@ -19,7 +19,7 @@ from typing import Any, cast
 
 import pytest
 
-from bridge.audio import frame_bytes, silence, sine, tone_share
+from bridge.audio import frame_bytes, silence, sine, split_frames, tone_share
 from bridge.calls import Call
 from bridge.recording import Channel
 from bridge.recordings import (
@@ -35,10 +35,6 @@ from bridge.recordings import (
 from bridge.routing import Accept, PipelineTarget
 
 FRAME = frame_bytes(8000)
-
-
-def frames(pcm: bytes) -> list[bytes]:
-    return [pcm[offset : offset + FRAME] for offset in range(0, len(pcm), FRAME)]
 
 
 def read(path: Path) -> tuple[wave._wave_params, bytes]:
@@ -62,7 +58,7 @@ def writer() -> Iterator[RecordingWriter]:
 
 def play_call(recorder: Recorder, seconds: float, *, clear_after_s: float | None = None) -> int:
     """The caller says 440 Hz, the assistant plays 1000 Hz (silence once cleared); the ticks."""
-    said, heard = frames(sine(440, seconds)), frames(sine(1000, seconds))
+    said, heard = split_frames(sine(440, seconds)), split_frames(sine(1000, seconds))
     for index, (caller, played) in enumerate(zip(said, heard, strict=True)):
         recorder.caller_audio(caller)
         cleared = clear_after_s is not None and index >= clear_after_s * 50

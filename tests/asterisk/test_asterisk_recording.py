@@ -17,7 +17,7 @@ import wave
 import aiohttp
 import pytest
 
-from bridge.audio import rms, sine, tone_share
+from bridge.audio import rms, sine, split_frames, tone_share
 from bridge.lab.sipp import CallPlan
 from bridge.recordings import recording_path
 from tests.asterisk.test_asterisk_pipeline import PipelineWire, ToneCounter, tone_packets
@@ -28,10 +28,6 @@ pytestmark = [pytest.mark.asterisk, pytest.mark.integration]
 
 FRAME_BYTES = 320  # 20 ms of 8 kHz 16-bit mono
 RAW = PipelineWire("raw")
-
-
-def frames(pcm: bytes) -> list[bytes]:
-    return [pcm[offset : offset + FRAME_BYTES] for offset in range(0, len(pcm), FRAME_BYTES)]
 
 
 async def test_a_call_is_recorded_as_the_caller_heard_it(asterisk_lab: AsteriskLab) -> None:
@@ -85,7 +81,9 @@ async def test_a_call_is_recorded_as_the_caller_heard_it(asterisk_lab: AsteriskL
     fraction, count = share_of_windows(said[: 4 * 16000], 8000, 700)
     assert count == 4 and fraction >= 0.75, (fraction, count)
     # On the right, the 1200 Hz reply for as long as the caller heard it, then silence.
-    reply_ticks = [i for i, tick in enumerate(frames(heard)) if tone_share(tick, 8000, 1200) > 0.5]
+    reply_ticks = [
+        i for i, tick in enumerate(split_frames(heard)) if tone_share(tick, 8000, 1200) > 0.5
+    ]
     assert abs(len(reply_ticks) - tone_packets(rtp, 1200)) <= 2, (len(reply_ticks), media)
     assert reply_ticks == list(range(reply_ticks[0], reply_ticks[-1] + 1))  # one stretch
     assert rms(heard[(reply_ticks[-1] + 1) * FRAME_BYTES :]) == 0  # silent after the clear
