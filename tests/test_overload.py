@@ -29,6 +29,24 @@ def test_sustained_lag_is_late_on_every_sample_and_peak_is_the_worst() -> None:
     assert lag.peak(21.0) == 0.0
 
 
+def test_a_late_start_is_a_burst_until_the_samples_cover_a_second() -> None:
+    """The failure on a busy CI machine: a service whose first sample ran 296 ms late (its
+    start-up) refused its first call as saturated, on one sample."""
+    lag = EventLoopLag(window_s=3.0, sustained_s=1.0)
+    lag.observe(0.296, 100.396)  # the first sample: covers [100.0, 100.396]
+    assert lag.sustained(100.4) == 0.0 and lag.peak(100.4) == pytest.approx(0.296)
+    now = 100.396
+    while now < 101.1:  # late on every sample until the history covers a whole second
+        now += 0.1 + 0.296
+        lag.observe(0.296, now)
+    assert lag.sustained(now) == pytest.approx(0.296)
+    # One sample longer than the window (a 2 s block) covers it alone: saturated meanwhile.
+    blocked = EventLoopLag(window_s=3.0, sustained_s=1.0)
+    blocked.observe(0.01, 50.11)
+    blocked.observe(2.0, 52.21)
+    assert blocked.sustained(52.21) == pytest.approx(2.0)
+
+
 async def test_the_watcher_sees_a_blocked_loop() -> None:
     lag = EventLoopLag()
     sampled = asyncio.Event()
