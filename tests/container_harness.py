@@ -69,11 +69,18 @@ def ensure_base_image() -> None:
         return
     tarball = cache_dir() / "debian-bookworm.tar"
     if not tarball.is_file():
+        # mmdebstrap chooses its output's format from the name unless told: a ".partial" (the
+        # name this used before) made a directory, which podman cannot import; a fresh
+        # machine's first run failed on it, and the directory stayed in the cache.
+        if tarball.is_dir():
+            shutil.rmtree(tarball)
         tarball.parent.mkdir(parents=True, exist_ok=True)
-        partial = tarball.with_suffix(".partial")
+        partial = tarball.with_name("debian-bookworm.partial.tar")
+        partial.unlink(missing_ok=True)
         subprocess.run(
             [
                 "mmdebstrap",
+                "--format=tar",
                 "--variant=apt",
                 '--aptopt=Acquire::Check-Valid-Until "false"',
                 "bookworm",
