@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
@@ -231,12 +231,19 @@ class LegClosed:
 
 
 LegEvent = LegAudio | LegDtmf | LegClosed
+# Takes a leg's events as they arrive: called from the socket's callback, it must not block.
+LegSink = Callable[[LegEvent], None]
 
 
 class MediaLeg(Protocol):
     """A call's audio connection to the PBX (AudioSocket, unicast L16)."""
 
     rate: int
+
+    def deliver(self, sink: LegSink | None) -> None:
+        """From now on the leg's events go to ``sink`` as they arrive, those kept so far
+        first (``None``: they are kept for :meth:`receive` again). A running session takes
+        them this way: no task woken per frame."""
 
     async def receive(self) -> list[LegEvent]:
         """The next events; ends with a :class:`LegClosed`."""

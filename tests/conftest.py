@@ -168,9 +168,9 @@ async def recorded_call(
     service.callflow.post(LegConnected(call.id, leg))
     caller = sine(440, 0.5)
     for index, offset in enumerate(range(0, len(caller), 320)):
-        leg.inbox.put_nowait(LegAudio(caller[offset : offset + 320]))
+        leg.inbox.put(LegAudio(caller[offset : offset + 320]))
         await leg.wait_sent(index + 1)  # the caller speaks in step with what is played
     await leg.wait_sent(30)
-    leg.inbox.put_nowait(LegClosed(by_caller=True))
+    leg.inbox.put(LegClosed(by_caller=True))
     await leg.wait_closed()  # the call has ended
     return call.id

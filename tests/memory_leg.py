@@ -7,7 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bridge.audio import tone_share
-from bridge.events import LegEvent
+from bridge.events import LegEvent, LegSink
+from bridge.legs import LegOutlet
 
 
 @dataclass
@@ -15,18 +16,19 @@ class MemoryLeg:
     """A PBX leg whose caller side the test drives."""
 
     rate: int = 8000
-    inbox: asyncio.Queue[LegEvent] = field(default_factory=asyncio.Queue)
+    # What the caller's side sends (``inbox.put(event)``), taken as the service's legs are.
+    inbox: LegOutlet = field(default_factory=LegOutlet)
     sent: list[bytes] = field(default_factory=list)
     closed: bool = False
     # Called when the leg's owner closes it (a test records what had happened by then).
     on_close: Callable[[], None] = lambda: None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
+    def deliver(self, sink: LegSink | None) -> None:
+        self.inbox.attach(sink)
+
     async def receive(self) -> list[LegEvent]:
-        events = [await self.inbox.get()]
-        while not self.inbox.empty():
-            events.append(self.inbox.get_nowait())
-        return events
+        return await self.inbox.receive()
 
     def send_audio(self, pcm: bytes) -> bool:
         self.sent.append(pcm)

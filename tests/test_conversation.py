@@ -70,12 +70,12 @@ async def test_a_call_from_pipeline_start_to_report(
     h.flow.post(LegConnected(call.id, leg))
     tone = sine(700, 0.5)
     for offset in range(0, len(tone), 320):
-        leg.inbox.put_nowait(LegAudio(tone[offset : offset + 320]))
+        leg.inbox.put(LegAudio(tone[offset : offset + 320]))
     heard = await session.wait_audio(15000)
     assert tone_share(heard[:8000], 16000, 700) > 0.95
     # /health counts the conversations live now, not a running total.
     assert h.flow.describe_media() == {"waitingForMedia": 0, "sessions": 1}
-    leg.inbox.put_nowait(LegClosed(by_caller=True))
+    leg.inbox.put(LegClosed(by_caller=True))
     report = await h.sink.wait_for_message("end-of-call-report")
     media = report.message["call"]["sipbridge"]["media"]
     assert report.message["endedReason"] == "customer-ended-call"
@@ -271,7 +271,7 @@ async def test_a_leg_closed_by_the_transfer_itself_is_not_the_callers_hangup(
     async def the_pbx_moves_the_call() -> None:
         conversation = h.flow._by_id[call.id].conversation
         assert conversation is not None
-        leg.inbox.put_nowait(LegClosed(by_caller=True))
+        leg.inbox.put(LegClosed(by_caller=True))
         await conversation.session_over.wait()  # the session ends before the PBX answers
         moved.set()
 
@@ -300,8 +300,8 @@ async def test_a_tap_factory_gives_each_accepted_call_its_tap(
     await h.pbx.wait_for("connect_media")
     leg = MemoryLeg()
     h.flow.post(LegConnected(call.id, leg))
-    leg.inbox.put_nowait(LegAudio(sine(700, 0.02)))
-    leg.inbox.put_nowait(LegClosed(by_caller=True))
+    leg.inbox.put(LegAudio(sine(700, 0.02)))
+    leg.inbox.put(LegClosed(by_caller=True))
     report = await h.ended(call.id)
     [(call_id, tap)] = made
     assert call_id == call.id and tap.said == [sine(700, 0.02)] and tap.closed

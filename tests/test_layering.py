@@ -124,7 +124,10 @@ def test_only_the_root_and_the_cli_know_the_service() -> None:
 # every module below that package.
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("core", frozenset(CORE | {"bridge.backend", "bridge.protocol", "bridge.protocol.*"})),
-    ("tools", frozenset({"bridge.tasks", "bridge.logs", "bridge.overload", "bridge.tls"})),
+    (
+        "tools",
+        frozenset({"bridge.tasks", "bridge.logs", "bridge.overload", "bridge.tls", "bridge.legs"}),
+    ),
     (
         "edges",
         frozenset(

@@ -116,17 +116,32 @@ async def test_caller_audio_reaches_the_pipeline_converted(server: PipelineServe
     assert rig.remote.headers["x-key"] == "k"
     tone = sine(700, 1.0)
     for offset in range(0, len(tone), 320):
-        rig.leg.inbox.put_nowait(LegAudio(tone[offset : offset + 320]))
+        rig.leg.inbox.put(LegAudio(tone[offset : offset + 320]))
     received = await rig.remote.wait_audio(30000)
     assert tone_share(received[:16000], 16000, 700) > 0.98  # 0.5 s at 16 kHz
     assert rig.remote.audio_messages >= 47  # one binary message per 20 ms frame
-    rig.leg.inbox.put_nowait(LegDtmf("5"))
+    rig.leg.inbox.put(LegDtmf("5"))
     await rig.remote.wait_control("dtmf", digit="5")
-    rig.leg.inbox.put_nowait(LegClosed(by_caller=True))
+    rig.leg.inbox.put(LegClosed(by_caller=True))
     result = await rig.task
     assert (result.reason, result.caller_hung_up) == (EndedReason.CUSTOMER_ENDED_CALL, True)
     stop = await rig.remote.wait_control("stop")
     assert stop["reason"] == "customer-ended-call"
+
+
+async def test_caller_audio_goes_out_in_the_legs_callback(server: PipelineServer) -> None:
+    """[performance] the session takes a caller frame when the leg puts it: converted and
+    written to the pipeline's socket before anything else runs (no reader task per frame)."""
+    rig = await start(server)
+    rig.leg.inbox.put(LegAudio(sine(700, 0.02)))
+    await rig.remote.wait_audio(640)  # the session is running and took the first frame
+    stats = rig.session.stats
+    before = (stats.frames_from_pbx, stats.frames_to_pipeline)
+    rig.leg.inbox.put(LegAudio(sine(700, 0.02)))
+    assert (stats.frames_from_pbx, stats.frames_to_pipeline) == (before[0] + 1, before[1] + 1)
+    await rig.remote.wait_audio(1280)
+    rig.leg.inbox.put(LegClosed(by_caller=True))
+    assert (await rig.task).reason is EndedReason.CUSTOMER_ENDED_CALL
 
 
 @pytest.mark.parametrize(
@@ -139,7 +154,7 @@ async def test_every_raw_format_carries_tones_both_ways(
     rig = await start(server, encoding=encoding, rate=rate)
     tone = sine(700, 0.4)
     for offset in range(0, len(tone), 320):
-        rig.leg.inbox.put_nowait(LegAudio(tone[offset : offset + 320]))
+        rig.leg.inbox.put(LegAudio(tone[offset : offset + 320]))
     width = 1 if encoding == "mulaw" else 2
     heard = await rig.remote.wait_audio(int(0.4 * rate) * width)
     pcm = ulaw_to_pcm(heard) if encoding == "mulaw" else heard
@@ -324,7 +339,7 @@ async def test_ignored_messages_are_logged_once_per_kind(
 
 async def test_a_broken_leg_ends_with_the_media_reason(server: PipelineServer) -> None:
     rig = await start(server)
-    rig.leg.inbox.put_nowait(LegClosed(by_caller=False, detail="garbage"))
+    rig.leg.inbox.put(LegClosed(by_caller=False, detail="garbage"))
     result = await rig.task
     assert result.reason is EndedReason.MEDIA_LEG_CLOSED and not result.caller_hung_up
 
@@ -364,13 +379,13 @@ async def test_a_tap_sees_both_directions_as_the_caller_did(server: PipelineServ
     caller = sine(700, 0.2)
     frames = [caller[offset : offset + 320] for offset in range(0, len(caller), 320)]
     for frame in frames:
-        rig.leg.inbox.put_nowait(LegAudio(frame))
+        rig.leg.inbox.put(LegAudio(frame))
     await send_chunks(rig.remote, sine(1000, 2.0, 16000))
     await rig.leg.wait_sent(20)  # the reply is playing
     await rig.remote.send_json({"type": "clear"})
     count = len(rig.leg.sent)
     await rig.leg.wait_sent(count + 5)
-    rig.leg.inbox.put_nowait(LegClosed(by_caller=True))
+    rig.leg.inbox.put(LegClosed(by_caller=True))
     await rig.task
     assert tap.said == frames  # the caller's audio, byte for byte
     # What the caller heard, frame for frame: the reply, then silence once cleared.

@@ -106,21 +106,81 @@ async def test_a_reset_as_asterisk_hangs_up_is_the_callers_hangup(
     )
 
 
+class StubTransport(asyncio.Transport):
+    """The transport asyncio gives a connection, for driving the protocol's callbacks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closing = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 4573) if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+
 async def test_a_write_after_asterisks_close_is_the_callers_hangup() -> None:
     """Seen in the soak: a frame written after Asterisk closed the socket failed with EPIPE,
-    and asyncio (connection_lost) hands that error to the reader, which raised it before
-    the EOF behind it: it was reported as a failed media leg, not the caller's hangup."""
-    reader = asyncio.StreamReader()
-    reader.feed_data(wire.encode_audio(b"\x01\x00" * 160))
-    reader.feed_eof()
-    reader.set_exception(BrokenPipeError(32, "Broken pipe"))  # what connection_lost(exc) does
-    leg = AudioSocketLeg(reader, None, wire.FrameDecoder(), "call")  # type: ignore[arg-type]
-    events = await leg.receive()
-    assert events == [
+    and asyncio hands that error to connection_lost: it was reported as a failed media leg,
+    not the caller's hangup. The audio that arrived before it still counts."""
+    legs: list[AudioSocketLeg] = []
+    leg = AudioSocketLeg(4096, lambda _, named: legs.append(named), lambda: None)
+    leg.connection_made(StubTransport())
+    leg.data_received(wire.encode_call_id(uuid.uuid4()) + wire.encode_audio(b"\x01\x00" * 160))
+    leg.connection_lost(BrokenPipeError(32, "Broken pipe"))
+    assert legs == [leg]
+    assert await leg.receive() == [
+        LegAudio(b"\x01\x00" * 160),
         LegClosed(
             by_caller=True, detail="Asterisk closed the connection as the call ended (broken pipe)"
-        )
+        ),
     ]
+
+
+async def test_a_running_session_takes_the_frames_in_the_sockets_callback() -> None:
+    """[performance] no reader task per frame: with a sink attached, each event reaches it
+    from data_received, in order (those kept before it attached first), and nothing is kept
+    for receive() meanwhile."""
+    taken: list[object] = []
+    changed = asyncio.Event()
+    legs: list[AudioSocketLeg] = []
+
+    def sink(event: object) -> None:
+        taken.append(event)
+        changed.set()
+
+    def on_leg(_: str, leg: AudioSocketLeg) -> None:
+        legs.append(leg)
+        changed.set()
+
+    running = AudioSocketServer("127.0.0.1", 0, 4096, on_leg)
+    await running.start()
+    try:
+        _, writer = await connect(running.port)
+        writer.write(wire.encode_call_id(uuid.uuid4()) + wire.encode_audio(b"\x01\x00" * 160))
+        while not legs:
+            changed.clear()
+            await asyncio.wait_for(changed.wait(), 5)
+        legs[0].deliver(sink)
+        assert taken == [LegAudio(b"\x01\x00" * 160)]  # kept until the sink came
+        writer.write(wire.encode_audio(b"\x02\x00" * 160) + wire.encode_dtmf("#"))
+        writer.close()
+        while not taken or not isinstance(taken[-1], LegClosed):
+            changed.clear()
+            await asyncio.wait_for(changed.wait(), 5)
+        assert taken == [
+            LegAudio(b"\x01\x00" * 160),
+            LegAudio(b"\x02\x00" * 160),
+            LegDtmf("#"),
+            LegClosed(by_caller=True),
+        ]
+        assert await legs[0].receive() == [LegClosed(by_caller=True)]  # and again, if asked
+    finally:
+        await running.aclose()
 
 
 async def test_garbage_closes_the_leg_with_a_reason(

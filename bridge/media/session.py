@@ -1,10 +1,13 @@
 """One call's conversation: the PBX audio leg and the pipeline stream, pumped both ways.
 
-Three loops, a writer on the shared frame clock, and watchers of the call and of its transfer
-run per call; nothing per frame is scheduled separately:
+Per call: the leg's events taken in its socket's callback, a pipeline reader, a writer on the
+shared frame clock, a control sender, and watchers of the call and of its transfer; nothing
+per frame is scheduled separately:
 
-- PBX reader: caller audio (converted to the pipeline's format) and DTMF go to the pipeline.
-  Asterisk sends nothing during gaps in the caller's RTP; that only pauses this loop.
+- PBX side: the leg hands each event to the session from its socket's callback (no task
+  woken per frame): caller audio, converted to the pipeline's format, goes to the pipeline at
+  once; DTMF goes through the control sender. Asterisk sends nothing during gaps in the
+  caller's RTP; nothing waits for it.
 - pipeline reader: always drains the websocket (keepalive pings are only answered while
   someone reads); audio goes to the playout buffer, control messages are acted on.
 - paced writer: every 20 ms on an absolute schedule, the next frame from the playout buffer
@@ -34,11 +37,11 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from bridge.audio import FRAME_MS, Pacer, PlayoutBuffer, Transcoder
 from bridge.calls import EndedReason
-from bridge.events import LegAudio, LegDtmf, MediaLeg
+from bridge.events import LegAudio, LegDtmf, LegEvent, MediaLeg
 from bridge.media.clock import FrameClock
 from bridge.protocol.pipeline import (
     AudioIn,
@@ -54,6 +57,8 @@ from bridge.protocol.pipeline import (
 from bridge.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Reasons a pipeline may give with end-call; anything else is reported as assistant-ended-call.
 PIPELINE_END_REASONS = frozenset(
@@ -72,6 +77,27 @@ _CLEAN_CLOSE = (1000, 1001)
 END_CALL_GRACE_S = 3.0
 # Control messages (mark echoes) waiting for a slow pipeline; beyond this it is not reading.
 OUTBOX_MAX_MESSAGES = 256
+
+
+def _settling(
+    done: asyncio.Future[SessionResult], step: Callable[[T], SessionResult | None]
+) -> Callable[[T], None]:
+    """A callback for a leg or the frame clock: runs ``step`` until it gives the session's
+    result, and settles ``done`` with it. A step that raises settles ``done`` with the error
+    (the session ends this call, WORKER_DIED) and never reaches the leg or the clock."""
+
+    def callback(value: T) -> None:
+        if done.done():
+            return
+        try:
+            result = step(value)
+        except Exception as exc:
+            done.set_exception(exc)
+            return
+        if result is not None:
+            done.set_result(result)
+
+    return callback
 
 
 class PipelineStream(Protocol):
@@ -266,25 +292,36 @@ class MediaSession:
         return SessionResult(None)
 
     async def _from_pbx(self) -> SessionResult:
-        stream, dialect, transcoder, stats = self.stream, self.dialect, self.transcoder, self.stats
-        while True:
-            for event in await self.leg.receive():
-                if isinstance(event, LegAudio):
-                    stats.frames_from_pbx += 1
-                    for tap in self.taps:
-                        self._tap(tap, tap.caller_audio, event.pcm)
-                    if stream.send_audio(dialect.audio(transcoder.to_pipeline(event.pcm))):
-                        stats.frames_to_pipeline += 1
-                    else:
-                        stats.dropped_to_pipeline += 1
-                elif isinstance(event, LegDtmf):
-                    self.log.info("caller pressed %s", event.digit)
-                    await stream.send(dialect.dtmf(event.digit))
-                else:
-                    if event.by_caller:
-                        return SessionResult(EndedReason.CUSTOMER_ENDED_CALL, caller_hung_up=True)
-                    self.log.error("media leg failed: %s", event.detail)
-                    return SessionResult(EndedReason.MEDIA_LEG_CLOSED, event.detail)
+        """Takes the leg's events as they arrive (the leg calls :meth:`_leg_event` from its
+        socket's callback: no task step per frame) until the leg closes."""
+        done: asyncio.Future[SessionResult] = asyncio.get_running_loop().create_future()
+        self.leg.deliver(_settling(done, self._leg_event))
+        try:
+            return await done
+        finally:
+            self.leg.deliver(None)
+
+    def _leg_event(self, event: LegEvent) -> SessionResult | None:
+        if isinstance(event, LegAudio):
+            stats = self.stats
+            stats.frames_from_pbx += 1
+            for tap in self.taps:
+                self._tap(tap, tap.caller_audio, event.pcm)
+            pcm = self.transcoder.to_pipeline(event.pcm)
+            if self.stream.send_audio(self.dialect.audio(pcm)):
+                stats.frames_to_pipeline += 1
+            else:
+                stats.dropped_to_pipeline += 1
+            return None
+        if isinstance(event, LegDtmf):
+            self.log.info("caller pressed %s", event.digit)
+            # Through the outbox: in order with the mark echoes, and never waited for here.
+            self._send_control(self.dialect.dtmf(event.digit), "dtmf_dropped")
+            return None
+        if event.by_caller:
+            return SessionResult(EndedReason.CUSTOMER_ENDED_CALL, caller_hung_up=True)
+        self.log.error("media leg failed: %s", event.detail)
+        return SessionResult(EndedReason.MEDIA_LEG_CLOSED, event.detail)
 
     async def _from_pipeline(self) -> SessionResult:
         while True:
@@ -385,28 +422,20 @@ class MediaSession:
     def _marks_played(self, names: list[str]) -> None:
         for name in names:
             self.stats.marks_played += 1
-            try:
-                self._outbox.put_nowait(self.dialect.mark(name))
-            except asyncio.QueueFull:
-                self.stats.extra["marks_dropped"] = self.stats.extra.get("marks_dropped", 0) + 1
-                self.log.warning("pipeline is not reading: mark %r not echoed", name)
+            self._send_control(self.dialect.mark(name), "marks_dropped")
+
+    def _send_control(self, message: str | bytes, dropped_counter: str) -> None:
+        """Queues a control message (a mark echo, a key press) for the pipeline."""
+        try:
+            self._outbox.put_nowait(message)
+        except asyncio.QueueFull:
+            self.stats.extra[dropped_counter] = self.stats.extra.get(dropped_counter, 0) + 1
+            self.log.warning("pipeline is not reading: %s", dropped_counter.replace("_", " "))
 
     async def _writer(self) -> SessionResult:
         """The paced writer: the frame clock's ticks send what is due (see _write_due)."""
         done: asyncio.Future[SessionResult] = asyncio.get_running_loop().create_future()
-
-        def on_tick(now: float) -> None:
-            if done.done():
-                return
-            try:
-                result = self._write_due(now)
-            except Exception as exc:  # the session ends this call (WORKER_DIED), not the clock
-                done.set_exception(exc)
-                return
-            if result is not None:
-                done.set_result(result)
-
-        subscription, first_due = self.frame_clock.subscribe(on_tick)
+        subscription, first_due = self.frame_clock.subscribe(_settling(done, self._write_due))
         self._pacer = Pacer(first_due)
         try:
             return await done

@@ -19,13 +19,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from bridge.events import LegAudio, LegClosed, LegDtmf, LegEvent
+from bridge.events import LegAudio, LegClosed, LegDtmf, LegEvent, LegSink
+from bridge.legs import LegOutlet
 from bridge.protocol import unicast as wire
 
 log = logging.getLogger(__name__)
 
-# Caller audio waiting for the session (5 s): beyond it the oldest is not kept.
-MAX_QUEUED_EVENTS = 250
 # FreeSWITCH sends a datagram every 20 ms while unicast runs (silence included): after this long
 # without one, it is not listening either (the channel ended, or a transfer took it out of park).
 FREESWITCH_SILENT_S = 1.0
@@ -48,11 +47,11 @@ class UnicastLeg(asyncio.DatagramProtocol):
         self._decoder = decoder
         self._on_first_audio = on_first_audio
         self._on_close = on_close
-        self._events: asyncio.Queue[LegEvent] = asyncio.Queue(MAX_QUEUED_EVENTS)
+        # The session takes the events as they arrive; until it does, 5 s of them are kept.
+        self._outlet = LegOutlet()
         self._transport: asyncio.DatagramTransport | None = None
         self.started = False
         self.closed = False
-        self.dropped_frames = 0
         # When FreeSWITCH's last datagram came (loop clock, and wall clock for call records).
         self.last_audio_monotonic = 0.0
         self.last_audio_wall = 0.0
@@ -88,19 +87,22 @@ class UnicastLeg(asyncio.DatagramProtocol):
             self._put(LegClosed(by_caller=False, detail=f"unicast socket closed: {exc}"))
 
     def _put(self, event: LegEvent) -> None:
-        if self._events.full():
-            self._events.get_nowait()  # the oldest audio: the session is not keeping up
-            self.dropped_frames += 1
-        self._events.put_nowait(event)
+        self._outlet.put(event)
+
+    @property
+    def dropped_frames(self) -> int:
+        """Caller audio that gave way while no session took it."""
+        return self._outlet.dropped
 
     # ---- MediaLeg ------------------------------------------------------------------------------
 
+    def deliver(self, sink: LegSink | None) -> None:
+        """Events go to ``sink`` as they arrive (see :class:`bridge.legs.LegOutlet`)."""
+        self._outlet.attach(sink)
+
     async def receive(self) -> list[LegEvent]:
         """The next events; the last one is a :class:`LegClosed`."""
-        events = [await self._events.get()]
-        while not self._events.empty():
-            events.append(self._events.get_nowait())
-        return events
+        return await self._outlet.receive()
 
     def send_audio(self, pcm: bytes) -> bool:
         """Sends one frame to FreeSWITCH (dropped until its first datagram says from where)."""
