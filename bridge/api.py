@@ -23,7 +23,7 @@ from typing import Any, Protocol, cast
 
 from aiohttp import web
 
-from bridge.errors import NotFound, StoreError, ValidationFailed
+from bridge.errors import CallRefused, CallStillLive, NotFound, StoreError, ValidationFailed
 from bridge.metrics import CONTENT_TYPE
 from bridge.models import format_timestamp
 from bridge.recording import Channel, is_channel
@@ -42,7 +42,7 @@ _MAX_LIMIT = 1000
 # deep nesting is what breaks recursive code (json's ~1,000-level RecursionError, pydantic's
 # 255-level "Circular reference" when serialising). Documented in docs/api.md.
 MAX_BODY_DEPTH = 64
-_CALL_STATUSES = ("ringing", "in-progress", "forwarding", "ended")
+_CALL_STATUSES = ("queued", "ringing", "in-progress", "forwarding", "ended")
 
 
 class Backend(Protocol):
@@ -64,8 +64,16 @@ class Backend(Protocol):
     async def get_call(self, call_id: str) -> dict[str, Any] | None:
         """One call record, live or stored."""
 
+    async def create_call(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Places an outbound call; its record. Raises :class:`ValidationFailed` or
+        :class:`CallRefused`."""
+
     async def hangup_call(self, call_id: str) -> bool:
         """Hangs up a live call; False if it is not live."""
+
+    async def delete_call(self, call_id: str) -> dict[str, Any] | None:
+        """Deletes an ended call's record and recordings; returns the record (None: no such
+        call). Raises :class:`CallStillLive` for a call that has not ended."""
 
     async def recording_file(self, call_id: str, channel: Channel) -> Path | None:
         """A call's recording in ``channel``, if there is one."""
@@ -299,6 +307,24 @@ def create_app(backend: Backend, settings: ApiSettings) -> web.Application:
             return _error(409, "Conflict", f"call {call_id} is not active")
         return _json(await backend.get_call(call_id))
 
+    async def create_call(request: web.Request) -> web.Response:
+        body = await _body(request)
+        try:
+            return _json(await backend.create_call(body), 201)
+        except CallRefused as exc:
+            error = "Too Many Requests" if exc.status == 429 else "Service Unavailable"
+            return _error(exc.status, error, str(exc))
+
+    async def delete_call(request: web.Request) -> web.Response:
+        call_id = request.match_info["id"]
+        try:
+            deleted = await backend.delete_call(call_id)
+        except CallStillLive:
+            return _error(409, "Conflict", f"call {call_id} has not ended: hang it up first")
+        if deleted is None:
+            raise NotFound("Call", call_id)
+        return _json(deleted)
+
     async def call_recording(request: web.Request) -> web.StreamResponse:
         call_id = request.match_info["id"]
         channel = request.query.get("channel", "stereo")
@@ -336,8 +362,10 @@ def create_app(backend: Backend, settings: ApiSettings) -> web.Application:
         response.headers["Content-Type"] = CONTENT_TYPE
         return response
 
+    app.router.add_post("/call", create_call)
     app.router.add_get("/call", list_calls)
     app.router.add_get("/call/{id}", show_call)
+    app.router.add_delete("/call/{id}", delete_call)
     app.router.add_post("/call/{id}/hangup", hangup_call)
     app.router.add_get("/call/{id}/recording", call_recording)
     app.router.add_get(_SIGNED_PREFIX + "{id}.{channel:stereo|mono}.wav", signed_recording)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from bridge.events import CallEvents, InviteFacts, PbxKind
+from bridge.events import CallEvents, InviteFacts, OutboundDial, PbxKind
 
 
 class PbxControl(Protocol):
@@ -35,6 +35,21 @@ class PbxControl(Protocol):
     async def connect_media(self, facts: InviteFacts, call_id: str) -> None:
         """Answers the call and connects its audio to sipbridge, tagged ``call_id`` (the leg
         arrives later as a :class:`bridge.events.LegConnected`)."""
+
+    def check_dial(self, dial: OutboundDial) -> str | None:
+        """Why this PBX could not dial ``dial`` as it is (checked before the call is placed:
+        a request it can never carry out is refused at once), or None."""
+
+    async def originate(self, facts: InviteFacts, call_id: str, dial: OutboundDial) -> None:
+        """Dials an outbound call's customer; returns once the PBX has taken the dial (it is
+        dialling; the customer's phone rings a moment later). ``facts.channel`` is the handle
+        the call is controlled by from then on. The customer's answer arrives as the call's
+        :class:`bridge.events.LegConnected`; a dial that fails, and a hangup, as
+        :class:`bridge.events.CallGone` (with ``dial_status`` when it was never answered).
+
+        Raises:
+            PbxActionError: the PBX refused the dial, or this PBX cannot place calls.
+        """
 
     async def hangup(self, facts: InviteFacts) -> None:
         """Ends the call; a call that is already gone counts as done."""

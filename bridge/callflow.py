@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,9 +38,11 @@ from bridge.calls import (
     CallEvent,
     CallStatus,
     EndedReason,
+    outbound_not_answered,
 )
 from bridge.conversation import Conversation, ConversationResult, Conversations
 from bridge.errors import (
+    CallRefused,
     LocalProtocolError,
     PbxActionError,
     PbxError,
@@ -53,6 +56,7 @@ from bridge.events import (
     InviteFacts,
     LegConnected,
     MediaLeg,
+    OutboundDial,
     PbxEvent,
     PbxKind,
 )
@@ -68,7 +72,7 @@ from bridge.messages import (
     target_for,
 )
 from bridge.metrics import Metrics
-from bridge.models import DEFAULT_MAX_DURATION_S, validate_destination
+from bridge.models import DEFAULT_MAX_DURATION_S, validate_destination, validate_outbound_call
 from bridge.records import CallRecorder
 from bridge.resources import Resources
 from bridge.routing import (
@@ -83,10 +87,14 @@ from bridge.routing import (
     UseAssistant,
     accept,
     admit,
+    admit_outbound,
     call_variables,
     decide_answer,
     fallback_or_reject,
     match_phone_number,
+    outbound_caller_id,
+    outbound_facts,
+    outbound_rate_window,
     parse_answer,
     plan_call,
 )
@@ -110,6 +118,8 @@ TRANSFER_TIMEOUT_S = 90.0
 # bounds the wait for a backend that never gives one.
 TRANSFER_SETTLE_S = PBX_ACTION_TIMEOUT_S
 MEDIA_WRAP_UP_S = 3.0
+# An outbound dial the PBX has not ended this long after its ring timeout is ended here.
+OUTBOUND_RING_GRACE_S = 15.0
 
 
 @dataclass(eq=False)  # compared and hashed by identity: one object per call
@@ -156,6 +166,12 @@ class _NoPbx:
         raise PbxActionError("no backend for this PBX")
 
     async def connect_media(self, facts: InviteFacts, call_id: str) -> None:
+        raise PbxActionError("no backend for this PBX")
+
+    def check_dial(self, dial: OutboundDial) -> str | None:
+        return "no backend for this PBX"
+
+    async def originate(self, facts: InviteFacts, call_id: str, dial: OutboundDial) -> None:
         raise PbxActionError("no backend for this PBX")
 
     async def hangup(self, facts: InviteFacts) -> None:
@@ -236,6 +252,8 @@ class CallFlow:
         # Calls whose task has not finished (ended calls still closing their conversation).
         self._unfinished: set[LiveCall] = set()
         self._tasks = TaskSet("callflow")
+        # When the last outbound calls started (Unix seconds), for the calls-per-second cap.
+        self._outbound_starts: deque[float] = deque()
         self.draining = False
         # The pipeline's frames shed because the event loop was starved (/health).
         self.frames_shed = 0
@@ -254,6 +272,10 @@ class CallFlow:
         """A live call by sipbridge id."""
         live = self._by_id.get(call_id)
         return live.call if live else None
+
+    def wrapping_up(self, call_id: str) -> bool:
+        """An ended call whose task still runs (its conversation closing, its report not sent)."""
+        return any(live.call.id == call_id for live in self._unfinished)
 
     def find_pbx_call(self, pbx: str, pbx_call_id: str) -> Call | None:
         """A live call by the PBX's id for it."""
@@ -288,7 +310,11 @@ class CallFlow:
             self.offer(event.facts, control)
         elif isinstance(event, CallGone):
             self.hung_up(
-                event.pbx, event.pbx_call_id, by_caller=event.by_caller, ended_at=event.ended_at
+                event.pbx,
+                event.pbx_call_id,
+                by_caller=event.by_caller,
+                ended_at=event.ended_at,
+                unanswered=event,
             )
         elif isinstance(event, LegConnected):
             self._leg_connected(event.call_id, event.leg)
@@ -320,9 +346,140 @@ class CallFlow:
             len(facts.headers),
         )
         self._recorder.save(call.to_json())
-        live.task = self._tasks.spawn(self._run(live), f"call-{call.id}")
-        live.task.add_done_callback(lambda _: self._finished(live))
+        self._start(live, lambda: self._route_and_apply(live))
         return call
+
+    async def create_outbound(self, body: Mapping[str, Any], pbx: PbxControl) -> Call:
+        """``POST /call``: checks the body, the caps and the resources it names, renders the
+        assistant for the customer, and places the call (it is ``queued`` when this returns).
+
+        Raises:
+            ValidationFailed: the body, or what it names, cannot make a call (400).
+            CallRefused: a cap is reached (429), or sipbridge is stopping or overloaded (503).
+        """
+        checked = validate_outbound_call(body)
+        if self.draining:
+            raise CallRefused(503, "sipbridge is shutting down")
+        number_id = checked["phoneNumberId"]
+        number = await self._resources.find("phone_number", number_id)
+        if number is None:
+            raise ValidationFailed([f"phoneNumberId: no phone number {number_id!r}"])
+        caller_id = outbound_caller_id(number)
+        if caller_id is None:
+            raise ValidationFailed(
+                [
+                    "phoneNumberId: the number's sipUri user part is no caller id (letters and "
+                    "digits, optional +); give the phone number a number"
+                ]
+            )
+        assistant_id = checked.get("assistantId")
+        assistant = checked.get("assistant")
+        if assistant_id is not None:
+            assistant = await self._resources.find("assistant", assistant_id)
+            if assistant is None:
+                raise ValidationFailed([f"assistantId: no assistant {assistant_id!r}"])
+        assert assistant is not None  # validate_outbound_call: exactly one of the two
+        customer = checked["customer"]
+        headers = (checked.get("sipbridge") or {}).get("sipHeaders") or {}
+        call_id = self._new_call_id()
+        facts = outbound_facts(pbx.kind, call_id, number, customer, headers)
+        decision = accept(
+            facts,
+            call_id=call_id,
+            number=number,
+            assistant=assistant,
+            assistant_id=assistant_id,
+            now=self._clock(),
+            defaults=self._defaults,
+            overrides=checked.get("assistantOverrides"),
+            cpu_clock=RENDER_CPU_CLOCK,
+        )
+        if isinstance(decision, Reject):
+            raise ValidationFailed([decision.message or "the assistant cannot run"])
+        dial = OutboundDial(
+            customer=(
+                {"type": "sip", "sipUri": customer["sipUri"]}
+                if customer.get("sipUri")
+                else {"type": "number", "number": customer["number"]}
+            ),
+            caller_id=caller_id,
+            caller_name=str(number.get("name") or ""),
+            headers=tuple(headers.items()),
+            ring_timeout_s=self._defaults.outbound_ring_timeout_s,
+        )
+        problem = pbx.check_dial(dial)
+        if problem is not None:
+            raise ValidationFailed([f"customer: cannot be dialled: {problem}"])
+        if self.draining:  # it may have begun during the lookups above
+            raise CallRefused(503, "sipbridge is shutting down")
+        # The caps last: a request that could never work is told so (400) before "later".
+        moment = self._clock().timestamp()
+        starts = self._outbound_starts
+        window_s, _ = outbound_rate_window(self._defaults.outbound_max_calls_per_second)
+        while starts and starts[0] < moment - window_s:
+            starts.popleft()
+        limit = admit_outbound(self.outbound_active(), starts, moment, self._defaults)
+        if limit is not None:
+            self._metrics.calls_refused_total.labels("outbound_cap").inc()
+            raise CallRefused(429, limit)
+        refusal = admit(len(self._by_id) + 1, self._event_loop_lag(), self._defaults)
+        if refusal is not None:
+            self._metrics.calls_refused_total.labels(refusal[0]).inc()
+            raise CallRefused(503, refusal[1].message)
+        starts.append(moment)
+        return self.place(facts, dict(number), decision, dial, pbx)
+
+    def place(
+        self,
+        facts: InviteFacts,
+        number: dict[str, Any],
+        decision: Accept,
+        dial: OutboundDial,
+        pbx: PbxControl,
+    ) -> Call:
+        """A new outbound call, already routed: recorded ``queued``, then dialled. ``facts``
+        describe the customer and the SIP number it comes from; ``facts.pbx_call_id`` is the
+        id the PBX will know the call by (the call's id)."""
+        now = self._clock()
+        call = Call(
+            id=facts.pbx_call_id,
+            org_id=self._org_id,
+            facts=facts,
+            created_at=now,
+            updated_at=now,
+            status=CallStatus.QUEUED,
+            phone_number=number,
+        )
+        live = LiveCall(call, pbx, call_logger(log, call.id))
+        self._by_id[call.id] = live
+        self._by_pbx[(facts.pbx, facts.pbx_call_id)] = live
+        self._unfinished.add(live)
+        self._metrics.calls_active.set(len(self._by_id))
+        self._metrics.calls_total.labels("outbound").inc()
+        live.log.info(
+            "outbound through %s: %s to %s (%s)",
+            facts.pbx,
+            facts.request_uri,
+            _describe(dial.customer),
+            facts.from_name or "no name",
+        )
+        call.assistant = decision.assistant
+        call.assistant_id = decision.assistant_id
+        call.variables = decision.variables
+        call.variable_values = dict(decision.variable_values)
+        live.decision = decision
+        self._recorder.save(call.to_json())
+        self._notify(call, STATUS_UPDATE)
+        self._start(live, lambda: self._dial(live, decision, dial))
+        return call
+
+    def outbound_active(self) -> int:
+        """Outbound calls not yet ended (for the outbound cap)."""
+        return sum(1 for live in self._by_id.values() if live.call.facts.outbound)
+
+    def _start(self, live: LiveCall, work: Callable[[], Awaitable[None]]) -> None:
+        live.task = self._tasks.spawn(self._run(live, work), f"call-{live.call.id}")
+        live.task.add_done_callback(lambda _: self._finished(live))
 
     def hung_up(
         self,
@@ -331,14 +488,38 @@ class CallFlow:
         *,
         by_caller: bool = True,
         ended_at: datetime | None = None,
+        unanswered: CallGone | None = None,
     ) -> None:
-        """The PBX reports the call is gone (``by_caller``: the caller's side ended it)."""
+        """The PBX reports the call is gone (``by_caller``: the caller's side ended it;
+        ``unanswered``: how an outbound call's dial ended, when the PBX said)."""
         live = self._by_pbx.get((pbx, pbx_call_id))
         if live is None:
             return
         live.pbx_gone = True
         live.gone.set()
         status = live.call.status
+        if live.call.facts.outbound and status in (CallStatus.QUEUED, CallStatus.RINGING):
+            # Not cancelled: the task sees the call end (it waits for the leg or the end), and
+            # closes a leg that connected meanwhile.
+            waiter = live.leg_waiter
+            if waiter is not None and waiter.done() and not waiter.cancelled():
+                # The customer answered, then hung up before the task took the answer in.
+                self._end(live, EndedReason.CUSTOMER_ENDED_CALL, at=ended_at)
+                return
+            dial_status = unanswered.dial_status if unanswered else None
+            sip_status = unanswered.sip_status if unanswered else None
+            cause = unanswered.cause if unanswered else 0
+            detail = unanswered.detail if unanswered else ""
+            if not detail and dial_status:
+                detail = f"dial status {dial_status}"
+            self._end(
+                live,
+                outbound_not_answered(dial_status, sip_status, cause),
+                at=ended_at,
+                message=detail or None,
+                sip_status=sip_status,
+            )
+            return
         if status is CallStatus.RINGING:
             if live.task is not None and not live.task.done():
                 # Routing, the pipeline's opening and the answer are all moot now.
@@ -438,12 +619,11 @@ class CallFlow:
 
     # ---- the call's task ----------------------------------------------------------------------
 
-    async def _run(self, live: LiveCall) -> None:
-        """The whole life of one call after its offer (:meth:`_finished` reports it)."""
+    async def _run(self, live: LiveCall, work: Callable[[], Awaitable[None]]) -> None:
+        """The whole life of one call after its offer or its placing (:meth:`_finished`
+        reports it)."""
         try:
-            decision = await self._route(live)
-            if decision is not None and not live.call.is_ended:
-                await self._apply(live, decision)
+            await work()
         except Exception as exc:
             # Task boundary: a bug must cost this call only, and the caller still gets an end.
             live.log.exception("the call flow failed")
@@ -456,6 +636,77 @@ class CallFlow:
                 reason = live.call.ended_reason
                 await conversation.close(reason.value if reason else "ended")
                 live.call.media.update(conversation.tap_counters())
+
+    async def _route_and_apply(self, live: LiveCall) -> None:
+        """An inbound call: who takes it, then that decision carried out."""
+        decision = await self._route(live)
+        if decision is not None and not live.call.is_ended:
+            await self._apply(live, decision)
+
+    async def _dial(self, live: LiveCall, decision: Accept, dial: OutboundDial) -> None:
+        """An outbound call: the PBX dials the customer; once they answer (their audio leg
+        connects), the pipeline opens and the conversation runs as for an inbound call. A
+        dial that fails ends the call through :meth:`hung_up`, with the PBX's reason."""
+        call = live.call
+        loop = asyncio.get_running_loop()
+        live.leg_waiter = loop.create_future()
+        if call.is_ended:  # cancelled before its task began
+            return
+        placed = await self._pbx_action(
+            live,
+            "dialling the customer",
+            live.pbx.originate(call.facts, call.id, dial),
+            failure=EndedReason.SIP_OUTBOUND_FAILED_TO_CONNECT,
+        )
+        ended = live.ended.is_set()  # (the call may have ended while the PBX took the dial)
+        if placed and ended and not live.pbx_gone:
+            # Ended (an operator, a shutdown) while the PBX took the dial: the hangup sent
+            # then may have found no channel yet. This one waits for it.
+            await self._pbx_action(live, "hanging up the dial", live.pbx.hangup(call.facts))
+        if not placed or ended:
+            return
+        call.apply(CallEvent.RING, self._clock())
+        self._recorder.save(call.to_json())
+        self._notify(call, STATUS_UPDATE)
+        # The PBX ends an unanswered dial itself; this only bounds a PBX that never says.
+        live.timers.append(
+            loop.call_later(
+                dial.ring_timeout_s + OUTBOUND_RING_GRACE_S,
+                self._expire,
+                live,
+                EndedReason.CUSTOMER_DID_NOT_ANSWER,
+            )
+        )
+        leg = await self._wait_for_leg(live)
+        if leg is None:
+            return
+        try:
+            call.apply(CallEvent.ANSWER, self._clock())
+            self._recorder.save(call.to_json())
+            self._notify(call, STATUS_UPDATE)
+            for timer in live.timers:
+                timer.cancel()
+            live.timers.clear()
+            max_duration = decision.assistant.get("maxDurationSeconds") or DEFAULT_MAX_DURATION_S
+            live.timers.append(
+                loop.call_later(
+                    float(max_duration), self._expire, live, EndedReason.EXCEEDED_MAX_DURATION
+                )
+            )
+            if self._conversations is None:
+                await live.ended.wait()  # no media path: the call lives until something ends it
+                return
+            try:
+                live.conversation = await self._conversations.open(call, decision, live.log)
+            except PipelineError as exc:
+                live.log.error("%s", exc)
+                if self._end(live, EndedReason.PIPELINE_CONNECTION_FAILED, message=str(exc)):
+                    await self._pbx_hangup(live)
+                return
+            if not call.is_ended:
+                await self._converse(live, live.conversation, leg)
+        finally:
+            await leg.aclose()
 
     def _finished(self, live: LiveCall) -> None:
         """The call's task is over (even one cancelled before it began): report, once."""
@@ -698,7 +949,8 @@ class CallFlow:
             if not live.transferred:
                 await self._pbx_hangup(live)
             return
-        if outcome.reason is EndedReason.PIPELINE_FAILED:
+        if outcome.reason is EndedReason.PIPELINE_FAILED and not live.call.facts.outbound:
+            # (A number's fallbackDestination is for its callers, not for those it calls.)
             fallback = self._fallback(live, outcome.reason, outcome.message or "")
             if fallback is not None:
                 # The leg stays up until the PBX has taken the transfer.

@@ -2,7 +2,9 @@
 
 Rules of the status machine (the only place they are written):
 
-- A call starts ``ringing`` when the PBX offers it, while sipbridge decides who takes it.
+- An inbound call starts ``ringing`` when the PBX offers it, while sipbridge decides who
+  takes it. An outbound call starts ``queued`` (``POST /call``); ``ring`` moves it to
+  ``ringing`` once the PBX dials the customer.
 - ``answer`` moves it to ``in-progress``: the PBX answered and the audio goes to the pipeline.
 - ``forward`` moves a ringing or in-progress call to ``forwarding`` (a transfer was started);
   ``resume`` brings a failed transfer back to ``in-progress``.
@@ -25,8 +27,9 @@ from bridge.models import format_timestamp, parse_timestamp, without_secrets
 
 
 class CallStatus(StrEnum):
-    """Vapi's ``call.status`` values that an inbound SIP call goes through."""
+    """Vapi's ``call.status`` values that a SIP call goes through."""
 
+    QUEUED = "queued"
     RINGING = "ringing"
     IN_PROGRESS = "in-progress"
     FORWARDING = "forwarding"
@@ -36,6 +39,7 @@ class CallStatus(StrEnum):
 class CallEvent(StrEnum):
     """What moves a call from one status to the next."""
 
+    RING = "ring"
     ANSWER = "answer"
     FORWARD = "forward"
     RESUME = "resume"
@@ -43,6 +47,8 @@ class CallEvent(StrEnum):
 
 
 _TRANSITIONS: dict[tuple[CallStatus, CallEvent], CallStatus] = {
+    (CallStatus.QUEUED, CallEvent.RING): CallStatus.RINGING,
+    (CallStatus.QUEUED, CallEvent.END): CallStatus.ENDED,
     (CallStatus.RINGING, CallEvent.ANSWER): CallStatus.IN_PROGRESS,
     (CallStatus.RINGING, CallEvent.FORWARD): CallStatus.FORWARDING,
     (CallStatus.IN_PROGRESS, CallEvent.FORWARD): CallStatus.FORWARDING,
@@ -91,6 +97,19 @@ class EndedReason(StrEnum):
     EXCEEDED_MAX_DURATION = "exceeded-max-duration"
     SILENCE_TIMED_OUT = "silence-timed-out"
     MANUALLY_CANCELED = "manually-canceled"
+    # Outbound calls the customer did not take.
+    CUSTOMER_BUSY = "customer-busy"
+    CUSTOMER_DID_NOT_ANSWER = "customer-did-not-answer"
+    SIP_OUTBOUND_FAILED_TO_CONNECT = "call.in-progress.error-sip-outbound-call-failed-to-connect"
+    OUTBOUND_SIP_403 = "call.in-progress.error-providerfault-outbound-sip-403-forbidden"
+    OUTBOUND_SIP_407 = (
+        "call.in-progress.error-providerfault-outbound-sip-407-proxy-authentication-required"
+    )
+    OUTBOUND_SIP_408 = "call.in-progress.error-providerfault-outbound-sip-408-request-timeout"
+    OUTBOUND_SIP_480 = (
+        "call.in-progress.error-providerfault-outbound-sip-480-temporarily-unavailable"
+    )
+    OUTBOUND_SIP_503 = "call.in-progress.error-providerfault-outbound-sip-503-service-unavailable"
     # Transport, media and pipeline failures.
     SIP_COMPLETED_CALL = "call.in-progress.sip-completed-call"
     SIP_INBOUND_FAILED_TO_CONNECT = "call.ringing.error-sip-inbound-call-failed-to-connect"
@@ -103,6 +122,35 @@ class EndedReason(StrEnum):
     WORKER_SHUTDOWN = "worker-shutdown"
 
 
+# The SIP responses Vapi names a providerfault reason after; other failures are generic.
+_OUTBOUND_SIP_FAULTS = {
+    403: EndedReason.OUTBOUND_SIP_403,
+    407: EndedReason.OUTBOUND_SIP_407,
+    408: EndedReason.OUTBOUND_SIP_408,
+    480: EndedReason.OUTBOUND_SIP_480,
+    503: EndedReason.OUTBOUND_SIP_503,
+}
+# Busy Here, Busy Everywhere, Decline: the customer (or their phone) said no.
+_BUSY_SIP = (486, 600, 603)
+_Q850_USER_BUSY = 17
+_Q850_NO_ANSWER = (18, 19)
+
+
+def outbound_not_answered(
+    dial_status: str | None, sip_status: int | None, cause: int = 0
+) -> EndedReason:
+    """Why an outbound call ended before the customer answered, from what the PBX said: its
+    dial status (Asterisk's ``DIALSTATUS``), the customer's final SIP response, the Q.850
+    cause of the hangup. The SIP response is the most precise, when there is one."""
+    if sip_status in _OUTBOUND_SIP_FAULTS:
+        return _OUTBOUND_SIP_FAULTS[sip_status]
+    if sip_status in _BUSY_SIP or dial_status == "BUSY" or cause == _Q850_USER_BUSY:
+        return EndedReason.CUSTOMER_BUSY
+    if dial_status == "NOANSWER" or (sip_status is None and cause in _Q850_NO_ANSWER):
+        return EndedReason.CUSTOMER_DID_NOT_ANSWER
+    return EndedReason.SIP_OUTBOUND_FAILED_TO_CONNECT
+
+
 # What a caller hears when a call is refused before answer: the SIP status of the final response.
 SIP_NOT_FOUND = 404
 SIP_TEMPORARILY_UNAVAILABLE = 480
@@ -113,7 +161,7 @@ SIP_SERVICE_UNAVAILABLE = 503
 
 @dataclass
 class Call:
-    """One inbound call as sipbridge knows it; :meth:`to_json` is Vapi's ``Call`` object.
+    """One call as sipbridge knows it; :meth:`to_json` is Vapi's ``Call`` object.
 
     Attributes:
         variable_values: the call's ``assistantOverrides.variableValues``: X- header variables
@@ -153,7 +201,10 @@ class Call:
         try:
             extension = record["sipbridge"]
             sip = record["phoneCallProviderDetails"]["sip"]
-            user, _, host = str(sip["uri"]).removeprefix("sip:").partition("@")
+            outbound = record.get("type") == "outboundPhoneCall"
+            # Outbound, the URI is the customer's; the SIP number's is kept in the extension.
+            uri = extension.get("numberSipUri") if outbound else sip["uri"]
+            user, _, host = str(uri or "").removeprefix("sip:").partition("@")
             customer = record.get("customer") or {}
             sip_headers = sip.get("headers") or {}
             headers = [
@@ -174,6 +225,7 @@ class Call:
                 from_name=customer.get("name"),
                 from_uri=customer.get("sipUri"),
                 sip_call_id=extension.get("sipCallId"),
+                outbound=outbound,
             )
             call = cls(
                 id=record["id"],
@@ -243,12 +295,22 @@ class Call:
         end = self.ended_at or self.updated_at or self.started_at
         return round(max(0.0, (end - self.started_at).total_seconds()), 3)
 
+    @property
+    def sip_uri(self) -> str:
+        """The INVITE's request-URI: the SIP number dialled (inbound), or the customer's URI
+        (outbound, a number as ``sip:<number>@<the SIP number's host>`` when it has no URI)."""
+        facts = self.facts
+        if not facts.outbound:
+            return facts.request_uri
+        return facts.from_uri or f"sip:{facts.from_number}@{facts.request_host}"
+
     def sip_headers_json(self) -> dict[str, str]:
         """``phoneCallProviderDetails.sip.headers``: the X- headers plus to/from when known."""
         headers = self.facts.header_map()
         if self.facts.to_uri:
             headers.setdefault("to", f"<{self.facts.to_uri}>")
-        if self.facts.from_uri:
+        if self.facts.from_uri and not self.facts.outbound:
+            # (Outbound, from_* describe the customer: the To, not the From.)
             sender = f"<{self.facts.from_uri}>"
             if self.facts.from_name:
                 sender = f'"{self.facts.from_name}" {sender}'
@@ -261,7 +323,7 @@ class Call:
         body: dict[str, Any] = {
             "id": self.id,
             "orgId": self.org_id,
-            "type": "inboundPhoneCall",
+            "type": facts.call_type,
             "phoneCallProvider": "vapi",
             "phoneCallTransport": "sip",
             "status": self.status.value,
@@ -271,7 +333,7 @@ class Call:
             "transport": {"provider": "vapi.sip", "callSid": facts.pbx_call_id},
             "phoneCallProviderId": facts.pbx_call_id,
             "phoneCallProviderDetails": {
-                "sip": {"uri": facts.request_uri, "headers": self.sip_headers_json()}
+                "sip": {"uri": self.sip_uri, "headers": self.sip_headers_json()}
             },
             "assistantOverrides": {"variableValues": dict(self.variable_values)},
             "createdAt": format_timestamp(self.created_at),
@@ -291,6 +353,8 @@ class Call:
                 "media": dict(self.media),
             },
         }
+        if facts.outbound:
+            body["sipbridge"]["numberSipUri"] = facts.request_uri
         if self.assistant is not None:
             body["assistant"] = without_secrets(self.assistant)
         if self.started_at is not None:

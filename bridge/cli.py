@@ -131,7 +131,31 @@ def build_parser() -> argparse.ArgumentParser:
     call = sub(commands, "call", "one call")
     call_actions = call.add_subparsers(dest="action", required=True, metavar="ACTION")
     sub(call_actions, "show", "show a call record").add_argument("id")
+    create = sub(call_actions, "create", "place an outbound call (POST /call)")
+    create.add_argument("--assistant", required=True, help="assistant id")
+    create.add_argument("--number", required=True, help="the SIP phone number's id (caller)")
+    create.add_argument(
+        "--to", required=True, help="the customer: a SIP URI (sip:bob@host) or a number"
+    )
+    create.add_argument("--name", help="the customer's name ({{customer.name}})")
+    create.add_argument(
+        "--var",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a template variable (assistantOverrides.variableValues); repeatable",
+    )
+    create.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="X-NAME=VALUE",
+        help="an X- header on the INVITE; repeatable",
+    )
     sub(call_actions, "hangup", "hang up a live call").add_argument("id")
+    sub(call_actions, "delete", "delete an ended call: its record and recordings").add_argument(
+        "id"
+    )
     recording = sub(call_actions, "recording", "download a call's recording (WAV)")
     recording.add_argument("id")
     recording.add_argument("-o", "--output", type=Path, required=True, help="file to write")
@@ -356,10 +380,7 @@ def _resource_command(args: argparse.Namespace, client: ApiClient, out: TextIO) 
     body_of = assistant_body if args.command == "assistant" else number_body
     if args.action == "create":
         created = client.request("POST", path, body_of(args))
-        if getattr(args, "json", False):
-            _print(created, args, out)
-        else:
-            out.write(f"created {args.command} {created['id']}\n")
+        _answer(created, f"created {args.command} {created['id']}\n", args, out)
         return EXIT_OK
     if args.action == "list":
         _print(client.request("GET", path), args, out, rows_of=args.command)
@@ -374,16 +395,10 @@ def _resource_command(args: argparse.Namespace, client: ApiClient, out: TextIO) 
         if args.command == "assistant" and not patch:
             raise UsageError("nothing to update: give at least one field flag or --file")
         updated = client.request("PATCH", f"{path}/{args.id}", patch)
-        if getattr(args, "json", False):
-            _print(updated, args, out)
-        else:
-            out.write(f"updated {args.command} {args.id}\n")
+        _answer(updated, f"updated {args.command} {args.id}\n", args, out)
         return EXIT_OK
     deleted = client.request("DELETE", f"{path}/{args.id}")
-    if getattr(args, "json", False):
-        _print(deleted, args, out)
-    else:
-        out.write(f"deleted {args.command} {args.id}\n")
+    _answer(deleted, f"deleted {args.command} {args.id}\n", args, out)
     return EXIT_OK
 
 
@@ -408,7 +423,7 @@ def _run_client_command(args: argparse.Namespace, settings: Settings, out: TextI
     if args.command == "calls":
         query = {"limit": str(args.limit)}
         if args.active:
-            query["status"] = "ringing,in-progress,forwarding"
+            query["status"] = "queued,ringing,in-progress,forwarding"
         _print(client.request("GET", "/call", query=query), args, out, rows_of="calls")
         return EXIT_OK
     if args.action == "show":
@@ -416,12 +431,57 @@ def _run_client_command(args: argparse.Namespace, settings: Settings, out: TextI
         return EXIT_OK
     if args.action == "recording":
         return _download_recording(client, args, out)
+    if args.action == "create":
+        call = client.request("POST", "/call", _outbound_call_body(args))
+        _answer(
+            call, f"placed call {call.get('id')} to {args.to} ({call.get('status')})\n", args, out
+        )
+        return EXIT_OK
+    if args.action == "delete":
+        deleted = client.request("DELETE", f"/call/{args.id}")
+        _answer(deleted, f"deleted call {args.id} (its record and recordings)\n", args, out)
+        return EXIT_OK
     call = client.request("POST", f"/call/{args.id}/hangup")
-    if getattr(args, "json", False):
-        _print(call, args, out)
-    else:
-        out.write(f"hung up call {args.id} ({call.get('endedReason')})\n")
+    _answer(call, f"hung up call {args.id} ({call.get('endedReason')})\n", args, out)
     return EXIT_OK
+
+
+def _pairs(values: list[str], what: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for value in values:
+        name, separator, text = value.partition("=")
+        if not separator or not name:
+            raise UsageError(f"{what} {value!r} is not NAME=VALUE")
+        pairs[name] = text
+    return pairs
+
+
+def _outbound_call_body(args: argparse.Namespace) -> dict[str, Any]:
+    """``POST /call``'s body from ``sipbridge call create``'s arguments."""
+    to: str = args.to
+    customer: dict[str, Any] = {"sipUri" if to.lower().startswith("sip") else "number": to}
+    if args.name:
+        customer["name"] = args.name
+    body: dict[str, Any] = {
+        "assistantId": args.assistant,
+        "phoneNumberId": args.number,
+        "customer": customer,
+    }
+    variables = _pairs(args.var, "--var")
+    if variables:
+        body["assistantOverrides"] = {"variableValues": variables}
+    headers = _pairs(args.header, "--header")
+    if headers:
+        body["sipbridge"] = {"sipHeaders": headers}
+    return body
+
+
+def _answer(data: Any, sentence: str, args: argparse.Namespace, out: TextIO) -> None:
+    """What the service answered, as JSON with ``--json``, else as one sentence."""
+    if getattr(args, "json", False):
+        _print(data, args, out)
+    else:
+        out.write(sentence)
 
 
 def _download_recording(client: ApiClient, args: argparse.Namespace, out: TextIO) -> int:

@@ -57,6 +57,7 @@ def session_info(call: Call, decision: Accept, stream_id: str) -> SessionInfo:
         phone_number={k: number.get(k) for k in ("id", "sipUri", "name")} if number else None,
         encoding=decision.pipeline.encoding,
         sample_rate=decision.pipeline.sample_rate,
+        call_type=call.facts.call_type,
     )
 
 

@@ -7,7 +7,9 @@
     ├── ResourceError             a request about an API resource cannot be served
     │   ├── ValidationFailed      the body breaks the schema (HTTP 400, one line per problem)
     │   │   └── Conflict          a unique field (sipUri) is already taken (HTTP 400)
-    │   └── NotFound              no resource with that id (HTTP 404)
+    │   ├── NotFound              no resource with that id (HTTP 404)
+    │   ├── CallStillLive         the call has not ended: it cannot be deleted (HTTP 409)
+    │   └── CallRefused           an outbound call cannot be placed now (HTTP 429 or 503)
     ├── StoreError                the database failed (retryable)
     ├── ProtocolError             a wire format was violated
     │   ├── LocalProtocolError    we were about to send something invalid (a bug on our side)
@@ -73,6 +75,27 @@ class NotFound(ResourceError):
         self.kind = kind
         self.resource_id = resource_id
         super().__init__(f"{kind} {resource_id!r} not found")
+
+
+class CallStillLive(ResourceError):
+    """The call has not ended (it rings, is up, or is still ending): it cannot be deleted."""
+
+    def __init__(self, call_id: str) -> None:
+        self.call_id = call_id
+        super().__init__(f"call {call_id!r} has not ended")
+
+
+class CallRefused(ResourceError):
+    """An outbound call cannot be placed now (``POST /call``).
+
+    Args:
+        status: the HTTP status: 429 for a cap reached (try later), 503 for no PBX able to
+            place calls or an overloaded service.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)
 
 
 class StoreError(SipbridgeError):

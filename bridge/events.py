@@ -43,6 +43,9 @@ class InviteFacts:
         from_uri: the From URI.
         headers: the X- headers, names as received, in order; a repeated name appears twice.
         sip_call_id: the SIP Call-ID, when known.
+        outbound: the call was placed by sipbridge (``POST /call``): the customer is the one
+            dialled (``from_*`` describe them all the same), the request-URI is the SIP
+            number the call comes from, and ``headers`` are those sent on the INVITE.
     """
 
     pbx: PbxKind
@@ -56,14 +59,21 @@ class InviteFacts:
     from_uri: str | None = None
     headers: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     sip_call_id: str | None = None
+    outbound: bool = False
 
     @property
     def request_uri(self) -> str:
         """``sip:user@host`` as dialed."""
         return f"sip:{self.request_user}@{self.request_host}"
 
+    @property
+    def call_type(self) -> str:
+        """Vapi's ``call.type``."""
+        return "outboundPhoneCall" if self.outbound else "inboundPhoneCall"
+
     def customer(self) -> dict[str, str]:
-        """Vapi's ``customer`` for an inbound call: From number, display name and URI."""
+        """Vapi's ``customer``: the From number, display name and URI of an inbound call; who
+        an outbound call dials."""
         customer: dict[str, str] = {}
         if self.from_number:
             customer["number"] = self.from_number
@@ -105,6 +115,7 @@ def invite_facts(
     from_name: str | None = None,
     from_uri: str | None = None,
     sip_call_id: str | None = None,
+    outbound: bool = False,
 ) -> InviteFacts:
     """Builds :class:`InviteFacts` from raw PBX values, cleaning every caller-controlled field.
 
@@ -140,6 +151,7 @@ def invite_facts(
         from_uri=clean_text(from_uri, 512),
         headers=tuple(kept),
         sip_call_id=clean_text(sip_call_id, 256),
+        outbound=outbound,
     )
 
 
@@ -172,6 +184,31 @@ class CallGone:
     by_caller: bool = True
     cause: int = 0
     ended_at: datetime | None = None
+    # An outbound call the customer never answered: how the PBX's dial ended (Asterisk's
+    # DIALSTATUS: BUSY, NOANSWER, CONGESTION, ...) and the customer's final SIP response.
+    dial_status: str | None = None
+    sip_status: int | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class OutboundDial:
+    """How to reach an outbound call's customer (``POST /call``).
+
+    Attributes:
+        customer: a Vapi destination: ``{"type": "sip", "sipUri": ...}`` or
+            ``{"type": "number", "number": ...}``.
+        caller_id: the caller id number the customer sees (the SIP number's user part).
+        caller_name: the caller id name (the SIP number's name), may be empty.
+        headers: X- headers for the INVITE, in order.
+        ring_timeout_s: how long the customer's phone may ring.
+    """
+
+    customer: dict[str, str]
+    caller_id: str
+    caller_name: str
+    headers: tuple[tuple[str, str], ...]
+    ring_timeout_s: int
 
 
 @dataclass(frozen=True)

@@ -398,6 +398,64 @@ def validate_destination(document: Any, prefix: str = "destination.") -> JsonObj
     return _validated(schema, document, prefix)
 
 
+class Customer(_Schema):
+    """Who an outbound call dials (spec ``CreateCustomerDTO``): a number or a SIP URI."""
+
+    number: Annotated[str, AfterValidator(_check_phone_number)] | None = None
+    sip_uri: Annotated[str, AfterValidator(_check_transfer_sip_uri)] | None = None
+    name: str | None = Field(None, max_length=100)
+    number_e164_check_enabled: bool | None = None
+
+
+class OutboundExtension(_Schema):
+    """sipbridge extension of ``POST /call``: X- headers for the customer's INVITE."""
+
+    sip_headers: CustomHeaders | None = None
+
+    @field_validator("sip_headers")
+    @classmethod
+    def _x_only(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for name in value or {}:
+            if not name.lower().startswith("x-"):
+                raise ValueError(f"header {name!r} is not an X- header")
+        return value
+
+
+class CallSchema(_Schema):
+    """``POST /call`` for an outbound phone call (spec ``CreateCallDTO``)."""
+
+    phone_number_id: str = Field(min_length=1, max_length=100)
+    customer: Customer
+    assistant_id: str | None = Field(None, min_length=1, max_length=100)
+    assistant: JsonObject | None = None
+    assistant_overrides: JsonObject | None = None
+    name: str | None = Field(None, max_length=40)
+    metadata: JsonObject | None = None
+    sipbridge: OutboundExtension | None = None
+
+
+def validate_outbound_call(document: Mapping[str, Any]) -> JsonObject:
+    """Checks a ``POST /call`` body: a phone number, a customer with exactly one of
+    ``number`` and ``sipUri``, and exactly one of ``assistantId`` and ``assistant`` (checked
+    like ``POST /assistant``).
+
+    Raises:
+        ValidationFailed: one line per problem.
+    """
+    checked = _validated(CallSchema, document)
+    problems = []
+    customer = checked["customer"]
+    if (customer.get("number") is None) == (customer.get("sipUri") is None):
+        problems.append("customer: needs exactly one of number and sipUri")
+    if (checked.get("assistantId") is None) == (checked.get("assistant") is None):
+        problems.append("assistantId: send exactly one of assistantId and assistant")
+    if problems:
+        raise ValidationFailed(problems)
+    if checked.get("assistant") is not None:
+        checked["assistant"] = validate_assistant(checked["assistant"], "assistant.")
+    return checked
+
+
 READ_ONLY_FIELDS = ("id", "orgId", "createdAt", "updatedAt")
 
 

@@ -104,11 +104,14 @@ class RecordingLinks:
         secret: the HMAC key (``recordings.url_secret``).
         base_url: where the API is reached from outside, without a trailing slash.
         lifetime_s: how long a link works after it is made.
+        previous: keys that signed links before ``secret`` replaced them; their links are
+            still valid until they expire (a key rotation breaks no link already sent).
     """
 
     secret: bytes
     base_url: str
     lifetime_s: int
+    previous: tuple[bytes, ...] = ()
 
     def url(self, call_id: str, channel: Channel, now: datetime) -> str:
         """A link to the call's recording in ``channel``, valid for ``lifetime_s`` from now."""
@@ -138,9 +141,11 @@ class RecordingLinks:
     def valid(
         self, call_id: str, channel: Channel, *, expires: int, signature: str, now: float
     ) -> bool:
-        """Whether a link's signature is ours and it has not expired."""
-        return link_valid(
-            self.secret, call_id, channel, expires=expires, signature=signature, now=now
+        """Whether a link's signature is ours (by the key or a previous one) and it has not
+        expired."""
+        return any(
+            link_valid(key, call_id, channel, expires=expires, signature=signature, now=now)
+            for key in (self.secret, *self.previous)
         )
 
 

@@ -271,6 +271,17 @@ def recorder_factory(
     return make
 
 
+def delete_recording(directory: Path, call_id: str) -> int:
+    """Deletes the call's recording files (every channel); says how many there were.
+    Blocking: run it off the event loop."""
+    removed = 0
+    for channel in CHANNELS:
+        with contextlib.suppress(FileNotFoundError):
+            recording_path(directory, call_id, channel).unlink()
+            removed += 1
+    return removed
+
+
 def clean_up(
     directory: Path,
     now: float,

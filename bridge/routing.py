@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -35,7 +37,7 @@ from bridge.calls import (
     EndedReason,
 )
 from bridge.errors import ValidationFailed
-from bridge.events import InviteFacts
+from bridge.events import InviteFacts, PbxKind, invite_facts
 from bridge.models import (
     parse_sip_uri,
     server_of,
@@ -94,6 +96,10 @@ class RoutingDefaults:
     # Admission: 0 means no limit.
     max_calls: int = 0
     max_event_loop_lag_s: float = 0.0
+    # Outbound calls (POST /call): their ring timeout and caps (0: no limit).
+    outbound_ring_timeout_s: int = 60
+    outbound_max_concurrent: int = 0
+    outbound_max_calls_per_second: float = 0.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RoutingDefaults:
@@ -118,6 +124,9 @@ class RoutingDefaults:
             pipeline_fallback=settings.pipeline.on_failure == "fallback",
             max_calls=settings.service.max_calls,
             max_event_loop_lag_s=settings.service.max_event_loop_lag_ms / 1000,
+            outbound_ring_timeout_s=settings.outbound.ring_timeout_s,
+            outbound_max_concurrent=settings.outbound.max_concurrent,
+            outbound_max_calls_per_second=settings.outbound.max_calls_per_second,
         )
 
 
@@ -186,6 +195,45 @@ def admit(
             f"overloaded: the event loop runs {event_loop_lag_s * 1000:.0f} ms late "
             f"(service.max_event_loop_lag_ms = {defaults.max_event_loop_lag_s * 1000:.0f})",
         )
+    return None
+
+
+def outbound_rate_window(rate: float) -> tuple[float, int]:
+    """(window in seconds, calls allowed in any such window) for ``rate`` calls per second:
+    the fewest whole calls that keep the rate exact (1.5/s: 2 calls in any 1.33 s; 0.1/s:
+    1 in any 10 s). A rate of 0 (no cap) gives an empty window."""
+    if rate <= 0:
+        return 0.0, 0
+    allowed = math.ceil(rate)
+    return allowed / rate, allowed
+
+
+def admit_outbound(
+    outbound_calls: int, recent_starts: Sequence[float], now: float, defaults: RoutingDefaults
+) -> str | None:
+    """Whether one more outbound call may start: None, or why not (an HTTP 429's message).
+
+    Args:
+        outbound_calls: outbound calls not yet ended, before this one.
+        recent_starts: when the last outbound calls started (seconds, any clock), oldest first.
+        now: the time on that clock.
+
+    The rate holds over any window of :func:`outbound_rate_window`.
+    """
+    if defaults.outbound_max_concurrent and outbound_calls >= defaults.outbound_max_concurrent:
+        return (
+            f"{outbound_calls} outbound calls are under way, the most allowed "
+            f"(outbound.max_concurrent = {defaults.outbound_max_concurrent})"
+        )
+    rate = defaults.outbound_max_calls_per_second
+    if rate:
+        window_s, allowed = outbound_rate_window(rate)
+        started = sum(1 for when in recent_starts if when > now - window_s)
+        if started >= allowed:
+            return (
+                f"{started} outbound calls started in the last {window_s:g} s "
+                f"(outbound.max_calls_per_second = {rate:g})"
+            )
     return None
 
 
@@ -282,7 +330,7 @@ def plan_call(
 def default_variables(
     facts: InviteFacts, call_id: str, number: Mapping[str, Any] | None, now: datetime
 ) -> dict[str, Any]:
-    """Vapi's default variables for an inbound SIP call."""
+    """Vapi's default variables for a SIP call."""
     phone_number: dict[str, Any] = {}
     if number is not None:
         phone_number = {
@@ -296,7 +344,7 @@ def default_variables(
         **time_variables(now),
         "customer": facts.customer(),
         "phoneNumber": phone_number,
-        "call": {"id": call_id, "type": "inboundPhoneCall"},
+        "call": {"id": call_id, "type": facts.call_type},
         "transport": {"provider": "vapi.sip", "callSid": facts.pbx_call_id},
     }
 
@@ -318,6 +366,46 @@ def call_variables(
         default_variables(facts, call_id, number, now), from_headers, overrides or {}
     )
     return variable_values, variables
+
+
+_CALLER_ID = re.compile(r"^\+?[A-Za-z0-9*#]{1,32}$")
+
+
+def outbound_caller_id(number: Mapping[str, Any]) -> str | None:
+    """The caller id an outbound call from this SIP number shows: its ``number`` if it has
+    one, else its sipUri's user part; None if that is not dialable (letters and digits)."""
+    candidate = number.get("number")
+    if not candidate:
+        parsed = parse_sip_uri(str(number.get("sipUri", "")))
+        candidate = parsed[0] if parsed else ""
+    return str(candidate) if _CALLER_ID.match(str(candidate)) else None
+
+
+def outbound_facts(
+    pbx: PbxKind,
+    call_id: str,
+    number: Mapping[str, Any],
+    customer: Mapping[str, Any],
+    headers: Mapping[str, str],
+) -> InviteFacts:
+    """An outbound call as the flow knows calls: the customer dialled (``from_*``), the SIP
+    number it comes from (the request side), the X- headers sent; the PBX knows it by its
+    call id (Asterisk: the Uniqueid ``Originate`` gives it)."""
+    parsed = parse_sip_uri(str(number.get("sipUri", "")))
+    user, host = (parsed[0], parsed[1]) if parsed else ("", "")
+    return invite_facts(
+        pbx=pbx,
+        pbx_call_id=call_id,
+        channel=call_id,
+        request_user=user,
+        request_host=host,
+        headers=list(headers.items()),
+        to_uri=customer.get("sipUri"),
+        from_number=customer.get("number"),
+        from_name=customer.get("name"),
+        from_uri=customer.get("sipUri"),
+        outbound=True,
+    )
 
 
 def pipeline_target(

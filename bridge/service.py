@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from bridge.backend import PbxBackend
 from bridge.callflow import CallFlow
 from bridge.calls import Call
 from bridge.conversation import Conversations
+from bridge.errors import CallRefused, CallStillLive
 from bridge.events import LinkChanged, PbxEvent, PbxKind
 from bridge.metrics import Metrics
 from bridge.overload import EventLoopLag, watch_event_loop
@@ -35,6 +36,7 @@ from bridge.recordings import (
     FINISH_WAIT_S,
     RecordingWriter,
     clean_up,
+    delete_recording,
     recorder_factory,
     recording_path,
 )
@@ -212,16 +214,25 @@ class Service:
         """Recording links from now on: the configured key or the database's, and the public
         base URL (else the API's own, with the port it really got)."""
         recordings = self.settings.recordings
+        stored = await self.store.recording_url_secret()
+        previous = [key.get_secret_value() for key in recordings.previous_url_secrets]
         if recordings.url_secret is not None:
             secret = recordings.url_secret.get_secret_value()
+            # Links signed before a key was configured were signed with the database's.
+            previous.append(stored)
         else:
-            secret = await self.store.recording_url_secret()
+            secret = stored
         if recordings.public_url:
             base_url = recordings.public_url.rstrip("/")
         else:
             api = self.settings.api.model_copy(update={"port": self.api_port})
             base_url = api_base_url(self.settings.model_copy(update={"api": api}))
-        self._recording_links = RecordingLinks(secret.encode(), base_url, recordings.url_lifetime_s)
+        self._recording_links = RecordingLinks(
+            secret.encode(),
+            base_url,
+            recordings.url_lifetime_s,
+            tuple(key.encode() for key in previous if key != secret),
+        )
 
     def recording_links(self, call: Call, now: datetime) -> dict[str, Any]:
         """The recording fields of a recorded call's ``artifact`` (empty if not recorded)."""
@@ -398,9 +409,51 @@ class Service:
             call_id, channel, expires=expires, signature=signature, now=time.time()
         )
 
+    async def create_call(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """``POST /call``: an outbound call through the PBX that places them; its record.
+
+        Raises:
+            ValidationFailed: a bad body, or one naming what does not exist (400).
+            CallRefused: no PBX can place calls (503), a cap is reached (429).
+        """
+        return (await self.callflow.create_outbound(body, self._outbound_pbx())).to_json()
+
+    def _outbound_pbx(self) -> PbxBackend:
+        """The backend ``outbound.pbx`` names, else the enabled one (Asterisk first)."""
+        wanted = self.settings.outbound.pbx
+        kinds = [wanted] if wanted else ["asterisk", "freeswitch"]
+        backend = next((self.backends[k] for k in kinds if k in self.backends), None)
+        if backend is None:
+            raise CallRefused(
+                503,
+                "no PBX can place outbound calls: enable asterisk"
+                + (f" (outbound.pbx = {wanted} is not enabled)" if wanted else ""),
+            )
+        if backend.kind == "freeswitch":
+            raise CallRefused(503, "outbound calls through FreeSWITCH are not supported yet")
+        return backend
+
     async def hangup_call(self, call_id: str) -> bool:
         """Hangs up a live call (``manually-canceled``)."""
         return await self.callflow.hangup(call_id)
+
+    async def delete_call(self, call_id: str) -> dict[str, Any] | None:
+        """Deletes an ended call: its record, then its recording files (a deleted call's
+        recording is what a caller asking to be forgotten means); returns the record as it
+        was. A call the flow still has (ringing, up, or sending its report) is refused."""
+        if self.callflow.get(call_id) is not None or self.callflow.wrapping_up(call_id):
+            raise CallStillLive(call_id)
+        record = await self.get_call(call_id)
+        if record is None:
+            return None
+        # A snapshot still queued would write the record back after the delete.
+        await self.recorder.flush()
+        await self.store.delete_call(call_id)
+        # A recorded id is one sipbridge made (a UUID): it names files in the directory only.
+        await asyncio.to_thread(self.recording_writer.wait_finished, call_id, FINISH_WAIT_S)
+        files = await asyncio.to_thread(delete_recording, self.recordings_path, call_id)
+        log.info("call %s deleted: its record and %d recording files", call_id, files)
+        return record
 
     async def health(self) -> dict[str, Any]:
         """Store state, PBX links, live calls, queued webhooks."""

@@ -148,6 +148,15 @@ class AsteriskSettings(_Section):
         description="PJSIP endpoint transfers are dialled through (PJSIP/<endpoint>/<sip uri>, "
         "PJSIP/<number>@<endpoint>); see dialplan/pjsip.conf.sample.",
     )
+    outbound_context: str = Field(
+        "sipbridge-outbound",
+        description="Dialplan context that dials an outbound call's customer (POST /call).",
+    )
+    outbound_endpoint: str = Field(
+        "sipbridge-outbound",
+        description="PJSIP endpoint outbound calls are dialled through (PJSIP/<endpoint>/<sip "
+        "uri>, PJSIP/<number>@<endpoint>); see dialplan/pjsip.conf.sample.",
+    )
 
 
 class FreeswitchSettings(_Section):
@@ -348,6 +357,31 @@ class ServiceSettings(_Section):
     )
 
 
+class OutboundSettings(_Section):
+    """Outbound calls (``POST /call``): which PBX places them, and the caps an operator sets."""
+
+    pbx: Literal["asterisk", "freeswitch"] | None = Field(
+        None,
+        description="The PBX that places outbound calls. Default: the enabled one (Asterisk "
+        "when both are).",
+    )
+    ring_timeout_s: int = Field(
+        60, ge=1, le=600, description="How long a customer's phone may ring (Vapi: 60 s)."
+    )
+    max_concurrent: int = Field(
+        10,
+        ge=0,
+        description="Most outbound calls at once (queued, ringing or up); more are refused "
+        "with 429. 0: no limit.",
+    )
+    max_calls_per_second: float = Field(
+        1.0,
+        ge=0,
+        description="Most outbound calls started per second; more are refused with 429. "
+        "0: no limit.",
+    )
+
+
 class RecordingSettings(_Section):
     """Call recordings: a stereo WAV (caller left, assistant right) and a mono mix per call."""
 
@@ -383,6 +417,12 @@ class RecordingSettings(_Section):
     url_lifetime_s: int = Field(
         86400, ge=60, description="How long a signed recording link works after the report."
     )
+    previous_url_secrets: list[SecretStr] = Field(
+        default_factory=list,
+        description="Keys that signed recording links before url_secret changed: the links "
+        "they signed keep working until they expire (remove them url_lifetime_s after the "
+        "change). The database's generated key is always accepted while url_secret is set.",
+    )
 
 
 class LogSettings(_Section):
@@ -417,6 +457,7 @@ class Settings(BaseSettings):
     sip: SipSettings = SipSettings()
     service: ServiceSettings = ServiceSettings()
     recordings: RecordingSettings = RecordingSettings()
+    outbound: OutboundSettings = OutboundSettings()
     log: LogSettings = LogSettings()
 
     @classmethod

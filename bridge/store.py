@@ -621,6 +621,15 @@ class Store:
 
         return await self._run(read, "get call")
 
+    async def delete_call(self, call_id: str) -> bool:
+        """Removes a call record; False if there was none."""
+
+        def remove() -> bool:
+            cursor = self._conn().execute("DELETE FROM calls WHERE id = ?", (call_id,))
+            return cursor.rowcount > 0
+
+        return await self._run(remove, "delete call", write=True)
+
     async def list_calls(
         self,
         query: ListQuery,

@@ -41,7 +41,7 @@ AMI_SECRET = "ami-test-secret"
 # Manager users as existing PBXes often have them, next to the least-privileged sample's.
 READ_ALL_USERS = [
     AmiUser("everything", AMI_SECRET, "all", "all"),
-    AmiUser("readall", AMI_SECRET, "all", "call,reporting"),
+    AmiUser("readall", AMI_SECRET, "all", "call,reporting,originate"),
 ]
 _instances = itertools.count(1)
 
@@ -168,6 +168,13 @@ class AsteriskLab:
             if rtp is not None:
                 rtp.stop()
         return result, rtp
+
+    def capture(self, port: int) -> RtpCapture:
+        """RTP sent to ``port`` (a SIPp customer's media port), captured from now on."""
+        rtp = RtpCapture(port)
+        rtp.start()
+        self.listening = rtp
+        return rtp
 
     @property
     def asterisk_host(self) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.errors import PbxActionError
-from bridge.events import InviteFacts, PbxKind
+from bridge.events import InviteFacts, OutboundDial, PbxKind
 
 
 @dataclass
@@ -40,6 +40,12 @@ class FakePbx:
 
     async def connect_media(self, facts: InviteFacts, call_id: str) -> None:
         self._record("connect_media", call_id)
+
+    def check_dial(self, dial: OutboundDial) -> str | None:
+        return "scripted: cannot dial" if "check_dial" in self.fail else None
+
+    async def originate(self, facts: InviteFacts, call_id: str, dial: OutboundDial) -> None:
+        self._record("originate", (call_id, dial))
 
     async def hangup(self, facts: InviteFacts) -> None:
         self._record("hangup", facts.pbx_call_id)

@@ -110,6 +110,8 @@ async def make_harness(tmp_path: Path, sink: WebhookSink) -> AsyncIterator[Calla
         max_calls: int = 0,
         max_event_loop_lag_s: float = 0.0,
         event_loop_lag: Callable[[], float] = lambda: 0.0,
+        outbound_max_concurrent: int = 0,
+        outbound_max_calls_per_second: float = 0.0,
     ) -> Harness:
         store = Store(tmp_path / f"s{len(opened)}.sqlite3")
         await store.open()
@@ -132,6 +134,8 @@ async def make_harness(tmp_path: Path, sink: WebhookSink) -> AsyncIterator[Calla
                 pipeline_fallback=pipeline_fallback,
                 max_calls=max_calls,
                 max_event_loop_lag_s=max_event_loop_lag_s,
+                outbound_max_concurrent=outbound_max_concurrent,
+                outbound_max_calls_per_second=outbound_max_calls_per_second,
             ),
             metrics=metrics,
             clock=lambda: datetime.now(UTC),

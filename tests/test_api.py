@@ -16,7 +16,7 @@ import pytest
 from vapi import AsyncVapi
 from vapi.core.api_error import ApiError
 from vapi.phone_numbers import CreatePhoneNumbersRequest_Vapi, UpdatePhoneNumbersRequestBody_Vapi
-from vapi.types import Server
+from vapi.types import Call, CreateCustomerDto, Server
 
 from bridge.api import MAX_BODY_DEPTH, list_query, nesting_depth
 from bridge.audio import tone_share
@@ -24,7 +24,7 @@ from bridge.errors import ValidationFailed
 from bridge.events import invite_facts
 from bridge.service import Service
 from bridge.settings import Settings
-from tests.conftest import API_KEY, raw_request, recorded_call
+from tests.conftest import API_KEY, offer_accepted, raw_request, recorded_call
 from tests.fake_pbx import FakePbx
 from tests.pipeline_server import PipelineServer
 from tests.webhook_sink import WebhookSink
@@ -418,6 +418,35 @@ async def test_a_recording_downloads_with_the_key_and_by_its_signed_links(
         assert recording.getnchannels() == 1 and recording.getnframes() == len(played) // 2
 
 
+async def test_deleting_a_call_removes_its_record_and_its_recordings(
+    reporting: Service, pipeline: PipelineServer, sink: WebhookSink
+) -> None:
+    """[recording] a deleted call's recording goes with it (a caller who asks to be
+    forgotten); a call that has not ended cannot be deleted."""
+    service = reporting
+    assistant = {"sipbridge": {"pipeline": {"url": pipeline.url}}}
+    call_id = await recorded_call(service, pipeline, assistant)
+    await sink.wait_for_message("end-of-call-report")
+    files = sorted(path.name for path in service.recordings_path.glob(f"{call_id}.*"))
+    assert files == [f"{call_id}.mono.wav", f"{call_id}.stereo.wav"]
+    live, _ = await offer_accepted(service, "live", assistant)
+    async with aiohttp.ClientSession(
+        base_url=f"http://127.0.0.1:{service.api_port}",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ) as http:
+        status, problem = await call_api(http, "DELETE", f"/call/{live.id}")
+        assert status == 409 and "has not ended" in problem["message"]
+        status, deleted = await call_api(http, "DELETE", f"/call/{call_id}")
+        assert status == 200 and (deleted["id"], deleted["status"]) == (call_id, "ended")
+        assert (await call_api(http, "GET", f"/call/{call_id}"))[0] == 404
+        assert (await call_api(http, "GET", f"/call/{call_id}/recording"))[0] == 404
+        assert (await call_api(http, "DELETE", f"/call/{call_id}"))[0] == 404
+        listed = (await call_api(http, "GET", "/call"))[1]
+        assert [call["id"] for call in listed] == [live.id]
+    assert list(service.recordings_path.glob(f"{call_id}.*")) == []
+    assert await service.callflow.hangup(live.id)
+
+
 async def test_a_call_not_recorded_has_no_recording_nor_links(
     reporting: Service, pipeline: PipelineServer, sink: WebhookSink
 ) -> None:
@@ -441,3 +470,50 @@ async def test_a_call_not_recorded_has_no_recording_nor_links(
         assert status == 404 and problem["message"] == f"call {call_id} has no stereo recording"
         status, problem = await call_api(http, "GET", "/call/nope/recording")
         assert status == 404 and problem["message"] == "Call not found: nope"
+
+
+async def test_outbound_calls_through_the_api_and_the_vapi_sdk(service: Service) -> None:
+    """``POST /call`` as the SDK's ``calls.create`` sends it: 201 with the queued call, read
+    back by ``calls.get``; a bad body is a 400, no PBX able to place it a 503."""
+    base_url = f"http://127.0.0.1:{service.api_port}"
+    assistant = await service.resources.create(
+        "assistant",
+        {"name": "Out", "sipbridge": {"pipeline": {"url": "ws://127.0.0.1:9/pipeline"}}},
+    )
+    number = await service.resources.create(
+        "phone_number", {"sipUri": "sip:+15550100@pbx.example.com", "assistantId": assistant["id"]}
+    )
+    body = {
+        "assistantId": assistant["id"],
+        "phoneNumberId": number["id"],
+        "customer": {"sipUri": "sip:bob@example.org"},
+    }
+    async with aiohttp.ClientSession(
+        base_url=base_url, headers={"Authorization": f"Bearer {API_KEY}"}
+    ) as http:
+        status, refused = await call_api(http, "POST", "/call", body)
+        assert status == 503 and "no PBX can place outbound calls" in refused["message"]
+        pbx = FakePbx(kind="asterisk")
+        service.backends["asterisk"] = pbx  # type: ignore[assignment]
+        try:
+            status, problem = await call_api(http, "POST", "/call", {**body, "customer": {}})
+            assert status == 400
+            assert problem["message"] == ["customer: needs exactly one of number and sipUri"]
+            async with httpx.AsyncClient(timeout=10) as transport:
+                vapi = AsyncVapi(token=API_KEY, base_url=base_url, httpx_client=transport)
+                created = await vapi.calls.create(
+                    assistant_id=assistant["id"],
+                    phone_number_id=number["id"],
+                    customer=CreateCustomerDto(sip_uri="sip:bob@example.org", name="Bob"),
+                )
+                assert isinstance(created, Call) and created.type == "outboundPhoneCall"
+                assert created.status == "queued"
+                call_id, dial = await pbx.wait_for("originate")
+                assert call_id == created.id and dial.customer["sipUri"] == "sip:bob@example.org"
+                fetched = await vapi.calls.get(created.id)
+                assert fetched.status in ("queued", "ringing") and fetched.customer is not None
+                assert fetched.customer.name == "Bob"
+            status, hung_up = await call_api(http, "POST", f"/call/{created.id}/hangup")
+            assert status == 200 and hung_up["endedReason"] == "manually-canceled"
+        finally:
+            service.backends.pop("asterisk")

@@ -10,7 +10,7 @@ import pytest
 
 from bridge import callflow
 from bridge.calls import Call, CallStatus, EndedReason
-from bridge.errors import PbxActionError
+from bridge.errors import CallRefused, PbxActionError, ValidationFailed
 from bridge.events import CallGone, LegConnected
 from tests.flow_harness import Harness, facts
 from tests.memory_leg import MemoryLeg
@@ -450,3 +450,190 @@ async def test_a_transfer_the_pbx_never_settles_after_the_channel_ended_ends_the
     h.flow.hung_up("test", call.facts.pbx_call_id, by_caller=True)
     report = await h.ended(call.id)
     assert report["endedReason"] == "customer-ended-call-during-transfer"
+
+
+# ---- outbound calls (POST /call) ----------------------------------------------------------------
+
+
+async def outbound_resources(h: Harness) -> tuple[dict[str, Any], dict[str, Any]]:
+    assistant = await h.resources.create(
+        "assistant", {"name": "Out", "firstMessage": "Hi {{customer.name}}, {{offer}}"}
+    )
+    number = await h.resources.create(
+        "phone_number",
+        {"sipUri": "sip:+15550100@pbx.example.com", "name": "Acme", "assistantId": assistant["id"]},
+    )
+    return assistant, number
+
+
+def outbound_body(
+    assistant: dict[str, Any], number: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
+    return {
+        "assistantId": assistant["id"],
+        "phoneNumberId": number["id"],
+        "customer": {"number": "+15557654321", "name": "Ada"},
+        **extra,
+    }
+
+
+async def test_an_outbound_call_is_dialled_answered_then_ended_by_the_customer(
+    make_harness: Callable[..., Any],
+) -> None:
+    h: Harness = await make_harness()
+    assistant, number = await outbound_resources(h)
+    call = await h.flow.create_outbound(
+        outbound_body(
+            assistant,
+            number,
+            assistantOverrides={"variableValues": {"offer": "a spring deal"}},
+            sipbridge={"sipHeaders": {"X-Campaign": "spring"}},
+        ),
+        h.pbx,
+    )
+    assert call.status is CallStatus.QUEUED and call.facts.outbound
+    call_id, dial = await h.pbx.wait_for("originate")
+    assert call_id == call.id == call.facts.pbx_call_id
+    assert dial.customer == {"type": "number", "number": "+15557654321"}
+    assert (dial.caller_id, dial.caller_name) == ("+15550100", "Acme")
+    assert dial.headers == (("X-Campaign", "spring"),)
+    await h.status(call.id, "ringing")
+    leg = MemoryLeg()
+    h.flow.post(LegConnected(call.id, leg))
+    await h.status(call.id, "in-progress")
+    h.flow.post(CallGone("test", call.id))
+    report = await h.ended(call.id)
+    assert report["endedReason"] == "customer-ended-call"
+    record = report["call"]
+    assert (record["type"], record["phoneNumberId"]) == ("outboundPhoneCall", number["id"])
+    assert record["customer"] == {"number": "+15557654321", "name": "Ada"}
+    assert record["assistant"]["firstMessage"] == "Hi Ada, a spring deal"
+    assert record["assistantOverrides"]["variableValues"]["offer"] == "a spring deal"
+    assert record["phoneCallProviderDetails"]["sip"]["uri"] == "sip:+15557654321@pbx.example.com"
+    statuses = [m["status"] for m in h.sink.messages("status-update") if m["call"]["id"] == call.id]
+    assert statuses == ["queued", "ringing", "in-progress", "ended"]
+    await leg.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("gone", "reason"),
+    [
+        (
+            CallGone(
+                "test",
+                "x",
+                cause=17,
+                dial_status="BUSY",
+                sip_status=486,
+                detail="SIP 486 Busy Here",
+            ),
+            EndedReason.CUSTOMER_BUSY,
+        ),
+        (
+            CallGone("test", "x", cause=19, dial_status="NOANSWER"),
+            EndedReason.CUSTOMER_DID_NOT_ANSWER,
+        ),
+        (
+            CallGone(
+                "test",
+                "x",
+                cause=21,
+                dial_status="CONGESTION",
+                sip_status=403,
+                detail="SIP 403 Forbidden",
+            ),
+            EndedReason.OUTBOUND_SIP_403,
+        ),
+        (
+            CallGone("test", "x", cause=34, dial_status="CHANUNAVAIL"),
+            EndedReason.SIP_OUTBOUND_FAILED_TO_CONNECT,
+        ),
+    ],
+)
+async def test_an_unanswered_outbound_call_ends_with_the_pbxs_reason(
+    make_harness: Callable[..., Any], gone: CallGone, reason: EndedReason
+) -> None:
+    h: Harness = await make_harness()
+    assistant, number = await outbound_resources(h)
+    call = await h.flow.create_outbound(outbound_body(assistant, number), h.pbx)
+    await h.status(call.id, "ringing")
+    h.flow.post(
+        CallGone(
+            "test",
+            call.id,
+            cause=gone.cause,
+            dial_status=gone.dial_status,
+            sip_status=gone.sip_status,
+            detail=gone.detail,
+        )
+    )
+    report = await h.ended(call.id)
+    assert report["endedReason"] == reason.value
+    assert report["call"]["sipbridge"]["sipStatus"] == gone.sip_status
+    assert report["call"].get("endedMessage") == (gone.detail or f"dial status {gone.dial_status}")
+    assert "hangup" not in h.pbx.names()  # the PBX ended it: nothing left to hang up
+
+
+async def test_an_operator_cancels_a_ringing_outbound_call(
+    make_harness: Callable[..., Any],
+) -> None:
+    h: Harness = await make_harness()
+    assistant, number = await outbound_resources(h)
+    call = await h.flow.create_outbound(outbound_body(assistant, number), h.pbx)
+    await h.status(call.id, "ringing")
+    assert await h.flow.hangup(call.id)
+    assert await h.pbx.wait_for("hangup") == call.id
+    assert (await h.ended(call.id))["endedReason"] == "manually-canceled"
+
+
+async def test_a_dial_the_pbx_refuses_ends_the_call(make_harness: Callable[..., Any]) -> None:
+    h: Harness = await make_harness()
+    h.pbx.fail.add("originate")
+    assistant, number = await outbound_resources(h)
+    call = await h.flow.create_outbound(outbound_body(assistant, number), h.pbx)
+    report = await h.ended(call.id)
+    assert report["endedReason"] == EndedReason.SIP_OUTBOUND_FAILED_TO_CONNECT.value
+    assert "originate failed" in report["call"]["endedMessage"]
+
+
+async def test_outbound_caps_refuse_with_429_and_bad_requests_with_400(
+    make_harness: Callable[..., Any],
+) -> None:
+    h: Harness = await make_harness(outbound_max_concurrent=2, outbound_max_calls_per_second=1)
+    assistant, number = await outbound_resources(h)
+    await h.flow.create_outbound(outbound_body(assistant, number), h.pbx)
+    with pytest.raises(CallRefused) as too_fast:
+        await h.flow.create_outbound(outbound_body(assistant, number), h.pbx)
+    assert too_fast.value.status == 429 and "max_calls_per_second" in str(too_fast.value)
+    with pytest.raises(ValidationFailed) as unknown:
+        await h.flow.create_outbound(
+            {**outbound_body(assistant, number), "phoneNumberId": "nope"}, h.pbx
+        )
+    assert unknown.value.problems == ["phoneNumberId: no phone number 'nope'"]
+    h.pbx.fail.add("check_dial")
+    with pytest.raises(ValidationFailed) as undiallable:
+        await h.flow.create_outbound(outbound_body(assistant, number), h.pbx)
+    assert undiallable.value.problems == ["customer: cannot be dialled: scripted: cannot dial"]
+    h.pbx.fail.discard("check_dial")
+    named = await h.resources.create(
+        "phone_number", {"sipUri": "sip:sales.team@pbx.example.com", "assistantId": assistant["id"]}
+    )
+    with pytest.raises(ValidationFailed) as no_caller_id:
+        await h.flow.create_outbound(outbound_body(assistant, named), h.pbx)
+    assert "no caller id" in no_caller_id.value.problems[0]
+
+
+async def test_a_customer_who_answers_and_hangs_up_at_once_ended_the_call(
+    make_harness: Callable[..., Any],
+) -> None:
+    """The answer (the leg) and the hangup can reach the flow before its task takes the
+    answer in: still the customer's hangup, and the leg is closed."""
+    h: Harness = await make_harness()
+    assistant, number = await outbound_resources(h)
+    call = await h.flow.create_outbound(outbound_body(assistant, number), h.pbx)
+    await h.status(call.id, "ringing")
+    leg = MemoryLeg()
+    h.flow.post(LegConnected(call.id, leg))
+    h.flow.post(CallGone("test", call.id))  # in the same loop iteration
+    assert (await h.ended(call.id))["endedReason"] == "customer-ended-call"
+    await leg.wait_closed()

@@ -5,13 +5,22 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from bridge.calls import Call, CallEvent, CallStatus, EndedReason, next_status
+from bridge.calls import (
+    Call,
+    CallEvent,
+    CallStatus,
+    EndedReason,
+    next_status,
+    outbound_not_answered,
+)
 from bridge.errors import LocalProtocolError
 from bridge.events import invite_facts
 
 T0 = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
 
 ALLOWED = {
+    (CallStatus.QUEUED, CallEvent.RING): CallStatus.RINGING,
+    (CallStatus.QUEUED, CallEvent.END): CallStatus.ENDED,
     (CallStatus.RINGING, CallEvent.ANSWER): CallStatus.IN_PROGRESS,
     (CallStatus.RINGING, CallEvent.FORWARD): CallStatus.FORWARDING,
     (CallStatus.IN_PROGRESS, CallEvent.FORWARD): CallStatus.FORWARDING,
@@ -118,3 +127,47 @@ def test_a_live_record_gives_back_its_call() -> None:
 def test_ended_reasons_are_unique_strings() -> None:
     values = [reason.value for reason in EndedReason]
     assert len(values) == len(set(values))
+
+
+@pytest.mark.parametrize(
+    ("dial_status", "sip_status", "cause", "reason"),
+    [
+        ("BUSY", 486, 17, EndedReason.CUSTOMER_BUSY),
+        ("CONGESTION", 603, 21, EndedReason.CUSTOMER_BUSY),  # Decline: the customer said no
+        (None, None, 17, EndedReason.CUSTOMER_BUSY),  # only the hangup's cause was known
+        ("NOANSWER", None, 19, EndedReason.CUSTOMER_DID_NOT_ANSWER),
+        (None, None, 19, EndedReason.CUSTOMER_DID_NOT_ANSWER),
+        ("CONGESTION", 480, 18, EndedReason.OUTBOUND_SIP_480),  # the SIP answer is precise
+        ("CHANUNAVAIL", 403, 21, EndedReason.OUTBOUND_SIP_403),
+        ("CONGESTION", 503, 34, EndedReason.OUTBOUND_SIP_503),
+        ("CONGESTION", 404, 1, EndedReason.SIP_OUTBOUND_FAILED_TO_CONNECT),
+        ("CHANUNAVAIL", None, 0, EndedReason.SIP_OUTBOUND_FAILED_TO_CONNECT),
+    ],
+)
+def test_why_an_outbound_call_was_not_answered(
+    dial_status: str | None, sip_status: int | None, cause: int, reason: EndedReason
+) -> None:
+    assert outbound_not_answered(dial_status, sip_status, cause) is reason
+
+
+def test_an_outbound_call_record_says_so_and_shows_the_customers_uri() -> None:
+    facts = invite_facts(
+        pbx="asterisk",
+        pbx_call_id="c-1",
+        channel="c-1",
+        request_user="+15550100",
+        request_host="pbx.example.com",
+        from_name="Ada",
+        from_uri="sip:ada@example.org",
+        to_uri="sip:ada@example.org",
+        outbound=True,
+    )
+    call = Call(id="c-1", org_id="o", facts=facts, created_at=T0, status=CallStatus.QUEUED)
+    record = call.to_json()
+    assert (record["type"], record["status"]) == ("outboundPhoneCall", "queued")
+    assert record["customer"] == {"name": "Ada", "sipUri": "sip:ada@example.org"}
+    assert record["phoneCallProviderDetails"]["sip"]["uri"] == "sip:ada@example.org"
+    assert record["sipbridge"]["numberSipUri"] == "sip:+15550100@pbx.example.com"
+    restored = Call.from_record(record, None)
+    assert restored.facts.outbound and restored.facts.request_user == "+15550100"
+    assert restored.status is CallStatus.QUEUED

@@ -203,6 +203,72 @@ async def test_call_commands(service: Service, pipeline: PipelineServer) -> None
     assert out == "(none)\n"
     code, out, _ = await run(service, "calls")
     assert "manually-canceled" in out
+    await service.recorder.flush()
+    code, out, _ = await run(service, "call", "delete", call.id)
+    assert (code, out) == (0, f"deleted call {call.id} (its record and recordings)\n")
+    code, _, err = await run(service, "call", "show", call.id)
+    assert code == 1 and "not found" in err.lower()
+
+
+async def test_call_create_places_an_outbound_call(
+    service: Service, pipeline: PipelineServer
+) -> None:
+    assistant = await service.resources.create(
+        "assistant", {"name": "A", "sipbridge": {"pipeline": {"url": pipeline.url}}}
+    )
+    number = await service.resources.create(
+        "phone_number", {"sipUri": "sip:100@x", "assistantId": assistant["id"]}
+    )
+    pbx = FakePbx(kind="asterisk")
+    service.backends["asterisk"] = pbx  # type: ignore[assignment]
+    placed: list[str] = []
+    try:
+        code, out, err = await run(
+            service,
+            "--json",
+            "call",
+            "create",
+            "--assistant",
+            assistant["id"],
+            "--number",
+            number["id"],
+            "--to",
+            "sip:bob@example.org",
+            "--name",
+            "Bob",
+            "--var",
+            "first_name=Bob",
+            "--header",
+            "X-Campaign=spring",
+        )
+        assert code == 0, err
+        call = json.loads(out)
+        placed.append(call["id"])
+        assert (call["type"], call["customer"]) == (
+            "outboundPhoneCall",
+            {"name": "Bob", "sipUri": "sip:bob@example.org"},
+        )
+        assert call["assistantOverrides"]["variableValues"]["first_name"] == "Bob"
+        _, dial = await pbx.wait_for("originate")
+        assert dial.headers == (("X-Campaign", "spring"),)
+        code, _, err = await run(
+            service,
+            "call",
+            "create",
+            "--assistant",
+            "a",
+            "--number",
+            "n",
+            "--to",
+            "+1",
+            "--var",
+            "x",
+        )
+        assert code == 2 and "--var 'x' is not NAME=VALUE" in err
+    finally:
+        for call_id in placed:
+            await service.callflow.hangup(call_id)
+        service.backends.pop("asterisk")
 
 
 async def test_unreachable_service_is_one_line() -> None:

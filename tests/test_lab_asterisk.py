@@ -29,7 +29,7 @@ def test_the_lab_user_is_the_sample_user() -> None:
     user = sipbridge_ami_user("s")
     assert (user.read, user.write, user.eventfilter) == (
         "call,user",
-        "call,reporting",
+        "call,reporting,originate",
         "Event: (UserEvent|Hangup)",
     )
 

@@ -14,6 +14,7 @@ from bridge.models import (
     sip_uri_key,
     validate_assistant,
     validate_destination,
+    validate_outbound_call,
     validate_phone_number,
 )
 
@@ -247,3 +248,38 @@ def test_server_of() -> None:
     }
     assert server_of({"server": {"url": "https://y"}}) == {"url": "https://y"}
     assert server_of({"server": {}}) is None
+
+
+def test_an_outbound_call_body_names_one_customer_and_one_assistant() -> None:
+    body = {
+        "assistantId": "a1",
+        "phoneNumberId": "n1",
+        "customer": {"sipUri": "sip:bob@example.com", "name": "Bob"},
+        "sipbridge": {"sipHeaders": {"X-Campaign": "spring"}},
+    }
+    assert validate_outbound_call(body)["customer"]["sipUri"] == "sip:bob@example.com"
+    inline = {**body, "assistantId": None, "assistant": {"name": "Inline"}}
+    del inline["assistantId"]
+    assert validate_outbound_call(inline)["assistant"]["name"] == "Inline"
+    cases = [
+        (
+            {**body, "customer": {"name": "Nobody"}},
+            "customer: needs exactly one of number and sipUri",
+        ),
+        (
+            {**body, "customer": {"number": "+1555", "sipUri": "sip:b@h"}},
+            "customer: needs exactly one of number and sipUri",
+        ),
+        (
+            {**body, "assistant": {"name": "Both"}},
+            "assistantId: send exactly one of assistantId and assistant",
+        ),
+        ({**body, "customer": {"number": "+1 555 01"}}, "customer.number: must be a number"),
+        ({**body, "customer": {"sipUri": "bob@example.com"}}, "customer.sipUri: must be a SIP URI"),
+        ({**body, "sipbridge": {"sipHeaders": {"Via": "x"}}}, "is not an X- header"),
+        ({k: v for k, v in body.items() if k != "phoneNumberId"}, "phoneNumberId: Field required"),
+    ]
+    for document, problem in cases:
+        with pytest.raises(ValidationFailed) as failed:
+            validate_outbound_call(document)
+        assert any(problem in line for line in failed.value.problems), failed.value.problems

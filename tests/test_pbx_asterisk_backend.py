@@ -16,7 +16,7 @@ import pytest
 
 from bridge.callflow import CallFlow
 from bridge.errors import PbxActionError, PbxAuthError, PbxConnectionError
-from bridge.events import LinkChanged, PbxEvent, PbxKind, invite_facts
+from bridge.events import LinkChanged, OutboundDial, PbxEvent, PbxKind, invite_facts
 from bridge.pbx.asterisk.backend import FIRST_RETRY_DELAY_S, AsteriskBackend
 from bridge.settings import AsteriskSettings, MediaSettings
 from bridge.store import ListQuery
@@ -521,3 +521,21 @@ async def test_a_reject_lost_with_the_link_leaves_one_call_record(
         assert len(h.sink.messages("end-of-call-report")) == 1
     finally:
         await adapter.aclose()
+
+
+def test_a_dial_asterisk_could_not_carry_out_is_known_before_the_call_is_placed() -> None:
+    """A customer URI Dial() cannot take, or X- headers longer than one AMI line (1024 bytes,
+    or Asterisk refuses the Originate), are refused up front (POST /call says 400)."""
+    backend = AsteriskBackend(AsteriskSettings(), media())
+    dial = OutboundDial(
+        customer={"type": "sip", "sipUri": "sip:bob@example.org"},
+        caller_id="+15550100",
+        caller_name="Acme",
+        headers=(("X-Campaign", "spring"),),
+        ring_timeout_s=60,
+    )
+    assert backend.check_dial(dial) is None
+    odd = OutboundDial({"type": "sip", "sipUri": "sip:bob@h,PJSIP/x"}, "100", "", (), 60)
+    assert "Dial() cannot take" in (backend.check_dial(odd) or "")
+    long = OutboundDial(dial.customer, "100", "", (("X-Notes", "ü" * 300),), 60)
+    assert "at most 1024 per line" in (backend.check_dial(long) or "")

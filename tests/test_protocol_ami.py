@@ -265,3 +265,84 @@ def test_a_lost_redirect_is_judged_by_where_the_channel_is(
     state = None if context is None else ami.ChannelState("PJSIP/a-1", "1.1", context, "Wait")
     judged = ami.redirect_outcome(state, waiting="sipbridge-offer", target="sipbridge-media")
     assert judged is outcome
+
+
+def test_an_outbound_call_is_originated_through_a_local_channel_named_by_the_call_id() -> None:
+    action = ami.originate(
+        "5c1d4e0a-0000-4000-8000-000000000001",
+        target="PJSIP/sipbridge-outbound/sip:bob@192.0.2.10:5062",
+        caller_id="+15550100",
+        caller_name="Acme, Inc. (sales)",
+        headers={"X-Campaign": "spring, 2027"},
+        ring_timeout_s=45,
+        audiosocket="127.0.0.1:9092",
+        outbound_context="sipbridge-outbound",
+        media_context="sipbridge-media",
+    )
+    assert action["Action"] == "Originate" and action["Async"] == "true"
+    assert action["Channel"] == "Local/s@sipbridge-outbound"
+    assert action["ChannelId"] == "5c1d4e0a-0000-4000-8000-000000000001"
+    assert (action["Context"], action["Exten"], action["Priority"]) == ("sipbridge-media", "s", "1")
+    assert action["Timeout"] == "55000"
+    lines = action["Variable"]
+    assert isinstance(lines, list)  # one Variable line each: a line holds at most 1024 bytes
+    variables = dict(line.split("=", 1) for line in lines)
+    assert variables["SIPBRIDGE_OUT_DIAL"] == "PJSIP/sipbridge-outbound/sip:bob@192.0.2.10:5062"
+    assert variables["SIPBRIDGE_OUT_RING_S"] == "45"
+    assert variables["SIPBRIDGE_OUT_CALLERID"] == "+15550100"
+    # Text that could split the variable list travels URI-encoded.
+    assert variables["SIPBRIDGE_OUT_CALLERNAME"] == "Acme%2C%20Inc.%20%28sales%29"
+    assert variables["__SIPBRIDGE_XFER_HEADERS"] == "X-Campaign=spring%2C%202027"
+    assert variables["SIPBRIDGE_CALL_ID"] == action["ChannelId"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("caller_id", "not a number"),
+        ("target", "PJSIP/x/sip:a@b,c"),
+        ("audiosocket", "h:1\r\nX: y"),
+    ],
+)
+def test_an_originate_that_could_inject_is_refused(field: str, value: str) -> None:
+    values: dict[str, Any] = {
+        "target": "PJSIP/sipbridge-outbound/sip:bob@example.com",
+        "caller_id": "100",
+        "caller_name": "",
+        "headers": {},
+        "ring_timeout_s": 60,
+        "audiosocket": "127.0.0.1:9092",
+        "outbound_context": "sipbridge-outbound",
+        "media_context": "sipbridge-media",
+    }
+    values[field] = value
+    with pytest.raises(LocalProtocolError):
+        ami.originate("call-1", **values)
+
+
+def test_dial_targets_of_customers() -> None:
+    assert ami.dial_target({"type": "sip", "sipUri": "sip:bob@h"}, "out", "customer") == (
+        "PJSIP/out/sip:bob@h"
+    )
+    assert ami.dial_target({"type": "number", "number": "+4930123"}, "out", "customer") == (
+        "PJSIP/+4930123@out"
+    )
+    with pytest.raises(PbxActionError, match="customer SIP URI"):
+        ami.dial_target({"type": "sip", "sipUri": "sip:bob@h&PJSIP/evil"}, "out", "customer")
+
+
+def test_the_dial_result_event() -> None:
+    event = {
+        "Event": "UserEvent",
+        "UserEvent": "SipbridgeDialed",
+        "SbCall": "call-1",
+        "SbStatus": "BUSY",
+        "SbSip": "SIP%2520486%2520Busy%2520Here",
+    }
+    assert ami.decode_dial_result(event) == ami.DialResult(
+        "call-1", "BUSY", 486, "SIP 486 Busy Here"
+    )
+    assert ami.decode_dial_result({**event, "SbSip": ""}) == ami.DialResult(
+        "call-1", "BUSY", None, ""
+    )
+    assert ami.decode_dial_result({**event, "UserEvent": "SipbridgeOffer"}) is None

@@ -119,6 +119,20 @@ def test_artifact_links_are_vapi_shaped_and_verify() -> None:
     assert "mono.wav" in artifact["recordingUrl"]
 
 
+def test_a_rotated_key_keeps_the_links_it_signed_until_they_expire() -> None:
+    old = RecordingLinks(b"o" * 32, "https://sb.example.com", lifetime_s=3600)
+    now = datetime(2026, 12, 6, 1, 0, tzinfo=UTC)
+    query = dict(parse_qsl(urlsplit(old.url("c1", "stereo", now)).query))
+    expires, signature = int(query["expires"]), query["signature"]
+    rotated = RecordingLinks(b"n" * 32, "https://sb.example.com", 3600, previous=(b"o" * 32,))
+    assert rotated.valid("c1", "stereo", expires=expires, signature=signature, now=0)
+    assert not rotated.valid("c1", "stereo", expires=expires, signature=signature, now=expires)
+    new_query = dict(parse_qsl(urlsplit(rotated.url("c1", "stereo", now)).query))
+    assert new_query["signature"] == sign(b"n" * 32, "c1", "stereo", expires)  # new key signs
+    forgotten = RecordingLinks(b"n" * 32, "https://sb.example.com", 3600)
+    assert not forgotten.valid("c1", "stereo", expires=expires, signature=signature, now=0)
+
+
 def test_recorded_by_the_counters() -> None:
     assert was_recorded({"recordedFrames": 3}) and not was_recorded({"recordedFrames": 0})
     assert not was_recorded({})

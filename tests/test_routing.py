@@ -23,8 +23,11 @@ from bridge.routing import (
     WebhookResult,
     accept,
     admit,
+    admit_outbound,
     decide_answer,
     match_phone_number,
+    outbound_caller_id,
+    outbound_facts,
     parse_answer,
     pipeline_target,
     plan_call,
@@ -462,3 +465,50 @@ def test_a_template_broken_by_a_callers_header_still_accepts_the_call() -> None:
     assert isinstance(decision, Accept)
     assert decision.assistant["firstMessage"] == assistant["firstMessage"]
     assert decision.assistant["model"]["messages"][0]["content"] == "Caller: John"
+
+
+def test_outbound_caps_count_calls_under_way_and_calls_started_lately() -> None:
+    capped = RoutingDefaults(outbound_max_concurrent=2, outbound_max_calls_per_second=2)
+    assert admit_outbound(1, [9.5], 10.0, capped) is None
+    assert "max_concurrent = 2" in (admit_outbound(2, [], 10.0, capped) or "")
+    assert "max_calls_per_second = 2" in (admit_outbound(0, [9.2, 9.5], 10.0, capped) or "")
+    assert admit_outbound(0, [8.9, 9.5], 10.0, capped) is None  # one of them is over a second old
+    uneven = RoutingDefaults(outbound_max_calls_per_second=1.5)  # 2 calls in any 1.33 s
+    assert admit_outbound(0, [9.0], 10.0, uneven) is None
+    assert admit_outbound(0, [8.8, 9.0], 10.0, uneven) is not None
+    assert admit_outbound(0, [8.6, 9.0], 10.0, uneven) is None
+    slow = RoutingDefaults(outbound_max_calls_per_second=0.1)  # one call in any 10 s
+    assert admit_outbound(0, [1.0], 10.5, slow) is not None
+    assert admit_outbound(0, [0.4], 10.5, slow) is None
+    assert admit_outbound(100, [10.0] * 100, 10.0, RoutingDefaults()) is None  # no caps set
+
+
+def test_an_outbound_call_shows_its_number_and_knows_its_customer() -> None:
+    number = {"id": "n1", "sipUri": "sip:+15550100@pbx.example.com", "name": "Acme"}
+    assert outbound_caller_id(number) == "+15550100"
+    assert outbound_caller_id({**number, "number": "+4930123"}) == "+4930123"
+    assert outbound_caller_id({"sipUri": "sip:sales.team@pbx.example.com"}) is None
+    facts = outbound_facts(
+        "asterisk",
+        "c-1",
+        number,
+        {"sipUri": "sip:bob@example.org", "name": "Bob"},
+        {"X-Campaign": "spring"},
+    )
+    assert facts.outbound and (facts.pbx_call_id, facts.channel) == ("c-1", "c-1")
+    assert facts.customer() == {"name": "Bob", "sipUri": "sip:bob@example.org"}
+    assert facts.request_uri == "sip:+15550100@pbx.example.com"
+    decision = accept(
+        facts,
+        call_id="c-1",
+        number=number,
+        assistant={
+            "name": "Out",
+            "firstMessage": "Hi {{customer.name}} ({{call.type}}) {{campaign}}",
+        },
+        assistant_id="a1",
+        now=NOW,
+        defaults=DEFAULTS,
+    )
+    assert isinstance(decision, Accept)
+    assert decision.assistant["firstMessage"] == "Hi Bob (outboundPhoneCall) spring"

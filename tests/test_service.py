@@ -21,6 +21,7 @@ from bridge.errors import ConfigError, PbxAuthError
 from bridge.overload import EventLoopLag
 from bridge.pbx.freeswitch.backend import FreeswitchBackend
 from bridge.protocol import esl
+from bridge.recording import sign
 from bridge.service import Service
 from bridge.settings import Settings
 from tests.conftest import offer_accepted, recorded_call
@@ -572,3 +573,41 @@ async def test_a_recording_that_cannot_be_written_never_costs_the_call(
     assert report["call"]["sipbridge"]["media"]["recordingFailed"] == 1
     assert "recordingUrl" not in report["artifact"]
     assert b"sipbridge_recordings_stopped_total 1.0" in service.metrics.render()
+
+
+async def test_rotating_the_recording_link_key_breaks_no_link_already_sent(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Links signed by the database's generated key, then by a configured key, keep working
+    after each change, until they expire; the newest key signs from then on."""
+    expires = int(time.time()) + 3600
+
+    async def signature_by(service: Service) -> str:
+        assert service._recording_links is not None
+        return sign(service._recording_links.secret, "c1", "stereo", expires)
+
+    first = Service(make_settings())
+    await first.start()
+    by_stored_key = await signature_by(first)
+    await first.aclose()
+    configured = {"url_secret": "key-two-0123456789abcdef"}
+    second = Service(make_settings(recordings=configured))
+    await second.start()
+    by_key_two = await signature_by(second)
+    assert second.recording_link_valid("c1", "stereo", expires=expires, signature=by_stored_key)
+    await second.aclose()
+    rotated = {
+        "url_secret": "key-three-0123456789abcdef",
+        "previous_url_secrets": ["key-two-0123456789abcdef"],
+    }
+    third = Service(make_settings(recordings=rotated))
+    await third.start()
+    try:
+        for signature in (by_stored_key, by_key_two, await signature_by(third)):
+            assert third.recording_link_valid("c1", "stereo", expires=expires, signature=signature)
+        assert by_key_two != await signature_by(third)
+        assert not third.recording_link_valid(
+            "c1", "stereo", expires=expires, signature=sign(b"unknown", "c1", "stereo", expires)
+        )
+    finally:
+        await third.aclose()

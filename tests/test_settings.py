@@ -250,6 +250,8 @@ def loaded(settings: Settings, path: tuple[str, ...]) -> Any:
         return {
             k: v.get_secret_value() if isinstance(v, SecretStr) else v for k, v in value.items()
         }
+    if isinstance(value, list):
+        return [v.get_secret_value() if isinstance(v, SecretStr) else v for v in value]
     if isinstance(value, Path):
         return str(value)
     return value

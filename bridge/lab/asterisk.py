@@ -59,6 +59,7 @@ MODULES = (
     "func_db.so",
     "func_channel.so",
     "func_callerid.so",
+    "func_hangupcause.so",
     "codec_ulaw.so",
     "codec_alaw.so",
     "res_timing_timerfd.so",
@@ -356,7 +357,7 @@ transport = transport-udp
 media_address = 127.0.0.1
 bind_rtp_to_media_address = yes
 """
-                for endpoint in ("anonymous", "sipbridge-transfer")
+                for endpoint in ("anonymous", "sipbridge-transfer", "sipbridge-outbound")
             ),
             "rtp.conf": f"[general]\nrtpstart = {self.rtp_start}\nrtpend = {self.rtp_end}\n",
             "manager.conf": f"""[general]

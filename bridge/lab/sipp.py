@@ -24,6 +24,7 @@ import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,30 @@ Contact: <sip:{user}@[local_ip]:[local_port]>
 Content-Length: 0
 
 ]]></send>"""
+
+
+def _uas_response(
+    status: str, contact_user: str | None = None, *, sdp: bool = False, cseq: str | None = None
+) -> str:
+    """A UAS's response to the last request, from that request's own headers: the dialog's
+    to-tag, a Contact for ``contact_user``, our SDP with ``sdp`` (retransmitted until the
+    ACK), and ``cseq`` in place of the request's CSeq (a 487 answers the INVITE after a
+    CANCEL)."""
+    contact = f"Contact: <sip:{contact_user}@[local_ip]:[local_port]>\n" if contact_user else ""
+    body = (
+        "Content-Type: application/sdp\nContent-Length: [len]\n\n" + _SDP
+        if sdp
+        else ("Content-Length: 0\n\n")
+    )
+    retrans = ' retrans="500"' if sdp else ""
+    return f"""  <send{retrans}><![CDATA[
+SIP/2.0 {status}
+[last_Via:]
+[last_From:]
+[last_To:];tag=[pid]SIPpTag01[call_number]
+[last_Call-ID:]
+{f"CSeq: {cseq}" if cseq else "[last_CSeq:]"}
+{contact}{body}]]></send>"""
 
 
 def scenario(plan: CallPlan) -> str:
@@ -384,63 +409,32 @@ def callee_scenario(expect_headers: dict[str, str], hangs_up: bool = False) -> s
   <recv request="INVITE" rrs="true">
     {actions}
   </recv>
-  <send><![CDATA[
-SIP/2.0 180 Ringing
-[last_Via:]
-[last_From:]
-[last_To:];tag=[pid]SIPpTag01[call_number]
-[last_Call-ID:]
-[last_CSeq:]
-Contact: <sip:target@[local_ip]:[local_port]>
-Content-Length: 0
-
-]]></send>
-  <send retrans="500"><![CDATA[
-SIP/2.0 200 OK
-[last_Via:]
-[last_From:]
-[last_To:];tag=[pid]SIPpTag01[call_number]
-[last_Call-ID:]
-[last_CSeq:]
-Contact: <sip:target@[local_ip]:[local_port]>
-Content-Type: application/sdp
-Content-Length: [len]
-
-{_SDP}]]></send>
+{_uas_response("180 Ringing", "target")}
+{_uas_response("200 OK", "target", sdp=True)}
   <recv request="ACK"/>
 {_CALLEE_HANGS_UP if hangs_up else _CALLEE_AWAITS_BYE}{reference}
 </scenario>
 """
 
 
-class SippCallee:
-    """A transfer target: SIPp listening on ``port`` for one call."""
+class SippListener:
+    """SIPp listening on ``port`` for one call (a UAS), its messages traced to a file."""
+
+    role = "uas"
 
     def __init__(self, workdir: Path, port: int) -> None:
         self.workdir = workdir
         self.port = port
         self.process: asyncio.subprocess.Process | None = None
-        self.trace_path = workdir / f"callee-{port}.messages.log"
+        self.trace_path = workdir / f"{self.role}-{port}.messages.log"
 
-    @property
-    def uri(self) -> str:
-        """The SIP URI to transfer to."""
-        return f"sip:target@127.0.0.1:{self.port}"
-
-    async def start(
-        self,
-        expect_headers: dict[str, str] | None = None,
-        timeout_s: int = 60,
-        *,
-        hangs_up: bool = False,
-    ) -> None:
-        """Listens for one call; with ``hangs_up`` it ends the call itself once answered."""
+    async def _listen(self, scenario_text: str, timeout_s: int, media_port: int) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        path = self.workdir / f"callee-{self.port}.xml"
-        path.write_text(callee_scenario(expect_headers or {}, hangs_up))
+        path = self.workdir / f"{self.role}-{self.port}.xml"
+        path.write_text(scenario_text)
         self.process = await asyncio.create_subprocess_exec(
             "sipp", "-sf", str(path), "-i", "127.0.0.1", "-mi", "127.0.0.1",
-            "-p", str(self.port), "-mp", str(free_port(pair=True)), "-cp", str(free_port()),
+            "-p", str(self.port), "-mp", str(media_port), "-cp", str(free_port()),
             "-m", "1", "-nostdin", "-timeout", f"{timeout_s}s", "-timeout_error",
             "-trace_msg", "-message_file", str(self.trace_path),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
@@ -459,3 +453,119 @@ class SippCallee:
         if self.process is not None and self.process.returncode is None:
             self.process.terminate()
             await self.process.wait()
+
+
+class SippCallee(SippListener):
+    """A transfer target: SIPp listening on ``port`` for one call."""
+
+    role = "callee"
+
+    @property
+    def uri(self) -> str:
+        """The SIP URI to transfer to."""
+        return f"sip:target@127.0.0.1:{self.port}"
+
+    async def start(
+        self,
+        expect_headers: dict[str, str] | None = None,
+        timeout_s: int = 60,
+        *,
+        hangs_up: bool = False,
+    ) -> None:
+        """Listens for one call; with ``hangs_up`` it ends the call itself once answered."""
+        await self._listen(
+            callee_scenario(expect_headers or {}, hangs_up), timeout_s, free_port(pair=True)
+        )
+
+
+# How an outbound call's customer (SipCustomer) takes the call.
+CustomerAnswer = Literal["answer", "busy", "decline", "no-answer"]
+_CUSTOMER_REFUSALS = {"busy": "486 Busy Here", "decline": "603 Decline"}
+
+
+@dataclass
+class CustomerPlan:
+    """What the customer of an outbound call does.
+
+    Attributes:
+        answer: ``answer`` (200 OK after ``ring_ms``), ``busy`` (486), ``decline`` (603), or
+            ``no-answer`` (rings until the caller gives up and CANCELs).
+        ring_ms: how long the phone rings before the answer or the refusal.
+        tone_file: μ-law the customer plays, looped, from the answer to the end of the call.
+        hangs_up_after_ms: answered, the customer hangs up this long after answering; None:
+            the customer waits for the caller's BYE.
+    """
+
+    answer: CustomerAnswer = "answer"
+    ring_ms: int = 300
+    tone_file: Path | None = None
+    hangs_up_after_ms: int | None = None
+
+
+def customer_scenario(plan: CustomerPlan) -> str:
+    """A SIPp UAS for one outbound call: rings, then answers, refuses or never answers."""
+    remember = (
+        '<action><ereg regexp=".*" search_in="hdr" header="From:" assign_to="peer"/>'
+        '<ereg regexp=".*" search_in="hdr" header="To:" assign_to="own"/>'
+        '<ereg regexp="([0-9]+) INVITE" search_in="hdr" header="CSeq:" '
+        'assign_to="cseqall,cseq"/></action>'
+    )
+    ringing = _uas_response("180 Ringing", "customer")
+    if plan.answer in _CUSTOMER_REFUSALS:
+        outcome = f"""  <pause milliseconds="{plan.ring_ms}"/>
+{_uas_response(_CUSTOMER_REFUSALS[plan.answer])}
+  <recv request="ACK"/>"""
+    elif plan.answer == "no-answer":
+        outcome = f"""  <recv request="CANCEL"/>
+{_uas_response("200 OK")}
+{_uas_response("487 Request Terminated", cseq="[$cseq] INVITE")}
+  <recv request="ACK"/>"""
+    else:
+        stream = (
+            f'\n  <nop><action><exec rtp_stream="{plan.tone_file},-1,0"/></action></nop>'
+            if plan.tone_file
+            else ""
+        )
+        if plan.hangs_up_after_ms is None:
+            ending = _CALLEE_AWAITS_BYE.replace("target@", "customer@")
+        else:
+            ending = (
+                f'  <recv request="BYE" timeout="{max(plan.hangs_up_after_ms, 1)}" '
+                'ontimeout="hangup" next="bye_in"/>\n  <label id="hangup"/>\n'
+                + _CALLEE_HANGS_UP.replace("target@", "customer@")
+                + '\n  <nop next="done"/>\n  <label id="bye_in"/>\n'
+                + _bye_answered("customer")
+                + '\n  <label id="done"/>'
+            )
+        outcome = f"""  <pause milliseconds="{plan.ring_ms}"/>
+{_uas_response("200 OK", "customer", sdp=True)}
+  <recv request="ACK"/>{stream}
+{ending}"""
+    return f"""<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="sipbridge lab customer">
+  <recv request="INVITE" rrs="true">{remember}</recv>
+{ringing}
+{outcome}
+  <Reference variables="peer,own,cseqall,cseq"/>
+</scenario>
+"""
+
+
+class SipCustomer(SippListener):
+    """The customer of an outbound call: SIPp listening on ``port`` for one call, doing what
+    its :class:`CustomerPlan` says; ``media_port`` is where it receives RTP."""
+
+    role = "customer"
+
+    def __init__(self, workdir: Path, port: int) -> None:
+        super().__init__(workdir, port)
+        self.media_port = free_port(pair=True)
+
+    @property
+    def uri(self) -> str:
+        """The customer's SIP URI (what ``POST /call`` dials)."""
+        return f"sip:customer@127.0.0.1:{self.port}"
+
+    async def start(self, plan: CustomerPlan, timeout_s: int = 90) -> None:
+        """Listens for the call."""
+        await self._listen(customer_scenario(plan), timeout_s, self.media_port)

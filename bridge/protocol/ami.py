@@ -43,6 +43,7 @@ _SIP_USER = re.compile(r"^sips?:(?P<user>[^@;>]+)@", re.IGNORECASE)
 _DIAL_SAFE_URI = re.compile(r"^sips?:[A-Za-z0-9.\-_~+!*'%:@;=?/]{3,300}$")
 _CALLER_ID = re.compile(r"^\+?[A-Za-z0-9*#]{1,32}$")
 _DIAL_DIGITS = re.compile(r"^[0-9*#wW]{1,20}$")
+_DIAL_NUMBER = re.compile(r"^\+?[A-Za-z0-9]{1,32}$")
 
 
 def decode(text: str | None) -> str:
@@ -195,6 +196,10 @@ def hangup_cause(event: Mapping[str, Any]) -> int:
 # ---- actions ------------------------------------------------------------------------------------
 
 Action = dict[str, str]
+# An action with a repeated field (Originate's Variable: one line per variable).
+MultiAction = dict[str, str | list[str]]
+# manager.c reads one line of an action into 1025 bytes; a longer one refuses the action.
+MAX_LINE_BYTES = 1024
 
 
 def checked(action: Mapping[str, str]) -> Action:
@@ -204,9 +209,26 @@ def checked(action: Mapping[str, str]) -> Action:
         LocalProtocolError: a CR, LF or NUL in a key or value, or an empty key.
     """
     for key, value in action.items():
-        if not key or any(c in key + value for c in "\r\n\x00") or ":" in key:
-            raise LocalProtocolError(f"refusing to send AMI field {key!r}: {value!r}")
+        _check_field(key, value)
     return dict(action)
+
+
+def checked_fields(action: Mapping[str, str | list[str]]) -> MultiAction:
+    """:func:`checked` for actions with repeated fields (a list sends one line each)."""
+    for key, value in action.items():
+        for item in value if isinstance(value, list) else [value]:
+            _check_field(key, item)
+    return dict(action)
+
+
+def _check_field(key: str, value: str) -> None:
+    if not key or any(c in key + value for c in "\r\n\x00") or ":" in key:
+        raise LocalProtocolError(f"refusing to send AMI field {key!r}: {value!r}")
+    if len(f"{key}: {value}".encode()) > MAX_LINE_BYTES:
+        raise LocalProtocolError(
+            f"AMI field {key} is {len(value.encode())} bytes: Asterisk takes at most "
+            f"{MAX_LINE_BYTES} per line"
+        )
 
 
 def setvar(channel: str | None, variable: str, value: str) -> Action:
@@ -288,6 +310,28 @@ class TransferPlan:
     notes: list[str]
 
 
+def dial_target(destination: Mapping[str, Any], endpoint: str, purpose: str) -> str:
+    """The ``Dial()`` target of a Vapi destination or customer: ``sip`` (a ``sipUri``) dials
+    ``PJSIP/<endpoint>/<sipUri>``, ``number`` dials ``PJSIP/<number>@<endpoint>`` (point that
+    endpoint at your trunk).
+
+    Raises:
+        PbxActionError: the destination cannot be dialled safely.
+    """
+    kind = destination.get("type")
+    if kind == "sip":
+        uri = str(destination.get("sipUri", ""))
+        if not _DIAL_SAFE_URI.match(uri):
+            raise PbxActionError(f"{purpose} SIP URI {uri!r} has characters Dial() cannot take")
+        return f"PJSIP/{endpoint}/{uri}"
+    if kind == "number":
+        number = str(destination.get("number", ""))
+        if not _DIAL_NUMBER.match(number):
+            raise PbxActionError(f"{purpose} number {number!r} is not dialable")
+        return f"PJSIP/{number}@{endpoint}"
+    raise PbxActionError(f"{purpose} destination type {kind!r} is not supported")
+
+
 def transfer(
     channel: str,
     destination: Mapping[str, Any],
@@ -304,20 +348,8 @@ def transfer(
     Raises:
         PbxActionError: the destination cannot be dialled safely.
     """
-    kind = destination.get("type")
     notes: list[str] = []
-    if kind == "sip":
-        uri = str(destination.get("sipUri", ""))
-        if not _DIAL_SAFE_URI.match(uri):
-            raise PbxActionError(f"transfer SIP URI {uri!r} has characters Dial() cannot take")
-        target = f"PJSIP/{endpoint}/{uri}"
-    elif kind == "number":
-        number = str(destination.get("number", ""))
-        if not re.match(r"^\+?[A-Za-z0-9]{1,32}$", number):
-            raise PbxActionError(f"transfer number {number!r} is not dialable")
-        target = f"PJSIP/{number}@{endpoint}"
-    else:
-        raise PbxActionError(f"transfer destination type {kind!r} is not supported")
+    target = dial_target(destination, endpoint, "transfer")
     options = ""
     extension = destination.get("extension")
     if extension:
@@ -343,6 +375,107 @@ def transfer(
         redirect(channel, transfer_context),
     ]
     return TransferPlan(actions, notes)
+
+
+OUTBOUND_EVENT = "SipbridgeDialed"
+
+
+def originate(
+    call_id: str,
+    *,
+    target: str,
+    caller_id: str,
+    caller_name: str,
+    headers: Mapping[str, str],
+    ring_timeout_s: int,
+    audiosocket: str,
+    outbound_context: str,
+    media_context: str,
+    customer_id: str = "",
+) -> MultiAction:
+    """An outbound call (``Originate``, asynchronous): a Local channel whose second half dials
+    ``target`` from the outbound context (caller id, X- headers, ring timeout) and reports how
+    the dial ended (``UserEvent: SipbridgeDialed``); once the customer answers, the first half
+    runs AudioSocket from the media context like an answered inbound call.
+
+    The first half's Uniqueid is the call id (``ChannelId``), so its Hangup names the call and
+    AMI actions reach it by that id. Its caller id is the customer's (``customer_id``, when
+    dialable): a transfer of the call presents the customer, as for an inbound call.
+
+    Raises:
+        LocalProtocolError: a value that could inject AMI fields or split Asterisk's argument
+            parsing, or a line longer than Asterisk takes (long X- headers).
+    """
+    if not _CALLER_ID.match(caller_id):
+        raise LocalProtocolError(f"caller id {caller_id!r} is not a dialable number")
+    variables = {
+        "SIPBRIDGE_CALL_ID": call_id,
+        "SIPBRIDGE_AUDIOSOCKET": audiosocket,
+        "SIPBRIDGE_OUT_DIAL": target,
+        "SIPBRIDGE_OUT_RING_S": str(ring_timeout_s),
+        "SIPBRIDGE_OUT_CALLERID": caller_id,
+        # URI-encoded: a display name may hold anything; the dialplan decodes it into Set().
+        "SIPBRIDGE_OUT_CALLERNAME": quote(caller_name, safe=""),
+        # "__" makes it reach the customer's channel, where the pre-dial handler adds them.
+        "__SIPBRIDGE_XFER_HEADERS": encode_sip_headers(headers),
+    }
+    for name, value in variables.items():
+        # Asterisk splits each Variable line at commas (minding quotes and parentheses).
+        if any(c in value for c in ',"()\\'):
+            raise LocalProtocolError(f"refusing to originate with {name}={value!r}")
+    action: MultiAction = {
+        "Action": "Originate",
+        "Channel": f"Local/s@{outbound_context}",
+        "ChannelId": call_id,
+        "OtherChannelId": f"{call_id}-dial",
+        "Context": media_context,
+        "Exten": "s",
+        "Priority": "1",
+        # How long Asterisk waits for the first half to answer: the ring timeout, plus the
+        # time the dial takes to start.
+        "Timeout": str((ring_timeout_s + 10) * 1000),
+        "Async": "true",
+        # One line per variable: a line is at most 1024 bytes.
+        "Variable": [f"{name}={value}" for name, value in variables.items()],
+    }
+    if _CALLER_ID.match(customer_id):
+        action["CallerID"] = customer_id
+    return checked_fields(action)
+
+
+@dataclass(frozen=True)
+class DialResult:
+    """How an outbound dial ended before the customer answered (``SipbridgeDialed``).
+
+    Attributes:
+        call_id: sipbridge's call id (the first half's Uniqueid).
+        status: ``DIALSTATUS``: BUSY, NOANSWER, CONGESTION, CHANUNAVAIL, CANCEL, ANSWER ...
+        sip_status: the customer's final SIP response, when Asterisk knew it (486, 603, ...).
+        detail: that response as reported (``SIP 486 Busy Here``).
+    """
+
+    call_id: str
+    status: str
+    sip_status: int | None
+    detail: str
+
+
+def decode_dial_result(event: Mapping[str, Any]) -> DialResult | None:
+    """The ``SipbridgeDialed`` user event, or None if ``event`` is another one."""
+    if _field(event, "Event") != "UserEvent" or _field(event, "UserEvent") != OUTBOUND_EVENT:
+        return None
+    detail = decode(_field(event, "SbSip"))
+    found = re.match(r"^SIP (\d{3})\b", detail)
+    sip_status = int(found.group(1)) if found else None
+    if sip_status is not None and sip_status < 300:
+        # A dial that timed out while ringing last heard "SIP 180 Ringing": not an answer.
+        sip_status, detail = None, ""
+    return DialResult(
+        call_id=decode(_field(event, "SbCall")),
+        status=_field(event, "SbStatus").strip().upper(),
+        sip_status=sip_status,
+        detail=detail,
+    )
 
 
 @dataclass(frozen=True)

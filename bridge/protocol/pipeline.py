@@ -62,6 +62,7 @@ class SessionInfo:
     phone_number: dict[str, Any] | None
     encoding: Encoding = DEFAULT_ENCODING
     sample_rate: int = DEFAULT_SAMPLE_RATE
+    call_type: str = "inboundPhoneCall"  # Vapi's call.type: outboundPhoneCall for POST /call
 
 
 # ---- what the pipeline can ask for -------------------------------------------------------------
@@ -260,6 +261,7 @@ class RawDialect:
             {
                 "type": "start",
                 "callId": info.call_id,
+                "callType": info.call_type,
                 "streamId": info.stream_id,
                 "pbxCallId": info.pbx_call_id,
                 "customer": info.customer,

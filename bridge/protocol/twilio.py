@@ -72,6 +72,7 @@ def custom_parameters(info: SessionInfo) -> dict[str, str]:
     parameters = flatten(info.variables)
     parameters.update(info.headers)
     parameters["callId"] = info.call_id
+    parameters["callType"] = info.call_type
     parameters["to_number"] = info.called_uri
     number = info.customer.get("number")
     if number:

@@ -5,6 +5,7 @@ Audio is checked by content: the share of each 1 s window's energy at the expect
 
 from __future__ import annotations
 
+import array
 import asyncio
 import json
 import logging
@@ -13,6 +14,7 @@ import re
 import socket
 import sys
 import time
+import wave
 from asyncio import FIRST_COMPLETED
 from collections.abc import Mapping
 from pathlib import Path
@@ -686,11 +688,22 @@ async def test_a_killed_sipbridge_leaves_no_ghost_call(
             {"sipUri": "sip:demo@127.0.0.1", "assistantId": assistant["id"]},
         )
         call = asyncio.ensure_future(
-            lab.call(CallPlan(user="demo", to_host="127.0.0.1", talk_ms=20000, listen_ms=0))
+            lab.call(
+                CallPlan(
+                    user="demo",
+                    to_host="127.0.0.1",
+                    tone_file=lab.tone_file(700),
+                    talk_ms=20000,
+                    listen_ms=0,
+                )
+            )
         )
-        await lab.pipeline.session()
+        session = await lab.pipeline.session()
         in_progress = await lab.sink.wait_for_message("status-update", status="in-progress")
         call_id = in_progress.message["call"]["id"]
+        # Three seconds of the caller's audio went through: two whole seconds of recording
+        # were handed to the writer's thread before the kill.
+        await session.wait_audio(3 * 32000, timeout=15)
         await first.kill()
         # Asterisk ends the channel when its AudioSocket connection dies with the process.
         result, _ = await call
@@ -701,6 +714,18 @@ async def test_a_killed_sipbridge_leaves_no_ghost_call(
         assert report.message["endedReason"] == "call.in-progress.error-vapifault-worker-died"
         record = await asyncio.to_thread(client.request, "GET", f"/call/{call_id}")
         assert record["status"] == "ended"
+        # [recording] the crash left a playable recording of what was recorded by then,
+        # served by the next process; the caller's 700 Hz on the left.
+        recorded = tmp_path / "recorded.wav"
+        with recorded.open("wb") as file:
+            await asyncio.to_thread(client.download, f"/call/{call_id}/recording", {}, file)
+        on_disk = tmp_path / "recordings" / f"{call_id}.stereo.wav"
+        assert recorded.read_bytes() == on_disk.read_bytes()
+        with wave.open(str(recorded)) as recording:
+            assert recording.getnframes() >= 8000  # at least a whole second
+            samples = array.array("h", recording.readframes(recording.getnframes()))
+        fraction, count = share_of_windows(samples[0::2].tobytes(), 8000, 700)
+        assert count >= 1 and fraction >= 0.5, (fraction, count)
         ended = lab.sink.messages("status-update")[-1]
         assert (ended["status"], ended["call"]["id"]) == ("ended", call_id)
         # Settled once: a third start finds nothing left.

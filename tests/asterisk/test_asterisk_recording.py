@@ -1,7 +1,7 @@
 """Call recordings end to end through real Asterisk 22 and SIPp ([recording] issue).
 
 A SIPp caller plays 700 Hz; the pipeline replies with 1200 Hz and clears it once the caller
-has heard about a second of it. The stereo WAV is checked by content: the caller's tone on the
+has heard about a second of it. Also: a recordings directory that fills up mid-call. The stereo WAV is checked by content: the caller's tone on the
 left, the reply on the right for as long as the caller heard it and silence after the clear,
 one frame per 20 ms the caller heard. The report's signed links and the API's keyed route
 serve the same bytes.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import asyncio
 import io
+import pathlib
 import wave
 
 import aiohttp
@@ -20,9 +21,11 @@ import pytest
 from bridge.audio import rms, sine, split_frames, tone_share
 from bridge.lab.sipp import CallPlan
 from bridge.recordings import recording_path
+from tests.asterisk.test_asterisk_calls import reply_tone
 from tests.asterisk.test_asterisk_pipeline import PipelineWire, ToneCounter, tone_packets
 from tests.asterisk_harness import API_KEY, AsteriskLab, share_of_windows
 from tests.pipeline_server import PipelineSession
+from tests.test_recordings import small_disk
 
 pytestmark = [pytest.mark.asterisk, pytest.mark.integration]
 
@@ -103,3 +106,36 @@ async def test_a_call_whose_assistant_says_no_is_not_recorded(asterisk_lab: Aste
     assert "recordingUrl" not in report["artifact"]
     assert lab.service is not None
     assert not await asyncio.to_thread(lab.service.recordings_path.exists)
+
+
+async def test_a_full_disk_stops_the_recording_not_the_call(
+    asterisk_lab: AsteriskLab, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The recordings' filesystem (64 KiB, about 1.3 s of a call's two files) fills up early
+    in a 5 s call: the recording stops (logged, counted, not linked), the call does not."""
+    lab = asterisk_lab
+    lab.pipeline.script = reply_tone(1200, 6.0)  # type: ignore[assignment]
+    with small_disk(tmp_path / "disk") as disk:
+        service = await lab.start_service(recordings={"path": str(disk)})
+        assistant = await lab.assistant()
+        await lab.number(assistantId=assistant["id"])
+        result, rtp = await lab.call(
+            CallPlan(user="demo", tone_file=lab.tone_file(700), talk_ms=5000, listen_ms=0),
+            capture=True,
+        )
+        report = (await lab.sink.wait_for_message("end-of-call-report")).message
+        call_id = report["call"]["id"]
+        with wave.open(str(recording_path(disk, call_id, "stereo"))) as recording:
+            kept = recording.getnframes()  # playable as far as its header says
+            assert 0 < kept < 3 * 8000
+    assert result.answered and result.bye_from_caller
+    assert report["endedReason"] == "customer-ended-call"
+    media = report["call"]["sipbridge"]["media"]
+    assert media["recordingFailed"] == 1 and "recordingUrl" not in report["artifact"]
+    # The caller heard the reply to the end, long after the disk was full.
+    assert rtp is not None
+    fraction, count = share_of_windows(rtp.pcm()[2 * 16000 :], 8000, 1200)
+    assert count >= 2 and fraction >= 0.75, (fraction, count)
+    assert f"recording of call {call_id} stopped" in caplog.text
+    assert b"sipbridge_recordings_stopped_total 1.0" in service.metrics.render()
+    assert await lab.no_channels_left() == []

@@ -40,7 +40,9 @@ class AudioSocketLeg(asyncio.Protocol):
 
     rate = 8000
 
-    def __init__(self, max_frame_bytes: int, on_leg: LegHandler, on_gone: Callable[[], None]):
+    def __init__(
+        self, max_frame_bytes: int, on_leg: LegHandler, on_gone: Callable[[], None]
+    ) -> None:
         self._decoder = wire.FrameDecoder(max_frame_bytes)
         self._on_leg = on_leg
         self._on_gone = on_gone

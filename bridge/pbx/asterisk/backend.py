@@ -41,7 +41,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.errors import PbxActionError, PbxAuthError, PbxConnectionError, PbxError
+from bridge.errors import (
+    LocalProtocolError,
+    PbxActionError,
+    PbxAuthError,
+    PbxConnectionError,
+    PbxError,
+)
 from bridge.events import (
     CallEvents,
     CallGone,
@@ -49,6 +55,7 @@ from bridge.events import (
     InviteFacts,
     LegConnected,
     LinkChanged,
+    OutboundDial,
     PbxKind,
 )
 from bridge.pbx.asterisk.audiosocket import AudioSocketLeg, AudioSocketServer
@@ -65,6 +72,9 @@ FIRST_RETRY_DELAY_S = 0.5
 STABLE_LINK_MIN_S = 2.0
 # What the dialplan itself answers when nobody decides in time (sipbridge.conf, after Wait()).
 UNDECIDED_SIP_STATUS = 480
+# A hangup of an outbound call whose channel Asterisk has not created yet is tried again.
+OUTBOUND_HANGUP_RETRY_S = 3.0
+OUTBOUND_HANGUP_RETRY_INTERVAL_S = 0.1
 # Responses that mean "the channel is already gone": the goal of a hangup is reached.
 _GONE = ("no such channel", "channel does not exist", "channel not found")
 
@@ -114,6 +124,10 @@ class AsteriskBackend:
         # carried out by the next resync.
         self._announced: dict[str, _Announced] = {}
         self._filters_refused = False
+        # Outbound dials that ended unanswered, by call id, until the call's Hangup says so.
+        self._dial_results: dict[str, ami.DialResult] = {}
+        # Outbound calls originated whose first half has not hung up yet.
+        self._dialing: set[str] = set()
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -287,7 +301,7 @@ class AsteriskBackend:
         known = self._events.live_calls(self.kind) if self._events is not None else set()
         for uniqueid in sorted(known - present):
             log.info("call %s ended while AMI was away", uniqueid)
-            self._post(CallGone(self.kind, uniqueid))
+            self._post(self._gone(uniqueid))
         for state in states:
             if state.uniqueid in known:
                 continue
@@ -358,11 +372,31 @@ class AsteriskBackend:
                 return
             self._post(CallOffered(facts))
             self._announced[facts.pbx_call_id] = _Announced(facts.channel)
+        elif name == "UserEvent" and event.get("UserEvent") == ami.OUTBOUND_EVENT:
+            result = ami.decode_dial_result(event)
+            if result is not None and result.status != "ANSWER":
+                # The first half's Hangup follows (AMI keeps a session's events in order).
+                self._dial_results[result.call_id] = result
         elif name == "Hangup":
             uniqueid = str(event.get("Uniqueid", ""))
             if uniqueid:
                 self._announced.pop(uniqueid, None)
-                self._post(CallGone(self.kind, uniqueid, cause=ami.hangup_cause(event)))
+                self._post(self._gone(uniqueid, ami.hangup_cause(event)))
+
+    def _gone(self, uniqueid: str, cause: int = 0) -> CallGone:
+        """A channel is gone: with how its dial ended, if it was an outbound call's."""
+        self._dialing.discard(uniqueid)
+        dialed = self._dial_results.pop(uniqueid, None)
+        if dialed is None:
+            return CallGone(self.kind, uniqueid, cause=cause)
+        return CallGone(
+            self.kind,
+            uniqueid,
+            cause=cause,
+            dial_status=dialed.status,
+            sip_status=dialed.sip_status,
+            detail=dialed.detail,
+        )
 
     # ---- PbxControl -----------------------------------------------------------------------------
 
@@ -417,24 +451,83 @@ class AsteriskBackend:
 
     async def transfer(self, facts: InviteFacts, destination: Mapping[str, Any]) -> None:
         """Blind transfer: Asterisk dials the destination from the transfer context."""
-        plan = ami.transfer(
-            facts.channel,
-            destination,
-            endpoint=self.settings.transfer_endpoint,
-            transfer_context=self.settings.transfer_context,
-        )
+        try:
+            plan = ami.transfer(
+                facts.channel,
+                destination,
+                endpoint=self.settings.transfer_endpoint,
+                transfer_context=self.settings.transfer_context,
+            )
+        except LocalProtocolError as exc:  # e.g. sipHeaders too long for one AMI line
+            raise PbxActionError(f"transfer of {facts.channel}: {exc}") from None
         for note in plan.notes:
             log.warning("transfer of %s: %s", facts.pbx_call_id, note)
         for action in plan.actions:
             await self.link.action(action)
 
-    async def hangup(self, facts: InviteFacts) -> None:
-        """Hang up; a channel that is already gone counts as done."""
+    def check_dial(self, dial: OutboundDial) -> str | None:
+        """Why Asterisk could not dial this (a URI Dial() cannot take, headers too long for
+        one AMI line), or None."""
         try:
-            await self._final(facts, ami.hangup(facts.channel))
-        except PbxActionError as exc:
-            if not _is_gone(exc):
-                raise
+            self._originate_action("00000000-0000-0000-0000-000000000000", dial)
+        except (PbxActionError, LocalProtocolError) as exc:
+            return str(exc)
+        return None
+
+    def _originate_action(self, call_id: str, dial: OutboundDial) -> ami.MultiAction:
+        target = ami.dial_target(dial.customer, self.settings.outbound_endpoint, "customer")
+        customer = dial.customer.get("number") or ami.uri_user(dial.customer.get("sipUri"))
+        return ami.originate(
+            call_id,
+            target=target,
+            caller_id=dial.caller_id,
+            caller_name=dial.caller_name,
+            headers=dict(dial.headers),
+            ring_timeout_s=dial.ring_timeout_s,
+            audiosocket=self.audiosocket_address(),
+            outbound_context=self.settings.outbound_context,
+            media_context=self.settings.media_context,
+            customer_id=customer or "",
+        )
+
+    async def originate(self, facts: InviteFacts, call_id: str, dial: OutboundDial) -> None:
+        """``Originate`` (asynchronous) through the outbound context; the call's first half
+        has the call id as its Uniqueid, which ``facts`` names it by from now on. Returns once
+        Asterisk has queued the dial (its channel exists a moment later).
+
+        Raises:
+            PbxActionError: the customer cannot be dialled safely, or Asterisk refused.
+        """
+        try:
+            action = self._originate_action(call_id, dial)
+        except LocalProtocolError as exc:
+            raise PbxActionError(str(exc)) from None
+        # Known before Asterisk answers: a resync meanwhile must not take it for a stray, and
+        # a hangup before its channel exists must wait for it (see hangup).
+        self._announced[facts.pbx_call_id] = _Announced(facts.channel)
+        self._dialing.add(facts.pbx_call_id)
+        try:
+            await self.link.action(action)
+        except PbxError:
+            self._announced.pop(facts.pbx_call_id, None)
+            self._dialing.discard(facts.pbx_call_id)
+            raise
+
+    async def hangup(self, facts: InviteFacts) -> None:
+        """Hang up; a channel that is already gone counts as done. An outbound call's first
+        half may not exist yet (Asterisk creates it just after queueing the Originate): it is
+        asked for again, for OUTBOUND_HANGUP_RETRY_S at most, until it exists or is gone."""
+        deadline = self._clock() + OUTBOUND_HANGUP_RETRY_S
+        while True:
+            try:
+                await self._final(facts, ami.hangup(facts.channel))
+                return
+            except PbxActionError as exc:
+                if not _is_gone(exc):
+                    raise
+                if facts.pbx_call_id not in self._dialing or self._clock() >= deadline:
+                    return
+            await self._sleep(OUTBOUND_HANGUP_RETRY_INTERVAL_S)
 
     async def _final(self, facts: InviteFacts, action: ami.Action) -> None:
         """Sends the action that ends a call, remembered first: if it fails (AMI down, no

@@ -30,7 +30,13 @@ from typing import Any
 from panoramisk import Manager
 from panoramisk.ami_protocol import AMIProtocol
 
-from bridge.errors import PbxActionError, PbxAuthError, PbxConnectionError, PbxError
+from bridge.errors import (
+    LocalProtocolError,
+    PbxActionError,
+    PbxAuthError,
+    PbxConnectionError,
+    PbxError,
+)
 from bridge.protocol import ami
 from bridge.settings import AsteriskSettings
 
@@ -223,7 +229,9 @@ class AmiLink:
 
     # ---- actions ------------------------------------------------------------------------------
 
-    async def action(self, fields: Mapping[str, str], limit_s: float | None = None) -> Any:
+    async def action(
+        self, fields: Mapping[str, str | list[str]], limit_s: float | None = None
+    ) -> Any:
         """Sends one action and returns its response.
 
         Raises:
@@ -233,17 +241,22 @@ class AmiLink:
         manager = self._manager
         if manager is None or not self.up:
             raise PbxConnectionError("the AMI link is down")
-        checked = ami.checked(fields)
+        try:
+            checked = ami.checked_fields(fields)
+        except LocalProtocolError as exc:
+            # Never sent: the action itself is impossible (a field too long for one line).
+            raise PbxActionError(f"{fields.get('Action')}: {exc}") from None
+        name = str(checked["Action"])
         limit = limit_s or self.settings.action_timeout_s
         # as_list=False: otherwise panoramisk guesses from the response text, and PlayDTMF's
         # "DTMF successfully queued" makes it look up an Async field that is not there: a
         # KeyError inside data_received that drops the whole AMI link.
         future = manager.send_action(dict(checked), as_list=False)
-        response = await self._await(future, checked["Action"], limit)
+        response = await self._await(future, name, limit)
         if isinstance(response, list):
             return response
         if getattr(response, "response", "") in ("Error", "Fail", "Failure"):
-            raise PbxActionError(f"{checked['Action']}: {response.message or 'failed'}")
+            raise PbxActionError(f"{name}: {response.message or 'failed'}")
         return response
 
     async def list_action(self, fields: Mapping[str, str]) -> list[Any]:
