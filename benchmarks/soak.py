@@ -11,6 +11,7 @@ Usage (as root: Asterisk runs under chroot; writes benchmarks/results/soak.json 
 
     .venv/bin/python benchmarks/soak.py --calls 100 --minutes 60
     .venv/bin/python benchmarks/soak.py --calls 20 --minutes 2     # a short run
+    .venv/bin/python benchmarks/soak.py --minutes 20 --record no --out soak_no_recording
 
 The goal the issue sets: RSS growth under 5 % after warm-up (the first quarter), 0 calls lost.
 """
@@ -24,6 +25,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import socket
 import sys
 import time
@@ -64,7 +66,7 @@ SECRET = "soak-ami-secret"
 
 
 async def soak(
-    calls: int, minutes: float, call_s: int, sample_s: float, state: Path
+    calls: int, minutes: float, call_s: int, sample_s: float, state: Path, *, record: bool = True
 ) -> dict[str, Any]:
     await asyncio.to_thread(state.mkdir, parents=True, exist_ok=True)
     for suffix in ("", "-wal", "-shm"):  # every run starts from an empty store
@@ -103,6 +105,8 @@ async def soak(
                 "SIPBRIDGE_MEDIA__AUDIOSOCKET_PORT": str(free_port(socket.SOCK_STREAM)),
                 "SIPBRIDGE_PIPELINE__DEFAULT_URL": f"ws://127.0.0.1:{pipeline_port}/",
                 "SIPBRIDGE_LOG__LEVEL": "WARNING",
+                # Recording is the product's default; off, the run shows what it costs.
+                "SIPBRIDGE_RECORDINGS__ENABLED_BY_DEFAULT": "true" if record else "false",
             }
             with (state / "sipbridge.log").open("wb") as log:
                 service = await asyncio.create_subprocess_exec(
@@ -240,9 +244,9 @@ def _span(samples: list[dict[str, Any]], key: str) -> dict[str, Any]:
     }
 
 
-def write_results(result: dict[str, Any]) -> None:
+def write_results(result: dict[str, Any], name: str = "soak") -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "soak.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     rss, fds = result["rssKiB"], result["fds"]
     rows = [
         ("concurrent calls", f"{result['concurrentCalls']} ({result['callSeconds']} s each)"),
@@ -269,7 +273,7 @@ def write_results(result: dict[str, Any]) -> None:
         "|---|---|",
     ]
     lines = header + [f"| {name} | {value} |" for name, value in rows] + [""]
-    (RESULTS / "soak.md").write_text("\n".join(lines))
+    (RESULTS / f"{name}.md").write_text("\n".join(lines))
 
 
 def main() -> int:
@@ -279,6 +283,15 @@ def main() -> int:
     parser.add_argument("--call-seconds", type=int, default=120)
     parser.add_argument("--sample-s", type=float, default=10.0)
     parser.add_argument("--state-dir", type=Path, default=ROOT / ".lab" / "soak")
+    parser.add_argument(
+        "--record",
+        choices=("yes", "no"),
+        default="yes",
+        help="record every call (the default, as the product does) or none",
+    )
+    parser.add_argument(
+        "--out", default="soak", help="results name: benchmarks/results/<out>.json and .md"
+    )
     parser.add_argument("--echo-pipeline", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_pipeline:
@@ -288,9 +301,18 @@ def main() -> int:
         print("soak: the lab's Asterisk runs under chroot: run as root", file=sys.stderr)
         return 1
     result = asyncio.run(
-        soak(args.calls, args.minutes, args.call_seconds, args.sample_s, args.state_dir)
+        soak(
+            args.calls,
+            args.minutes,
+            args.call_seconds,
+            args.sample_s,
+            args.state_dir,
+            record=args.record == "yes",
+        )
     )
-    write_results(result)
+    # Every call's WAV files (17 GB in an hour at 100 calls) were only written to be measured.
+    shutil.rmtree(args.state_dir / "recordings", ignore_errors=True)
+    write_results(result, args.out)
     summary = {k: v for k, v in result.items() if k != "samples"}
     print(json.dumps(summary, indent=1))
     return 0 if result["callsLost"] == 0 else 1
